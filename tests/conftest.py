@@ -1,0 +1,34 @@
+"""Shared test setup: hardware/package-aware skipping and the session-scoped tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+# DeepSpeed picks its accelerator at import time; on machines without CUDA it must be told.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _has_vllm() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="no CUDA GPU visible")
+    skip_vllm = pytest.mark.skip(reason="vLLM is not installed")
+    has_cuda, has_vllm = _has_cuda(), _has_vllm()
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "vllm" in item.keywords and not has_vllm:
+            item.add_marker(skip_vllm)
