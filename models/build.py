@@ -1,0 +1,178 @@
+"""Build the embedded default model: a Qwen2.5-VL-architecture checkpoint with random weights.
+
+``build_model(size="tiny"|"small", out_dir=...)`` writes a directory that is laid out exactly like a
+real Qwen2.5-VL checkpoint (config.json, model.safetensors, tokenizer files with the chat template,
+preprocessor_config.json), so every consumer — transformers' Auto classes, vLLM, our learner — treats
+it like one, and a real checkpoint directory is accepted wherever this one is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+
+# The model input is the image resized to a multiple of 28 px (patch 14 × merge 2); one 28×28 cell is
+# one image token. Our synthetic images are 112 px, so the default pixel budget admits exactly that.
+PATCH_SIZE = 14
+MERGE_SIZE = 2
+
+
+class ModelSizeSpec(BaseModel):
+    """Dimensions of one default model size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(ge=512, description="BPE vocabulary incl. special tokens")
+    hidden_size: int = Field(ge=32, description="language model width")
+    num_layers: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=32)
+    vision_hidden_size: int = Field(ge=32)
+    vision_depth: int = Field(ge=1)
+    vision_heads: int = Field(ge=1)
+    vision_intermediate_size: int = Field(ge=32)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads and num_heads by num_kv_heads")
+        if (self.hidden_size // self.num_heads) % 4:
+            raise ValueError("head_dim must be a multiple of 4 (mrope_section splits head_dim/2 in 3)")
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError("vision_hidden_size must divide by vision_heads")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def mrope_section(self) -> list[int]:
+        """Split head_dim/2 rotary frequencies over (time, height, width); must sum to head_dim/2."""
+        half = self.head_dim // 2
+        t = half // 4
+        h = (half - t) // 2
+        return [t, h, half - t - h]
+
+
+SIZES: dict[str, ModelSizeSpec] = {
+    # ≈1.4M parameters: for tests.
+    "tiny": ModelSizeSpec(
+        vocab_size=1024, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+        vision_hidden_size=128, vision_depth=2, vision_heads=4, vision_intermediate_size=256,
+    ),
+    # ≈12M parameters: for the CPU learning run.
+    "small": ModelSizeSpec(
+        vocab_size=2048, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=1024,
+        vision_hidden_size=256, vision_depth=4, vision_heads=4, vision_intermediate_size=1024,
+    ),
+}
+
+
+def qwen2_5_vl_config(spec: ModelSizeSpec, *, token_ids: dict[str, int]):
+    """A transformers ``Qwen2_5_VLConfig`` for ``spec`` whose special-token ids match our tokenizer."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": spec.mrope_section()},
+        bos_token_id=token_ids["<|endoftext|>"],
+        eos_token_id=token_ids["<|im_end|>"],
+        pad_token_id=token_ids["<|endoftext|>"],
+    )
+    vision = dict(
+        depth=spec.vision_depth,
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden_size,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        window_size=112,
+        # Last block attends globally, the others in windows, as in the real model.
+        fullatt_block_indexes=[spec.vision_depth - 1],
+    )
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=token_ids["<|image_pad|>"],
+        video_token_id=token_ids["<|video_pad|>"],
+        vision_start_token_id=token_ids["<|vision_start|>"],
+        vision_end_token_id=token_ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+
+
+def preprocessor_config(*, min_pixels: int, max_pixels: int) -> dict:
+    """Qwen2.5-VL's image processor settings (CLIP normalisation), with our pixel budget."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True,
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": PATCH_SIZE,
+        "temporal_patch_size": 2,
+        "merge_size": MERGE_SIZE,
+    }
+
+
+def build_model(
+    *,
+    size: Literal["tiny", "small"] = "tiny",
+    out_dir: str | Path,
+    seed: int = 0,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 224 * 224,
+) -> Path:
+    """Write a random-initialised Qwen2.5-VL checkpoint directory of the given size; returns its path."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if size not in SIZES:
+        raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
+    spec = SIZES[size]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from models.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    tokenizer = train_tokenizer(vocab_size=spec.vocab_size, seed=seed)
+    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    # The embedding table must cover every id the tokenizer can produce.
+    spec = spec.model_copy(update={"vocab_size": max(spec.vocab_size, len(tokenizer))})
+
+    torch.manual_seed(seed)
+    config = qwen2_5_vl_config(spec, token_ids=token_ids)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]]
+    model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(
+        json.dumps(preprocessor_config(min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
+    )
+    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("built %s model (%.2fM parameters) in %s", size, n_params / 1e6, out)
+    return out
