@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -153,7 +154,10 @@ def build_model(
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}")
     spec = SIZES[size]
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Built in a side directory and renamed into place, so an interrupted build never looks complete.
+    staging = out.with_name(out.name + ".building")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
 
     from models.tokenizer import SPECIAL_TOKENS, train_tokenizer
 
@@ -167,12 +171,14 @@ def build_model(
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = [token_ids["<|im_end|>"], token_ids["<|endoftext|>"]]
     model.generation_config.pad_token_id = token_ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / "preprocessor_config.json").write_text(
         json.dumps(preprocessor_config(min_pixels=min_pixels, max_pixels=max_pixels), indent=2)
     )
-    (out / "chat_template.jinja").write_text(tokenizer.chat_template)
+    (staging / "chat_template.jinja").write_text(tokenizer.chat_template)
+    shutil.rmtree(out, ignore_errors=True)
+    staging.rename(out)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("built %s model (%.2fM parameters) in %s", size, n_params / 1e6, out)
     return out

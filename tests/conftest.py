@@ -32,3 +32,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "vllm" in item.keywords and not has_vllm:
             item.add_marker(skip_vllm)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The embedded tiny Qwen2.5-VL, built once per test session (random weights, local tokenizer)."""
+    from models.build import build_model
+
+    return build_model(size="tiny", out_dir=tmp_path_factory.mktemp("models") / "tiny")

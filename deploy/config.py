@@ -1,0 +1,135 @@
+"""RunConfig: one validated document for a whole run, composed of each package's own config.
+
+Each section is the config model that lives next to its component (rewards.config, curriculum.config,
+learner.config, actors.config, models.config); this module owns only what is about wiring a run
+(data paths, cluster resources, the training loop, metrics) and the checks that span sections.
+Load with ``load_run_config(path, overrides)``: YAML → dotted overrides → validation, errors name the
+field (deploy.config_loading).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actors.config import RolloutConfig
+from curriculum.config import CurriculumConfig
+from deploy.config_loading import load_config
+from learner.config import LearnerConfig
+from models.config import ModelConfig
+from rewards.components import COMPONENTS as REWARD_COMPONENTS
+from rewards.config import RewardConfig, check_computable
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class DataConfig(BaseModel):
+    """Which data set a run trains and evaluates on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        "artifacts/data/synth", description="directory of Parquet splits; generated there if synth is set"
+    )
+    synth: bool = Field(True, description="generate the synthetic camouflage set into path when it is missing")
+    synth_seed: int = Field(0, ge=0, description="seed of the synthetic set")
+    synth_n: int = Field(600, ge=10, le=10_000_000, description="synthetic images in all splits")
+    train_split: str = Field("train", description="split name (file stem) used for training")
+    eval_splits: list[str] = Field(
+        default_factory=lambda: ["test_easy", "test_hard"], description="splits evaluated at the end"
+    )
+    max_bad_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="fail fast when more than this share of rows is unusable"
+    )
+
+
+class ClusterConfig(BaseModel):
+    """Where the actors run and what each reserves (sized so nothing waits forever on a small node)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="Ray address to attach to; None starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
+    rollout_workers: int = Field(2, ge=1, le=1024, description="rollout worker actors")
+    reward_workers: int = Field(1, ge=1, le=1024, description="reward worker actors")
+    rollout_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each rollout worker")
+    rollout_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker")
+    reward_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each reward worker")
+    learner_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each learner rank")
+    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each learner rank")
+
+
+class TrainConfig(BaseModel):
+    """The training loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="sync: generate → score → learn → sync weights; async: rollouts overlap learning"
+    )
+    steps: int = Field(20, ge=1, description="learner optimizer steps")
+    prompts_per_step: int = Field(4, ge=1, description="prompt groups in one learner step")
+    max_staleness: int = Field(
+        1, ge=0, description="max policy versions a trained group may lag the learner (async mode)"
+    )
+    dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal and refill")
+    checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
+    output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
+    seed: int = Field(0, ge=0)
+
+
+class MetricsConfig(BaseModel):
+    """The Prometheus endpoint. Bound to loopback unless a host is configured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    host: str = Field("127.0.0.1", description="bind address of /metrics")
+    port: int = Field(0, ge=0, le=65535, description="port of /metrics (0: a free port, logged)")
+
+
+class RunConfig(BaseModel):
+    """Everything a run needs; every shipped YAML under deploy/configs validates into this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    curriculum: CurriculumConfig = Field(default_factory=CurriculumConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> RunConfig:
+        samples = self.train.prompts_per_step * self.rollout.sampling.n
+        if self.learner.global_batch_samples != samples:
+            raise ValueError(
+                f"learner.global_batch_samples ({self.learner.global_batch_samples}) must equal "
+                f"train.prompts_per_step × rollout.sampling.n ({samples})"
+            )
+        if self.train.prompts_per_step % self.cluster.rollout_workers:
+            raise ValueError(
+                f"train.prompts_per_step ({self.train.prompts_per_step}) must divide evenly across "
+                f"cluster.rollout_workers ({self.cluster.rollout_workers})"
+            )
+        for index, stage in enumerate(self.curriculum.stages):
+            unknown = set(stage.reward_weights) - set(REWARD_COMPONENTS)
+            if unknown:
+                raise ValueError(f"curriculum.stages.{index}.reward_weights: unknown components {sorted(unknown)}")
+            check_computable(self.rewards, stage.reward_weights, where=f"curriculum.stages.{index}")
+        return self
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config (YAML path or None for all defaults) with dotted ``overrides``."""
+    return load_config(RunConfig, path, overrides)
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(CONFIG_DIR.glob("*.yaml"))
