@@ -7,8 +7,22 @@ import os
 
 import pytest
 
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
 # DeepSpeed picks its accelerator at import time; on machines without CUDA it must be told.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Caches and temp files stay inside the checkout (CI rule); nothing is ever fetched from a hub.
+for _var, _sub in (
+    ("HF_HOME", ".cache/huggingface"),
+    ("VLLM_CACHE_ROOT", ".cache/vllm"),
+    ("TORCH_EXTENSIONS_DIR", ".cache/torch_extensions"),
+    ("TRITON_CACHE_DIR", ".cache/triton"),
+):
+    os.environ.setdefault(_var, str(REPO / _sub))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_TMPDIR", str(REPO / ".tmp" / "ray"))
 
 
 def _has_cuda() -> bool:
