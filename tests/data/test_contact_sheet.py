@@ -1,0 +1,46 @@
+"""Contact sheet: size, ground-truth and predicted boxes in their colours, robustness to bad rows."""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from data.contact_sheet import BACKGROUND, GT_COLOUR, LINE_HEIGHT, PRED_COLOUR, draw_contact_sheet, sheet_size
+
+
+def _row(row_id: str, boxes, *, image: bytes | None = None):
+    if image is None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (56, 56), (128, 128, 128)).save(buffer, format="PNG")
+        image = buffer.getvalue()
+    return {"id": row_id, "image": image, "width": 56, "height": 56, "category": "moth" if boxes else None,
+            "boxes": boxes, "difficulty": "easy"}
+
+
+def test_sheet_draws_ground_truth_and_predictions_in_their_colours(tmp_path):
+    rows = [_row("a", [[10, 10, 20, 30]]), _row("b", []), _row("c", [[0, 0, 56, 56]])]
+    predictions = {"a": {"present": True, "category": "moth", "boxes": [[30, 5, 50, 25], [1, 2, "x", 4]]},
+                   "b": {"present": False, "category": None, "boxes": []}}
+    out = tmp_path / "sheet.png"
+    size = draw_contact_sheet(rows, out_path=out, columns=2, tile=112, predictions=predictions)
+    assert size == sheet_size(3, columns=2, tile=112, with_predictions=True) == (224, 2 * (112 + 2 * LINE_HEIGHT))
+    with Image.open(out) as sheet:
+        assert sheet.size == size
+        pixels = sheet.convert("RGB").load()
+        # The 56 px image is scaled by 2 into its 112 px tile: GT box corners at (20, 20) and (39, 59).
+        assert pixels[20, 20] == GT_COLOUR and pixels[39, 59] == GT_COLOUR
+        assert pixels[60, 10] == PRED_COLOUR and pixels[99, 49] == PRED_COLOUR
+        assert pixels[30, 40] == (128, 128, 128)  # inside the box the image is untouched
+        # Third row ("c") starts the second grid row; its full-image box outlines the tile.
+        top = 112 + 2 * LINE_HEIGHT
+        assert pixels[0, top] == GT_COLOUR and pixels[111, top + 111] == GT_COLOUR
+        assert pixels[150, top + 50] == BACKGROUND  # the empty fourth cell
+
+
+def test_undecodable_images_are_drawn_as_labelled_empty_tiles(tmp_path):
+    rows = [_row("a", [[1, 1, 5, 5]], image=b"garbage")]
+    size = draw_contact_sheet(rows, out_path=tmp_path / "s.png", columns=4, tile=64)
+    assert size == (256, 64 + LINE_HEIGHT)
+    with Image.open(tmp_path / "s.png") as sheet:
+        assert sheet.convert("RGB").getpixel((10, 10)) == BACKGROUND

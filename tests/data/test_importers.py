@@ -1,0 +1,215 @@
+"""Importers on small fixture folders written here: COD10K/CAMO layouts and COCO JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from data.importers import DatasetImportError, import_camo_folder, import_coco
+from data.schema import read_rows, validate_row
+
+W, H = 64, 48
+
+
+def _jpeg(path: Path, size=(W, H), seed=0) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(60, 200, (size[1], size[0], 3)).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _mask(path: Path, rects, size=(W, H)) -> None:
+    """A 0/255 PNG mask with the given filled (x1, y1, x2, y2) pixel-edge rectangles."""
+    mask = np.zeros((size[1], size[0]), dtype=np.uint8)
+    for x1, y1, x2, y2 in rects:
+        mask[y1:y2, x1:x2] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(mask).save(path)
+
+
+def _corrupt(path: Path) -> None:
+    data = _jpeg(path)
+    path.write_bytes(data[: len(data) // 2])  # truncated: the header reads, the pixels do not
+
+
+@pytest.fixture()
+def cod10k(tmp_path) -> Path:
+    src = tmp_path / "COD10K"
+    images, masks = src / "Imgs", src / "GT"
+    _jpeg(images / "COD10K-CAM-1-Aquatic-1-BatFish-1.jpg")
+    _mask(masks / "COD10K-CAM-1-Aquatic-1-BatFish-1.png", [(10, 5, 30, 20)])
+    _jpeg(images / "COD10K-CAM-2-Terrestrial-23-Cat-2.jpg", seed=2)
+    _mask(masks / "COD10K-CAM-2-Terrestrial-23-Cat-2.png", [(40, 30, 60, 46), (2, 2, 14, 12)])
+    _jpeg(images / "COD10K-CAM-3-Flying-53-Owl-7.jpg", seed=7)
+    _mask(masks / "COD10K-CAM-3-Flying-53-Owl-7.png", [(20, 10, 50, 40), (0, 0, 2, 1)])  # + a 2-pixel speck
+    _corrupt(images / "COD10K-CAM-3-Flying-53-Bird-3.jpg")
+    _mask(masks / "COD10K-CAM-3-Flying-53-Bird-3.png", [(1, 1, 9, 9)])
+    _jpeg(images / "COD10K-CAM-4-Amphibian-67-Frog-4.jpg")  # its mask is missing
+    _jpeg(images / "COD10K-NonCAM-5-Background-1-Sky-5.jpg")  # no object, no mask needed
+    _jpeg(images / "COD10K-CAM-1-Aquatic-2-Crab-6.jpg")
+    _mask(masks / "COD10K-CAM-1-Aquatic-2-Crab-6.png", [(1, 1, 9, 9)], size=(32, 32))  # wrong size
+    return src
+
+
+def test_cod10k_folder_imports_good_images_and_counts_bad_ones(cod10k, tmp_path):
+    out = tmp_path / "out" / "cod.parquet"
+    report = import_camo_folder(src=cod10k, out=out, layout="cod10k", split="test_hard")
+    assert report.total == 7 and report.imported == 4 and report.rows == 4
+    assert report.skipped == {"corrupt_image": 1, "missing_mask": 1, "size_mismatch": 1}
+    assert report.examples["corrupt_image"] == ["COD10K-CAM-3-Flying-53-Bird-3.jpg"]
+    assert report.notes["dropped_component"] == 1
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert set(rows) == {"cod10k:COD10K-CAM-1-Aquatic-1-BatFish-1", "cod10k:COD10K-CAM-2-Terrestrial-23-Cat-2",
+                         "cod10k:COD10K-CAM-3-Flying-53-Owl-7", "cod10k:COD10K-NonCAM-5-Background-1-Sky-5"}
+    bat = rows["cod10k:COD10K-CAM-1-Aquatic-1-BatFish-1"]
+    assert (bat["category"], bat["present"], bat["boxes"]) == ("batfish", True, [[10.0, 5.0, 30.0, 20.0]])
+    cat = rows["cod10k:COD10K-CAM-2-Terrestrial-23-Cat-2"]
+    assert cat["category"] == "cat" and cat["boxes"] == [[40.0, 30.0, 60.0, 46.0], [2.0, 2.0, 14.0, 12.0]]
+    assert rows["cod10k:COD10K-CAM-3-Flying-53-Owl-7"]["boxes"] == [[20.0, 10.0, 50.0, 40.0]]  # speck dropped
+    sky = rows["cod10k:COD10K-NonCAM-5-Background-1-Sky-5"]
+    assert (sky["present"], sky["category"], sky["boxes"]) == (False, None, [])
+    for row in rows.values():
+        assert validate_row(row) == [] and row["split"] == "test_hard" and row["task"] == "camo"
+        assert row["difficulty"] in ("easy", "hard")
+    assert bat["image"] == (cod10k / "Imgs" / "COD10K-CAM-1-Aquatic-1-BatFish-1.jpg").read_bytes()  # JPEG kept
+
+
+def test_alternative_cod10k_layout_and_camo_names(tmp_path):
+    src = tmp_path / "COD10K-v3"
+    _jpeg(src / "Image" / "COD10K-CAM-1-Aquatic-3-Pipefish-9.jpg")
+    _mask(src / "GT_Object" / "COD10K-CAM-1-Aquatic-3-Pipefish-9.png", [(0, 0, 64, 10)])
+    report = import_camo_folder(src=src, out=tmp_path / "a.parquet", split="train", difficulty="easy")
+    assert report.rows == 1 and read_rows(tmp_path / "a.parquet")[0]["category"] == "pipefish"
+
+    camo = tmp_path / "CAMO"
+    _jpeg(camo / "Images" / "camourflage_00012.jpg")
+    _mask(camo / "GT" / "camourflage_00012.png", [(5, 6, 7, 8)])
+    import_camo_folder(src=camo, out=tmp_path / "b.parquet", layout="camo", split="test", difficulty="hard",
+                       min_component_fraction=0.0)
+    row = read_rows(tmp_path / "b.parquet")[0]
+    assert (row["id"], row["category"], row["present"], row["boxes"], row["difficulty"]) == (
+        "camo:camourflage_00012", None, True, [[5.0, 6.0, 7.0, 8.0]], "hard")
+
+
+def test_folder_names_can_be_overridden(tmp_path):
+    _jpeg(tmp_path / "pics" / "a.jpg")
+    _mask(tmp_path / "labels" / "a.png", [(0, 0, 32, 24)])
+    report = import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train",
+                                image_dir="pics", mask_dir="labels")
+    assert report.rows == 1
+
+
+def test_missing_folders_fail_clearly(tmp_path):
+    with pytest.raises(DatasetImportError, match=r"src: no image and mask folders .*Imgs/ \+ GT/"):
+        import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train")
+    with pytest.raises(ValidationError, match="layout"):
+        import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="voc", split="train")
+
+
+def test_a_mostly_bad_set_fails_and_leaves_no_file(tmp_path):
+    for i in range(3):
+        _corrupt(tmp_path / "Imgs" / f"bad{i}.jpg")
+        _mask(tmp_path / "GT" / f"bad{i}.png", [(0, 0, 5, 5)])
+    _jpeg(tmp_path / "Imgs" / "good.jpg")
+    _mask(tmp_path / "GT" / "good.png", [(0, 0, 32, 24)])
+    out = tmp_path / "out" / "set.parquet"
+    with pytest.raises(DatasetImportError, match=r"75% of 4 images are bad .*corrupt_image"):
+        import_camo_folder(src=tmp_path, out=out, layout="nc4k", split="train", max_bad_fraction=0.5)
+    assert list(out.parent.iterdir()) == []  # neither the output nor a partial file
+    report = import_camo_folder(src=tmp_path, out=out, layout="nc4k", split="train", max_bad_fraction=0.8)
+    assert report.rows == 1 and out.exists()
+
+
+def test_empty_masks_are_skipped_unless_they_mean_absent(tmp_path):
+    _jpeg(tmp_path / "Imgs" / "a.jpg")
+    _mask(tmp_path / "GT" / "a.png", [])
+    _jpeg(tmp_path / "Imgs" / "b.jpg")
+    _mask(tmp_path / "GT" / "b.png", [(0, 0, 32, 24)])
+    report = import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train")
+    assert report.skipped == {"empty_mask": 1}
+    import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train",
+                       empty_mask_means_absent=True)
+    rows = {r["id"]: r for r in read_rows(tmp_path / "o.parquet")}
+    absent = rows["nc4k:a"]
+    assert (absent["present"], absent["boxes"], absent["difficulty"]) == (False, [], "easy")
+
+
+def test_max_side_shrinks_images_and_boxes_together(tmp_path):
+    _jpeg(tmp_path / "Imgs" / "a.jpg")
+    _mask(tmp_path / "GT" / "a.png", [(10, 4, 30, 20)])
+    import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train", max_side=32)
+    row = read_rows(tmp_path / "o.parquet")[0]
+    assert (row["width"], row["height"], row["boxes"]) == (32, 24, [[5.0, 2.0, 15.0, 10.0]])
+    assert validate_row(row) == [] and row["image"].startswith(b"\x89PNG")
+
+
+def test_progress_is_reported(cod10k, tmp_path):
+    seen = []
+    import_camo_folder(src=cod10k, out=tmp_path / "o.parquet", split="train",
+                       progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (7, 7) and len(seen) == 7
+
+
+def _coco(tmp_path: Path, images, annotations) -> Path:
+    path = tmp_path / "instances.json"
+    categories = [{"id": 1, "name": "Cat"}, {"id": 2, "name": "dog"}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path
+
+
+def test_coco_boxes_categories_and_bad_items(tmp_path):
+    images_dir = tmp_path / "images"
+    _jpeg(images_dir / "one.jpg")
+    _corrupt(images_dir / "three.jpg")
+    _jpeg(images_dir / "four.jpg")
+    _jpeg(images_dir / "five.jpg", size=(20, 20))
+    images = [
+        {"id": 1, "file_name": "one.jpg", "width": W, "height": H},
+        {"id": 2, "file_name": "two.jpg", "width": W, "height": H},  # file missing
+        {"id": 3, "file_name": "three.jpg", "width": W, "height": H},  # corrupt
+        {"id": 4, "file_name": "four.jpg", "width": W, "height": H},  # no annotation: a note, not bad
+        {"id": 5, "file_name": "five.jpg", "width": W, "height": H},  # declared size is wrong
+    ]
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [10, 5, 20, 15], "iscrowd": 0},
+        {"image_id": 1, "category_id": 1, "bbox": [50, 40, 30, 30], "iscrowd": 0},  # overhangs: clamped
+        {"image_id": 1, "category_id": 2, "bbox": [0.5, 1.5, 3, 4]},
+        {"image_id": 1, "category_id": 2, "bbox": [0, 0, 64, 48], "iscrowd": 1},  # crowd: dropped
+        {"image_id": 1, "category_id": 2, "bbox": [5, 5, 0, 10]},  # zero width: dropped
+        {"image_id": 1, "category_id": 9, "bbox": [5, 5, 5, 5]},  # unknown category: dropped
+        {"image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]},
+        {"image_id": 5, "category_id": 1, "bbox": [1, 1, 5, 5]},
+    ]
+    out = tmp_path / "coco.parquet"
+    report = import_coco(annotations_json=_coco(tmp_path, images, annotations), images_dir=images_dir, out=out,
+                         split="train", max_bad_fraction=0.7)
+    assert report.total == 5 and report.imported == 1 and report.rows == 2
+    assert report.skipped == {"missing_image": 1, "corrupt_image": 1, "size_mismatch": 1}
+    assert report.notes == {"no_annotations": 1, "annotation_crowd": 1, "annotation_bad_box": 1,
+                            "annotation_unknown_category": 1}
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert rows["coco:1:cat"]["boxes"] == [[10.0, 5.0, 30.0, 20.0], [50.0, 40.0, 64.0, 48.0]]
+    assert rows["coco:1:dog"]["boxes"] == [[0.5, 1.5, 3.5, 5.5]]
+    for row in rows.values():
+        assert validate_row(row) == [] and row["task"] == "detect" and row["present"]
+        assert row["category"] in row["question"]
+
+
+def test_coco_mostly_bad_and_unreadable_json_fail(tmp_path):
+    images = [{"id": i, "file_name": f"missing{i}.jpg", "width": W, "height": H} for i in range(3)]
+    with pytest.raises(DatasetImportError, match="100% of 3 images are bad"):
+        import_coco(annotations_json=_coco(tmp_path, images, []), images_dir=tmp_path, out=tmp_path / "o.parquet",
+                    split="train")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(DatasetImportError, match="annotations_json: cannot read"):
+        import_coco(annotations_json=tmp_path / "broken.json", images_dir=tmp_path, out=tmp_path / "o.parquet",
+                    split="train")
