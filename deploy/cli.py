@@ -29,11 +29,31 @@ def cmd_model_build(args) -> int:
     return 0
 
 
+def _progress_bar(description: str):
+    """A ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=description, unit="img")
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return progress
+
+
 def cmd_data_synth(args) -> int:
     from data.synth import synthesize
 
-    report = synthesize(out_dir=args.out, seed=args.seed, n=args.n, image_size=args.image_size, progress=True)
-    print(json.dumps(report, indent=2, default=str))
+    report = synthesize(
+        out_dir=args.out, seed=args.seed, n=args.n, image_size=args.image_size, progress=_progress_bar("synth")
+    )
+    print(json.dumps({"files": report.files, "counts": report.counts, "contact_sheet": report.contact_sheet,
+                      "seconds": round(report.seconds, 2)}, indent=2, default=str))
     return 0
 
 
@@ -43,10 +63,15 @@ def cmd_data_import(args) -> int:
     if args.format == "coco":
         if not args.images:
             raise ValueError("--images is required for --format coco")
-        report = import_coco(annotations_json=args.src, images_dir=args.images, out=args.out, split=args.split)
+        report = import_coco(
+            annotations_json=args.src, images_dir=args.images, out=args.out, split=args.split,
+            progress=_progress_bar("import"),
+        )
     else:
-        report = import_camo_folder(src=args.src, out=args.out, layout=args.format, split=args.split)
-    print(json.dumps(report.as_dict() if hasattr(report, "as_dict") else report, indent=2, default=str))
+        report = import_camo_folder(
+            src=args.src, out=args.out, layout=args.format, split=args.split, progress=_progress_bar("import")
+        )
+    print(report.summary())
     return 0
 
 
