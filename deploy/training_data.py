@@ -1,0 +1,93 @@
+"""The training set of a run: make it if asked, read it, count and skip bad rows, issue prompt groups.
+
+Bad rows never crash a run: each is counted by reason (``data.schema.validate_row`` names the field)
+and skipped; boxes overhanging the image are clamped by the schema's one rule. A data set that is
+mostly bad fails fast with the counts, before any actor starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from actors.types import PromptGroup, Target
+from curriculum.sampler import PromptMeta
+from data.schema import clamp_row, iter_rows, validate_row
+
+log = logging.getLogger(__name__)
+
+
+class BadDatasetError(ValueError):
+    """Too many unusable rows to train on."""
+
+
+@dataclass
+class TrainingData:
+    rows: dict[str, dict]  # id → clamped, valid row
+    bad_rows: Counter  # reason → rows skipped
+    path: Path
+
+    @property
+    def prompt_table(self) -> list[PromptMeta]:
+        return [PromptMeta(id=i, task=r["task"], difficulty=r["difficulty"]) for i, r in self.rows.items()]
+
+    def prompt_group(self, row_id: str, *, issue: int, stage: int) -> PromptGroup:
+        """The unit of rollout work for one draw of ``row_id`` (``issue`` makes the group id unique)."""
+        row = self.rows[row_id]
+        return PromptGroup(
+            group_id=f"{row_id}#{issue}",
+            prompt_id=row_id,
+            task=row["task"],
+            difficulty=row["difficulty"],
+            question=row["question"],
+            image=row["image"],
+            target=Target(
+                present=bool(row["present"]),
+                category=row["category"],
+                boxes=[list(map(float, b)) for b in row["boxes"]],
+                width=int(row["width"]),
+                height=int(row["height"]),
+            ),
+            stage=stage,
+        )
+
+
+def _reason(problem: str) -> str:
+    """'boxes[0]: zero area' → 'boxes' (the field alone: metric labels must stay few)."""
+    return problem.split(":", 1)[0].split("[", 1)[0].strip() or "row"
+
+
+def load_training_data(path: str | Path, *, max_bad_fraction: float) -> TrainingData:
+    """Read a Parquet split, keeping valid rows (clamped) and counting the rest by field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data: no Parquet file at {path}")
+    rows: dict[str, dict] = {}
+    bad: Counter = Counter()
+    total = 0
+    try:
+        for row in iter_rows(path):
+            total += 1
+            problems = validate_row(row)
+            if not problems and row["id"] in rows:
+                problems = [f"id: duplicate {row['id']!r}"]
+            if problems:
+                bad[_reason(problems[0])] += 1
+                log.warning("skipping row %r: %s", row.get("id") if isinstance(row, dict) else None, "; ".join(problems))
+                continue
+            rows[row["id"]] = clamp_row(row)
+    except (OSError, ValueError) as e:  # pyarrow raises these for unreadable files or wrong column types
+        raise BadDatasetError(f"data: cannot read {path}: {e}") from e
+    n_bad = sum(bad.values())
+    if total == 0 or not rows:
+        raise BadDatasetError(f"data: {path} has no usable rows ({total} rows, bad: {dict(bad)})")
+    if n_bad / total > max_bad_fraction:
+        raise BadDatasetError(
+            f"data: {n_bad} of {total} rows in {path} are unusable (more than "
+            f"data.max_bad_fraction={max_bad_fraction}); by field: {dict(bad)}"
+        )
+    if n_bad:
+        log.warning("data: skipped %d of %d rows in %s: %s", n_bad, total, path, dict(bad))
+    return TrainingData(rows=rows, bad_rows=bad, path=path)

@@ -1,0 +1,51 @@
+"""Loading a training split: bad rows are counted by field and skipped; mostly-bad sets fail fast."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data.schema import write_rows
+from deploy.training_data import BadDatasetError, load_training_data
+
+
+def _png(size=32) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), 128, dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _row(i: int, **change) -> dict:
+    row = dict(id=f"r{i}", image=_png(), width=32, height=32, task="camo", question="Is there an animal?",
+               category="moth", boxes=[[2.0, 3.0, 20.0, 30.0]], present=True, split="train", difficulty="easy")
+    row.update(change)
+    return row
+
+
+def test_bad_rows_are_counted_by_field_and_skipped(tmp_path):
+    rows = [_row(i) for i in range(8)]
+    rows.append(_row(8, image=b"\x89PNG\r\n\x1a\n-truncated"))  # corrupt image
+    rows.append(_row(9, boxes=[[5.0, 5.0, 5.0, 9.0]]))  # zero-area box
+    rows.append(_row(10, task="segment"))  # unknown task
+    rows.append(_row(11, boxes=[[-4.0, 2.0, 40.0, 31.5]]))  # overhangs: clamped, kept
+    write_rows(rows, tmp_path / "train.parquet")
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5)
+    assert len(data.rows) == 9
+    assert sum(data.bad_rows.values()) == 3
+    assert set(data.bad_rows) == {"image", "boxes", "task"}
+    assert data.rows["r11"]["boxes"] == [[0.0, 2.0, 32.0, 31.5]]
+    group = data.prompt_group("r3", issue=7, stage=1)
+    assert group.group_id == "r3#7" and group.target.boxes == [[2.0, 3.0, 20.0, 30.0]] and group.stage == 1
+
+
+def test_a_mostly_bad_set_fails_fast_with_the_counts(tmp_path):
+    rows = [_row(0)] + [_row(i, image=b"junk") for i in range(1, 5)]
+    write_rows(rows, tmp_path / "train.parquet")
+    with pytest.raises(BadDatasetError, match=r"4 of 5 rows.*'image': 4"):
+        load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Parquet file"):
+        load_training_data(tmp_path / "nope.parquet", max_bad_fraction=0.5)
