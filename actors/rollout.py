@@ -101,14 +101,15 @@ class _Sample:
 class RolloutWorker:
     """Samples trajectory groups with one engine and the zoom environment."""
 
-    def __init__(self, *, config: RolloutConfig, worker_id: str = "rollout-0", engine: RolloutEngine | None = None):
-        """``engine`` defaults to the one ``config.engine`` describes (tests pass their own)."""
+    def __init__(self, *, config: RolloutConfig, model_path: str, worker_id: str = "rollout-0",
+                 engine: RolloutEngine | None = None):
+        """``engine`` defaults to the one ``config.engine`` describes on ``model_path`` (tests pass their own)."""
         from models.processor import load_processor
 
         self.config = config
         self.worker_id = worker_id
-        self.env = ZoomEnv(config=config.env, prompt=config.prompt, processor=load_processor(config.engine.model_path))
-        self.engine = engine if engine is not None else build_engine(config.engine)
+        self.env = ZoomEnv(config=config.env, prompt=config.prompt, processor=load_processor(model_path))
+        self.engine = engine if engine is not None else build_engine(config.engine, model_path=model_path)
         self._calls = 0
         self._stats: Counter[str] = Counter()
 

@@ -71,18 +71,18 @@ def synthetic_prompts(*, groups: int, seed: int = 0):
 def rollout_config(model_dir: str, *, backend: str, n: int, max_tokens: int, hf_threads: int):
     from actors.config import RolloutConfig
 
-    engine = {"backend": backend, "model_path": model_dir, "max_model_len": 2048}
+    engine = {"backend": backend, "max_model_len": 2048}
     engine.update({"cpu_threads": hf_threads} if backend == "hf" else {"gpu_memory_utilization": 0.15})
     return RolloutConfig.model_validate({"engine": engine, "sampling": {"n": n, "max_tokens": max_tokens, "seed": 0}})
 
 
-def bare_requests(config, prompts):
+def bare_requests(config, prompts, *, model_dir: str):
     """The engine requests the worker would send for these prompts (built the worker's way)."""
     from actors.engines import EngineRequest
     from actors.env import ZoomEnv
     from models.processor import load_processor
 
-    env = ZoomEnv(config=config.env, prompt=config.prompt, processor=load_processor(config.engine.model_path))
+    env = ZoomEnv(config=config.env, prompt=config.prompt, processor=load_processor(model_dir))
     requests = []
     for prompt in prompts:
         ids, episode = env.reset(prompt)
@@ -153,8 +153,8 @@ def main() -> None:
     # Phase 1: the bare HF engine alone (its thread count must be set before vLLM exists).
     hf_config = rollout_config(model_dir, backend="hf", n=args.n, max_tokens=args.max_tokens,
                                hf_threads=args.threads)
-    requests = bare_requests(hf_config, prompts)
-    hf = build_engine(hf_config.engine)
+    requests = bare_requests(hf_config, prompts, model_dir=model_dir)
+    hf = build_engine(hf_config.engine, model_path=model_dir)
     for _ in range(2):  # warm-up
         time_bare(hf, requests, hf_config)
     hf_runs = [time_bare(hf, requests, hf_config) for _ in range(args.rounds)]
@@ -173,8 +173,8 @@ def main() -> None:
     try:
         # num_cpus = threads: Ray sets the actor's OMP_NUM_THREADS from it, so the actor's engine runs
         # with the threads of the bare engine here: a thread-count difference must not pose as overhead.
-        actor = ray.remote(num_cpus=args.threads)(RolloutWorker).remote(config=config, worker_id="bench-actor")
-        bare = build_engine(config.engine)
+        actor = ray.remote(num_cpus=args.threads)(RolloutWorker).remote(config=config, model_path=model_dir, worker_id="bench-actor")
+        bare = build_engine(config.engine, model_path=model_dir)
         for _ in range(2):  # warm-up: engine start-up, first-call compilation and allocation
             time_actor(actor, prompts)
             time_bare(bare, requests, config)

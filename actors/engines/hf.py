@@ -69,8 +69,9 @@ class _ChosenTokenLogprobs(LogitsProcessor):
 class HFEngine(RolloutEngine):
     """``RolloutEngine`` on a transformers Qwen2.5-VL model."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, model_path: str):
         self.config = config
+        self.model_path = str(model_path)
         if config.device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         else:
@@ -81,11 +82,11 @@ class HFEngine(RolloutEngine):
         if config.cpu_threads is not None and self.device.type == "cpu":
             torch.set_num_threads(config.cpu_threads)
         self.dtype = getattr(torch, config.dtype)
-        self.model = AutoModelForImageTextToText.from_pretrained(config.model_path, dtype=self.dtype)
+        self.model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
-        self.processor = load_processor(config.model_path)
+        self.processor = load_processor(self.model_path)
         self.tokenizer = self.processor.tokenizer
-        self.eos_ids = eos_token_ids(config.model_path, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.image_pad_id = self.model.config.image_token_id
         self.merge_size = self.processor.image_processor.merge_size
@@ -94,7 +95,7 @@ class HFEngine(RolloutEngine):
         # top_p=0.001, repetition_penalty=1.05) would otherwise fill in every option we leave unset.
         self.model.generation_config = GenerationConfig(eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         self._version = 0
-        log.info("hf engine: %s on %s (%s)", config.model_path, self.device, config.dtype)
+        log.info("hf engine: %s on %s (%s)", self.model_path, self.device, config.dtype)
 
     @property
     def weight_version(self) -> int:

@@ -43,8 +43,9 @@ _EMBEDDING_SUFFIX = "embed_tokens.weight"  # the input embedding a tied output h
 class VLLMEngine(RolloutEngine):
     """``RolloutEngine`` on ``vllm.LLM``."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, model_path: str):
         self.config = config
+        self.model_path = str(model_path)
         # Read by vLLM when the engine is built, so they are set here rather than by the caller.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
@@ -56,7 +57,7 @@ class VLLMEngine(RolloutEngine):
         from vllm import LLM
 
         self._llm = LLM(
-            model=config.model_path,
+            model=self.model_path,
             dtype=config.dtype,
             max_model_len=config.max_model_len,
             limit_mm_per_prompt={"image": config.max_images_per_prompt},
@@ -66,14 +67,14 @@ class VLLMEngine(RolloutEngine):
             logprobs_mode="processed_logprobs",  # see actors/engines/base.py: behaviour log-probs
         )
         self.tokenizer = self._llm.get_tokenizer()
-        hf_config = AutoConfig.from_pretrained(config.model_path)
+        hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id
         self.tied = ties_word_embeddings(hf_config)
-        self.eos_ids = eos_token_ids(config.model_path, self.tokenizer)
+        self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.dtype = getattr(torch, config.dtype)
         self._version = 0
         self._checksum: str | None = None  # of the last loaded weights; None = the checkpoint's (computed on demand)
-        log.info("vllm engine: %s (%s, tp=%d)", config.model_path, config.dtype, config.tensor_parallel_size)
+        log.info("vllm engine: %s (%s, tp=%d)", self.model_path, config.dtype, config.tensor_parallel_size)
 
     @property
     def weight_version(self) -> int:
@@ -151,7 +152,7 @@ class VLLMEngine(RolloutEngine):
             # renames legacy checkpoint keys), without keeping the model.
             from transformers import AutoModelForImageTextToText
 
-            model = AutoModelForImageTextToText.from_pretrained(self.config.model_path, dtype=self.dtype)
+            model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
             self._checksum = state_dict_checksum(model.state_dict().items(), tie_word_embeddings=self.tied)
             del model
         return self._checksum

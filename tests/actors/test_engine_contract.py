@@ -29,8 +29,8 @@ def _engine(model_dir, backend):
     # One thread for the hf engine: with other processes on the cores, OpenMP barriers stall
     # (measured: 50 tokens 10 s with 2 threads, 0.2 s with 1, under a load of 8 on 2 cores).
     options = {"cpu_threads": 1} if backend == "hf" else {"gpu_memory_utilization": 0.15}
-    return build_engine(EngineConfig(backend=backend, model_path=str(model_dir), max_model_len=1024,
-                                     max_images_per_prompt=2, **options))
+    return build_engine(EngineConfig(backend=backend, max_model_len=1024, max_images_per_prompt=2, **options),
+                        model_path=str(model_dir))
 
 
 @pytest.fixture(scope="module")

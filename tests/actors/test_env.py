@@ -210,12 +210,12 @@ DIRECT_ANSWER = '<think>Nothing.</think><answer>{"present": false, "category": n
 
 def _worker(tiny_model_dir, processor, script, *, max_turns=2, n=2, **env):
     config = RolloutConfig.model_validate({
-        "engine": {"model_path": str(tiny_model_dir)},
+        "engine": {},
         "sampling": {"n": n, "max_tokens": 200},
         "env": {"max_turns": max_turns, **env},
         "prompt": {"frame": "input", "allow_zoom": max_turns > 1},
     })
-    return RolloutWorker(config=config, worker_id="w-test", engine=ScriptedEngine(processor.tokenizer, script))
+    return RolloutWorker(config=config, model_path=str(tiny_model_dir), worker_id="w-test", engine=ScriptedEngine(processor.tokenizer, script))
 
 
 def test_zoom_shows_the_crop_masks_the_inserted_turn_and_maps_the_answer_back(tiny_model_dir, processor):

@@ -33,7 +33,7 @@ BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
 
 
 def _config(model_dir, backend, *, seed=11) -> RolloutConfig:
-    engine = {"backend": backend, "model_path": str(model_dir), "max_model_len": 2048}
+    engine = {"backend": backend, "max_model_len": 2048}
     engine.update({"cpu_threads": 1} if backend == "hf" else {"gpu_memory_utilization": 0.15})
     sampling = {"n": N, "max_tokens": MAX_TOKENS, "seed": seed}
     return RolloutConfig.model_validate({"engine": engine, "sampling": sampling})
@@ -41,7 +41,8 @@ def _config(model_dir, backend, *, seed=11) -> RolloutConfig:
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def worker(request, tiny_model_dir):
-    worker = RolloutWorker(config=_config(tiny_model_dir, request.param), worker_id=f"{request.param}-0")
+    worker = RolloutWorker(config=_config(tiny_model_dir, request.param), model_path=str(tiny_model_dir),
+                           worker_id=f"{request.param}-0")
     yield worker
     worker.close()
 
@@ -109,8 +110,9 @@ def test_the_learner_recomputes_the_behaviour_logprobs(worker, reference):
 
 
 def test_seeded_worker_calls_are_reproducible_and_successive_calls_differ(worker, tiny_model_dir):
-    twin = RolloutWorker(config=worker.config, worker_id="twin", engine=worker.engine)  # same engine, fresh counter
-    fresh = RolloutWorker(config=worker.config, worker_id="fresh", engine=worker.engine)
+    twin = RolloutWorker(config=worker.config, model_path=str(tiny_model_dir), worker_id="twin", engine=worker.engine)  # same engine, fresh counter
+    fresh = RolloutWorker(config=worker.config, model_path=str(tiny_model_dir), worker_id="fresh",
+                          engine=worker.engine)
     first = twin.generate_groups(_prompts())
     second = twin.generate_groups(_prompts())
     again = fresh.generate_groups(_prompts())
@@ -148,7 +150,7 @@ def test_load_weights_bumps_the_policy_version(worker, reference):
 def test_config_errors_name_the_field(change, message):
     from pydantic import ValidationError
 
-    data = {"engine": {"model_path": "/models/tiny"}, "sampling": {}, "env": {}, "prompt": {}}
+    data = {"engine": {}, "sampling": {}, "env": {}, "prompt": {}}
     for section, values in change.items():
         data[section].update(values)
     with pytest.raises(ValidationError, match=message):
