@@ -1,0 +1,166 @@
+"""``LearnerGroup``: the ranks of one data-parallel learner as Ray actors forming a torch.distributed group.
+
+The only place that wraps ``learner.learner.Learner`` with ``ray.remote``. Every method here calls
+the same method on ALL ranks at once and waits for all of them: the learner's methods are
+collectives (gradient reduce-scatter, parameter gathers, barriers), and a rank left out would hang
+the others.
+
+Rendezvous: rank 0's address is 127.0.0.1 and a port that is free on the driver's host, so all ranks
+must run on the driver's node (one machine; the CPU tests and a single multi-GPU node). A multi-node
+group needs MASTER_ADDR of rank 0's node instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from actors.types import TrajectoryGroup
+from learner.advantages import group_advantages
+from learner.backend import free_port
+from learner.batch import LearnerBatch, collate
+from learner.config import LearnerConfig
+from learner.export import DEFAULT_BUCKET_BYTES, WeightBucket
+from learner.learner import Learner
+
+log = logging.getLogger(__name__)
+
+
+class LearnerGroup:
+    """``config.world_size`` Learner actors that step, checkpoint and export together.
+
+    Args:
+        config: the learner config (``world_size`` ranks, each reserving ``num_cpus_per_rank`` CPUs and
+            ``num_gpus_per_rank`` GPUs from Ray).
+        image_processor, pad_token_id: used to collate lists of ``TrajectoryGroup``s; when omitted they
+            are read from ``config.model_path`` (the image-only processor where torchvision is missing).
+        env_vars: extra environment of every rank (e.g. ``TORCH_EXTENSIONS_DIR``, ``DS_ACCELERATOR``).
+    """
+
+    def __init__(self, config: LearnerConfig, *, image_processor=None, pad_token_id: int | None = None,
+                 env_vars: dict[str, str] | None = None):
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
+        self.config = config
+        self._image_processor, self._pad_token_id = image_processor, pad_token_id
+        port = free_port()
+        actor_class = ray.remote(Learner)
+        self.actors = []
+        for rank in range(config.world_size):
+            env = {
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                "WORLD_SIZE": str(config.world_size),
+                # Ray gives each actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so every rank's device
+                # is local 0; on CPU there is one "device" anyway.
+                "LOCAL_RANK": "0",
+                **(env_vars or {}),
+            }
+            options = dict(num_cpus=config.num_cpus_per_rank, num_gpus=config.num_gpus_per_rank,
+                           runtime_env={"env_vars": env})
+            self.actors.append(actor_class.options(**options).remote(config, rank=rank, world_size=config.world_size))
+        # Construction is collective (the process group forms); waiting here surfaces its errors.
+        self.ranks = ray.get([actor.describe.remote() for actor in self.actors])
+        log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
+
+    # ---------------------------------------------------------------- batches
+    def _processor_parts(self):
+        if self._image_processor is None or self._pad_token_id is None:
+            from models.processor import load_processor
+
+            processor = load_processor(self.config.model_path)
+            if self._image_processor is None:
+                self._image_processor = processor.image_processor
+            if self._pad_token_id is None:
+                self._pad_token_id = processor.tokenizer.pad_token_id
+        return self._image_processor, self._pad_token_id
+
+    def collate(self, groups: list[TrajectoryGroup]) -> LearnerBatch:
+        """Advantages from each trajectory's total reward (``config.advantage_scale``), then padded tensors."""
+        rewards = [[trajectory.reward for trajectory in group.trajectories] for group in groups]
+        advantages = group_advantages(rewards, scale=self.config.advantage_scale, eps=self.config.advantage_eps)
+        image_processor, pad_token_id = self._processor_parts()
+        return collate(groups, image_processor=image_processor, pad_token_id=pad_token_id, advantages=advantages)
+
+    def split(self, batch: LearnerBatch) -> list[LearnerBatch]:
+        """The global batch cut into one contiguous shard of whole samples per rank."""
+        if batch.num_samples != self.config.global_batch_samples:
+            raise ValueError(f"global batch has {batch.num_samples} samples, config.global_batch_samples is "
+                             f"{self.config.global_batch_samples}")
+        return batch.split(self.config.world_size)
+
+    # ---------------------------------------------------------------- collectives
+    def _all(self, method: str, *args, shards: list | None = None, **kwargs) -> list:
+        """Call ``method`` on every rank at once and wait for all; returns the per-rank results.
+
+        Every rank gets the same ``args`` / ``kwargs``; with ``shards`` (one item per rank), rank r
+        also gets ``shards[r]`` as its first argument.
+        """
+        import ray
+
+        if shards is not None and len(shards) != len(self.actors):
+            raise ValueError(f"{len(shards)} shards for {len(self.actors)} ranks")
+        refs = []
+        for rank, actor in enumerate(self.actors):
+            rank_args = args if shards is None else (shards[rank], *args)
+            refs.append(getattr(actor, method).remote(*rank_args, **kwargs))
+        return ray.get(refs)
+
+    def step(self, batch: LearnerBatch | list[TrajectoryGroup]) -> dict[str, float]:
+        """One optimiser step on a global batch; returns rank 0's (global) statistics."""
+        if not isinstance(batch, LearnerBatch):
+            batch = self.collate(batch)
+        return self._all("step", shards=self.split(batch))[0]
+
+    def logprobs(self, batch: LearnerBatch) -> torch.Tensor:
+        """[B, L] current-policy log-probs of a global batch (each rank scores its shard)."""
+        pieces = self._all("logprobs", shards=self.split(batch))
+        length = batch.input_ids.shape[1]
+        return torch.cat([torch.nn.functional.pad(p, (0, length - p.shape[1])) for p in pieces])
+
+    def save_checkpoint(self, root: str | Path, *, extra_state: dict | None = None) -> str:
+        """Atomic checkpoint under ``root`` (see ``learner.checkpoint``); returns its directory."""
+        return self._all("save_checkpoint", str(root), extra_state=extra_state)[0]
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore every rank from ``path``; returns the checkpoint's extra_state."""
+        return self._all("load_checkpoint", str(path))[0]
+
+    def export_weights(self, *, version: int | None = None,
+                       bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
+        """Stream the full weights from rank 0, bucket by bucket, while every rank takes part in the gathers.
+
+        Each rank runs the export as a Ray streaming generator; rank 0's buckets are fetched as they
+        are produced, so the driver holds one bucket at a time.
+        """
+        import ray
+
+        streams = [actor.export_weights.options(num_returns="streaming").remote(version=version, bucket_bytes=bucket_bytes)
+                   for actor in self.actors]
+        for ref in streams[0]:
+            yield ray.get(ref)
+        for stream in streams[1:]:
+            for ref in stream:  # other ranks yield nothing; draining surfaces their errors
+                ray.get(ref)
+
+    def save_pretrained(self, out_dir: str | Path) -> str:
+        """The current policy as a Hugging Face / vLLM model directory (written by rank 0)."""
+        return self._all("save_pretrained", str(out_dir))[0]
+
+    def greedy_completion(self, inputs: dict, *, max_new_tokens: int) -> list[list[int]]:
+        """The policy's greedy continuation of a processor output (every rank decodes in step)."""
+        return self._all("greedy_completion", inputs, max_new_tokens=max_new_tokens)[0]
+
+    def describe(self) -> list[dict]:
+        return self._all("describe")
+
+    def shutdown(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []

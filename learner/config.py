@@ -1,0 +1,106 @@
+"""Configuration of the learner: model, backend, batch geometry, optimiser, schedule and GRPO loss."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class LoraSpec(BaseModel):
+    """Low-rank adapters instead of full fine-tuning (needs the ``peft`` package: extra ``lora``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=16, ge=1, le=1024, description="rank r of the adapter matrices")
+    alpha: float = Field(default=32.0, gt=0.0, description="scaling numerator: updates are scaled by alpha / r")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the adapter input")
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="module-name suffixes that get adapters (peft's target_modules)",
+    )
+
+
+class LearnerConfig(BaseModel):
+    """Everything one learner rank needs; identical on every rank of a group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_path: str = Field(min_length=1, description="Hugging Face Qwen2.5-VL directory (config, safetensors, tokenizer)")
+    backend: Literal["deepspeed", "torch"] = Field(
+        default="deepspeed",
+        description="deepspeed: ZeRO engine, any world size; torch: one plain process, for debugging only",
+    )
+    zero_stage: int = Field(default=3, ge=0, le=3, description="DeepSpeed ZeRO stage (deepspeed backend only)")
+    world_size: int = Field(default=1, ge=1, le=4096, description="number of learner ranks (data parallel)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA when torch sees a GPU, else CPU (gloo)")
+    num_cpus_per_rank: float = Field(default=1.0, gt=0.0, description="CPUs Ray reserves for each learner actor")
+    num_gpus_per_rank: float = Field(default=0.0, ge=0.0, description="GPUs Ray reserves for each learner actor")
+
+    global_batch_samples: int = Field(default=16, ge=1, description="trajectories per optimiser step, all ranks together")
+    micro_batch_samples: int = Field(default=4, ge=1, description="trajectories per forward/backward on one rank")
+
+    lr: float = Field(default=1e-6, gt=0.0, le=1.0, description="peak learning rate of AdamW")
+    betas: tuple[float, float] = Field(default=(0.9, 0.999), description="AdamW (beta1, beta2), each in [0, 1)")
+    adam_eps: float = Field(default=1e-8, gt=0.0, le=1e-2, description="AdamW epsilon")
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    warmup_steps: int = Field(default=0, ge=0, description="optimiser steps of linear warm-up from lr/warmup to lr")
+    schedule: Literal["constant", "cosine", "linear"] = Field(
+        default="constant", description="lr after warm-up: constant, or decay to min_lr_ratio*lr at max_steps")
+    max_steps: int = Field(default=1000, ge=1, description="optimiser steps of the run (end of the decay)")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="final lr of cosine/linear as a fraction of lr")
+    grad_clip: float = Field(default=1.0, ge=0.0, description="max global gradient L2 norm; 0 disables clipping")
+
+    eps_low: float = Field(default=0.2, ge=0.0, lt=1.0, description="lower clip: ratio >= 1 - eps_low")
+    eps_high: float = Field(default=0.28, ge=0.0, le=10.0, description="upper clip (clip-higher): ratio <= 1 + eps_high")
+    kl_coef: float = Field(default=0.0, ge=0.0, description="weight of k3 KL to the initial model; 0 = no reference model")
+    aggregation: Literal["token", "sequence"] = Field(
+        default="token", description="token: sum over the global batch's tokens / their count; sequence: mean of means")
+    advantage_scale: Literal["group", "batch", "none"] = Field(
+        default="group", description="divide centred rewards by the group std, the batch std, or nothing")
+    advantage_eps: float = Field(default=1e-4, gt=0.0, description="added to the std before dividing")
+    old_logprobs: Literal["behaviour", "recompute"] = Field(
+        default="behaviour",
+        description="behaviour: the rollout engine's log-probs; recompute: a no-grad pass of the current policy "
+        "before the update (removes engine/learner numeric mismatch from the ratio)",
+    )
+
+    bf16: Literal["auto"] | bool = Field(default="auto", description="bfloat16 weights and compute; auto: on for CUDA, off on CPU")
+    freeze_vision: bool = Field(default=False, description="keep the vision tower's weights fixed")
+    lora: LoraSpec | None = Field(default=None, description="train low-rank adapters instead of all weights")
+    gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward to save memory")
+    encode_images_once_per_group: bool = Field(
+        default=True, description="run the vision tower once per unique image, not once per sample")
+    log_entropy: bool = Field(default=False, description="also report the policy's token entropy (one more softmax pass)")
+    seed: int = Field(default=0, ge=0, description="seed of python, numpy and torch RNGs on every rank")
+
+    @model_validator(mode="after")
+    def _check(self) -> LearnerConfig:
+        per_step = self.world_size * self.micro_batch_samples
+        if self.global_batch_samples % per_step:
+            raise ValueError(
+                f"global_batch_samples ({self.global_batch_samples}) must be divisible by "
+                f"world_size × micro_batch_samples ({self.world_size} × {self.micro_batch_samples} = {per_step})")
+        if self.eps_high < self.eps_low:
+            raise ValueError(f"eps_high ({self.eps_high}) must be >= eps_low ({self.eps_low}) (clip-higher)")
+        if not all(0.0 <= beta < 1.0 for beta in self.betas):
+            raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.backend == "torch" and self.world_size != 1:
+            raise ValueError(f"backend 'torch' runs one process; world_size must be 1, got {self.world_size}")
+        if self.device == "cpu" and self.bf16 is True:
+            raise ValueError("bf16: true needs device cuda (or auto on a GPU machine); CPU training runs in float32")
+        return self
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches each rank accumulates per optimiser step."""
+        return self.global_batch_samples // (self.world_size * self.micro_batch_samples)
+
+    @property
+    def samples_per_rank(self) -> int:
+        """Trajectories of the global batch that each rank trains on."""
+        return self.global_batch_samples // self.world_size

@@ -1,0 +1,331 @@
+"""The learner's training step on the DeepSpeed ZeRO-3 backend (CPU, gloo) and the plain torch backend.
+
+Model: the project's tiny Qwen2.5-VL (``models.build``, random weights, float32). Batch: 2 groups × 4
+samples with completions of different lengths; behaviour log-probs are the initial policy's own plus
+noise, so some ratios leave the clip range and the clip statistics are exercised.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+np = pytest.importorskip("numpy")
+from PIL import Image  # noqa: E402
+
+from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup  # noqa: E402
+from learner.backend import deepspeed_config, lr_factor  # noqa: E402
+from learner.batch import LearnerBatch, collate  # noqa: E402
+from learner.config import LearnerConfig  # noqa: E402
+from learner.export import assemble_state_dict  # noqa: E402
+from learner.forward import sequence_logprobs  # noqa: E402
+from learner.learner import GRAD_NORM, LR, SAMPLES, STEP, TOKENS, Learner  # noqa: E402
+from learner.loss import CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_TOTAL  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm op: compiled once, reused
+COMPLETION_LENGTHS = [[3, 6, 9, 12], [5, 7, 8, 11]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_env():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """models.build's tiny checkpoint directory, built once per session (shared by the learner tests)."""
+    from models.build import build_model
+
+    out = tmp_path_factory.getbasetemp() / "learner_tiny_model"
+    if not (out / "config.json").exists():
+        build_model(size="tiny", out_dir=out)
+    return str(out)
+
+
+def _png(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_groups(model_dir: str, *, seed: int = 0) -> list[TrajectoryGroup]:
+    """2 groups × 4 samples; a 56-px image is 2×2 merged cells = 4 image pads in the prompt."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rng = np.random.default_rng(seed)
+    groups = []
+    for g, lengths in enumerate(COMPLETION_LENGTHS):
+        prompt = ([config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id]
+                  + rng.integers(20, 500, 5).tolist())
+        trajectories = [Trajectory(sample_index=i, prompt_ids=prompt, completion_ids=rng.integers(20, 500, n).tolist(),
+                                   behaviour_logprobs=[0.0] * n, loss_mask=[1] * n, completion_text="",
+                                   reward=float(rng.random()))
+                        for i, n in enumerate(lengths)]
+        groups.append(TrajectoryGroup(
+            prompt=PromptGroup(group_id=f"g{g}#0", prompt_id=f"g{g}", task="camo", difficulty="easy", question="?",
+                               image=_png(g), target=Target(False, None, [], 56, 56), stage=1),
+            trajectories=trajectories, policy_version=0))
+    return groups
+
+
+def make_batch(model_dir: str, *, advantages, noise: float = 0.3) -> LearnerBatch:
+    """Collated batch whose behaviour log-probs are the initial model's plus Gaussian noise."""
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    groups = make_groups(model_dir)
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    batch = collate(groups, image_processor=processor, pad_token_id=0, advantages=advantages)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    with torch.no_grad():
+        logprobs, _ = sequence_logprobs(model, batch)
+    generator = torch.Generator().manual_seed(1)
+    behaviour = (logprobs + noise * torch.randn(logprobs.shape, generator=generator)) * batch.completion_mask
+    batch.old_logprobs = behaviour
+    return batch
+
+
+ADVANTAGES = [[1.0, -0.5, 0.25, -0.75], [-1.2, 0.4, 0.9, -0.1]]
+
+
+@pytest.fixture(scope="module")
+def batch(model_dir) -> LearnerBatch:
+    return make_batch(model_dir, advantages=ADVANTAGES)
+
+
+def config(model_dir: str, **overrides) -> LearnerConfig:
+    # adam_eps 1e-6: Adam's first step is ~lr·sign(g); a larger eps keeps float-rounding differences of
+    # near-zero gradients (different reduction orders) from being amplified to ±lr.
+    base = dict(model_path=model_dir, global_batch_samples=8, micro_batch_samples=2, lr=1e-4, adam_eps=1e-6,
+                grad_clip=0.0)
+    return LearnerConfig(**{**base, **overrides})
+
+
+def weights(learner: Learner) -> dict[str, torch.Tensor]:
+    _, state = assemble_state_dict(learner.export_weights())
+    return state
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def test_config_requires_whole_micro_batches_per_rank(model_dir):
+    with pytest.raises(ValueError, match="global_batch_samples"):
+        LearnerConfig(model_path=model_dir, world_size=2, global_batch_samples=12, micro_batch_samples=4)
+    with pytest.raises(ValueError, match="eps_high"):
+        LearnerConfig(model_path=model_dir, eps_low=0.3, eps_high=0.2)
+    with pytest.raises(ValueError, match="world_size must be 1"):
+        LearnerConfig(model_path=model_dir, backend="torch", world_size=2, global_batch_samples=8, micro_batch_samples=4)
+    with pytest.raises(ValueError, match="learning_rate"):
+        LearnerConfig(model_path=model_dir, learning_rate=1e-5)
+    good = LearnerConfig(model_path=model_dir, world_size=2, global_batch_samples=16, micro_batch_samples=2)
+    assert good.gradient_accumulation_steps == 4 and good.samples_per_rank == 8
+
+
+def test_deepspeed_config_geometry(model_dir):
+    cfg = LearnerConfig(model_path=model_dir, world_size=2, global_batch_samples=16, micro_batch_samples=2, grad_clip=0.5)
+    ds = deepspeed_config(cfg, bf16=False)
+    assert ds["train_batch_size"] == 16 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 0.5 and not ds["bf16"]["enabled"]
+
+
+@pytest.mark.parametrize(("step", "schedule", "expected"), [
+    (0, "constant", 0.25),  # warm-up: (0 + 1) / 4
+    (3, "constant", 1.0),  # last warm-up step reaches the peak
+    (10, "constant", 1.0),
+    (4, "linear", 1.0),  # decay starts after warm-up: p = 0
+    (9, "linear", 0.55),  # p = (9 - 4) / (14 - 4) = 0.5 -> 1 - 0.9 * 0.5
+    (14, "linear", 0.1),  # p = 1 -> min_lr_ratio
+    (9, "cosine", 0.55),  # 0.1 + 0.9 * (1 + cos(pi/2)) / 2
+    (14, "cosine", 0.1),
+    (20, "cosine", 0.1),  # past max_steps it stays at the floor
+])
+def test_lr_factor_hand_computed(step, schedule, expected):
+    got = lr_factor(step, schedule=schedule, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert got == pytest.approx(expected)
+
+
+def test_lr_factor_cosine_quarter():
+    # p = 0.25: 0.5 * (1 + cos(pi/4)) = 0.853553...
+    assert lr_factor(25, schedule="cosine", warmup_steps=0, max_steps=100, min_lr_ratio=0.0) == pytest.approx(
+        0.5 * (1 + math.cos(math.pi / 4)))
+
+
+# ---------------------------------------------------------------- one rank, in this process
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_deepspeed_zero3_accumulation_matches_plain_torch(model_dir, batch, checkpointing):
+    """4 micro-batches under ZeRO-3 (with or without activation checkpointing) give the same update
+    as the plain torch backend.
+
+    Regression: calling the module directly (not through engine.forward) made each micro-batch's
+    gradient replace the previous one; the grad norm was 1/3 of the true one.
+    """
+    reference = Learner(config(model_dir, backend="torch"))
+    ref_stats = reference.step(batch)
+    ref_weights = dict(reference.model.state_dict())
+    zero3 = Learner(config(model_dir, gradient_checkpointing=checkpointing))
+    stats = zero3.step(batch)
+    assert stats[LOSS_TOTAL] == pytest.approx(ref_stats[LOSS_TOTAL], rel=1e-5)
+    assert stats[GRAD_NORM] == pytest.approx(ref_stats[GRAD_NORM], rel=1e-4)
+    got = weights(zero3)
+    assert set(got) == set(ref_weights)
+    for name, value in got.items():
+        torch.testing.assert_close(value, ref_weights[name], atol=2e-6, rtol=0, msg=name)
+
+
+def test_step_statistics(model_dir, batch):
+    learner = Learner(config(model_dir, schedule="linear", warmup_steps=2, max_steps=10, log_entropy=True))
+    first, second = learner.step(batch), learner.step(batch)
+    assert 0 < first[ENTROPY] <= math.log(learner.model.config.text_config.vocab_size)
+    assert LOSS_KL_REF not in first  # no reference model without kl_coef
+    assert first[STEP] == 1 and second[STEP] == 2
+    assert first[TOKENS] == batch.num_loss_tokens == sum(map(sum, COMPLETION_LENGTHS))
+    assert first[SAMPLES] == 8
+    assert first[LR] == pytest.approx(0.5e-4) and second[LR] == pytest.approx(1e-4)  # warm-up: 1/2, 2/2
+    assert first[GRAD_NORM] > 0
+    # Noise of 0.3 on the behaviour log-probs pushes some ratios beyond both clip edges.
+    assert 0 < first[CLIPFRAC_LOW] < 1 and 0 < first[CLIPFRAC_HIGH] < 1
+
+
+def test_every_trainable_parameter_moves_with_signal(model_dir, batch):
+    learner = Learner(config(model_dir))
+    before = weights(learner)
+    learner.step(batch)
+    after = weights(learner)
+    unchanged = [name for name in before if torch.equal(before[name], after[name])]
+    assert unchanged == []
+
+
+def test_zero_advantages_leave_weights_unchanged(model_dir):
+    """All-zero advantages give zero gradients. With weight_decay 0 nothing moves; with weight decay,
+    AdamW still shrinks each weight by exactly (1 - lr·wd) (its Adam term is 0/(0 + eps) = 0)."""
+    flat = make_batch(model_dir, advantages=[[0.0] * 4, [0.0] * 4])
+    plain = Learner(config(model_dir, weight_decay=0.0))
+    before = weights(plain)
+    stats = plain.step(flat)
+    assert stats[GRAD_NORM] == 0.0
+    after = weights(plain)
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+    decayed = Learner(config(model_dir, weight_decay=0.1, lr=1e-2))
+    decayed.step(flat)
+    shrunk = weights(decayed)
+    for name, value in before.items():
+        torch.testing.assert_close(shrunk[name], value * (1 - 1e-2 * 0.1), atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_kl_to_the_initial_policy(model_dir, batch):
+    """The reference is the initial policy: KL is exactly 0 before the first update, > 0 after it."""
+    learner = Learner(config(model_dir, kl_coef=0.1, lr=1e-3))
+    first, second = learner.step(batch), learner.step(batch)
+    assert first[LOSS_KL_REF] == 0.0
+    assert second[LOSS_KL_REF] > 0.0
+
+
+def test_freeze_vision_keeps_the_tower_fixed(model_dir, batch):
+    learner = Learner(config(model_dir, freeze_vision=True))
+    before = weights(learner)
+    learner.step(batch)
+    after = weights(learner)
+    vision = {name for name in before if name.startswith("model.visual.")}
+    assert vision and all(torch.equal(before[name], after[name]) for name in vision)
+    assert all(not torch.equal(before[name], after[name]) for name in before if name not in vision)
+
+
+def test_wrong_shard_size_is_rejected(model_dir, batch):
+    learner = Learner(config(model_dir, backend="torch"))
+    with pytest.raises(ValueError, match="rank 0: 4.*global_batch_samples / world_size = 8"):
+        learner.step(batch.select(range(4)))
+
+
+@pytest.mark.parametrize(("backend", "aggregation"), [("deepspeed", "token"), ("deepspeed", "sequence"),
+                                                    ("torch", "sequence")])
+def test_recompute_old_logprobs_starts_at_ratio_one(model_dir, batch, backend, aggregation):
+    learner = Learner(config(model_dir, backend=backend, old_logprobs="recompute", aggregation=aggregation))
+    # The learner scores like the plain model it was loaded from (a forward-only pass, as the recompute).
+    from transformers import AutoModelForImageTextToText
+
+    with torch.no_grad():
+        plain, _ = sequence_logprobs(AutoModelForImageTextToText.from_pretrained(model_dir), batch)
+    mask = batch.completion_mask
+    torch.testing.assert_close(learner.logprobs(batch) * mask, plain * mask, atol=1e-5, rtol=1e-5)
+    stats = learner.step(batch)
+    assert stats[CLIPFRAC_LOW] == 0 and stats[CLIPFRAC_HIGH] == 0
+    # Ratio 1 everywhere, so each token's loss is -A of its sequence. Over 4 micro-batches of 2 samples
+    # the GLOBAL normaliser must give: token: -(sum_b A_b n_b) / sum_b n_b; sequence: -mean_b A_b.
+    lengths, adv = np.array(COMPLETION_LENGTHS, dtype=float), np.array(ADVANTAGES)
+    expected = -(adv * lengths).sum() / lengths.sum() if aggregation == "token" else -adv.mean()
+    assert stats[LOSS_TOTAL] == pytest.approx(expected, rel=1e-6)
+
+
+# ---------------------------------------------------------------- two ranks, Ray actors
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # a session-wide cluster from elsewhere: use it, leave it running
+        yield ray
+        return
+    os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / "ray"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
+    """LearnerGroup of 2 Ray actors (ZeRO-3, gloo) vs 1 rank in this process, same global batch:
+    same loss, same updated weights (the loss is normalised by the GLOBAL token count)."""
+    from deploy.learner_group import LearnerGroup
+
+    from transformers import AutoModelForImageTextToText
+
+    from deploy.learner_group import LearnerGroup
+
+    groups = make_groups(model_dir)
+    group = LearnerGroup(config(model_dir, world_size=2), env_vars={"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR,
+                                                                     "DS_ACCELERATOR": "cpu"})
+    try:
+        global_batch = group.collate(groups)  # advantages from the rewards, collated on the driver
+        pieces = group.split(global_batch)
+        assert [p.num_samples for p in pieces] == [4, 4]
+        two = group.step(groups)
+        two_weights = assemble_state_dict(group.export_weights())[1]
+        # ZeRO-3 generation on 2 ranks (each decodes in step, gathering parameters layer by layer).
+        two_ids = group.greedy_completion(fixed_prompt(model_dir), max_new_tokens=6)
+        saved = group.save_pretrained(tmp_path / "policy")
+    finally:
+        group.shutdown()
+    one = Learner(config(model_dir))
+    one_stats = one.step(global_batch)
+    assert two[TOKENS] == one_stats[TOKENS]
+    assert two[LOSS_TOTAL] == pytest.approx(one_stats[LOSS_TOTAL], rel=1e-6)
+    assert two[GRAD_NORM] == pytest.approx(one_stats[GRAD_NORM], rel=1e-5)
+    one_weights = weights(one)
+    for name, value in one_weights.items():
+        torch.testing.assert_close(two_weights[name], value, atol=1e-6, rtol=0, msg=name)
+    assert one.greedy_completion(fixed_prompt(model_dir), max_new_tokens=6) == two_ids
+    loaded = AutoModelForImageTextToText.from_pretrained(saved).state_dict()
+    assert all(torch.equal(loaded[name], value) for name, value in two_weights.items())
+
+
+def fixed_prompt(model_dir: str) -> dict:
+    from models.processor import load_processor
+
+    processor = load_processor(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the moth?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[Image.open(io.BytesIO(_png(3)))], return_tensors="pt"))

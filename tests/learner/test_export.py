@@ -1,0 +1,203 @@
+"""Weight export: names, buckets, versions, and that the exported weights ARE the learner's policy."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("deepspeed")
+np = pytest.importorskip("numpy")
+from PIL import Image  # noqa: E402
+
+from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup  # noqa: E402
+from learner.batch import LearnerBatch, collate  # noqa: E402
+from learner.config import LearnerConfig, LoraSpec  # noqa: E402
+from learner.export import (WeightBucket, assemble_state_dict, export_weights, greedy_completion,  # noqa: E402
+                            load_buckets, save_hf_directory)
+from learner.learner import Learner  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _deepspeed_env():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    from models.build import build_model
+
+    out = tmp_path_factory.getbasetemp() / "learner_tiny_model"
+    if not (out / "config.json").exists():
+        build_model(size="tiny", out_dir=out)
+    return str(out)
+
+
+def _image(seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (56, 56, 3), dtype=np.uint8))
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    _image(seed).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def batch(model_dir) -> LearnerBatch:
+    """2 groups × 4 samples of random completions with fixed advantages (enough to move every weight)."""
+    from transformers import AutoConfig, AutoImageProcessor
+
+    config = AutoConfig.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    groups = []
+    for g in range(2):
+        prompt = [config.vision_start_token_id] + [config.image_token_id] * 4 + [config.vision_end_token_id] + [40, 41]
+        trajectories = [Trajectory(sample_index=i, prompt_ids=prompt, completion_ids=rng.integers(20, 500, 4 + i).tolist(),
+                                   behaviour_logprobs=[-6.0] * (4 + i), loss_mask=[1] * (4 + i), completion_text="")
+                        for i in range(4)]
+        groups.append(TrajectoryGroup(
+            prompt=PromptGroup(group_id=f"g{g}", prompt_id=f"g{g}", task="camo", difficulty="easy", question="?",
+                               image=_png(g), target=Target(False, None, [], 56, 56), stage=1),
+            trajectories=trajectories, policy_version=0))
+    processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    return collate(groups, image_processor=processor, pad_token_id=0,
+                   advantages=[[1.0, -1.0, 0.5, -0.5], [-1.0, 1.0, -0.5, 0.5]])
+
+
+@pytest.fixture(scope="module")
+def prompt(model_dir) -> dict:
+    """A fixed chat prompt with one image, as the processor makes it (the rollout engine's input)."""
+    from models.processor import load_processor
+
+    processor = load_processor(model_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Where is the moth?"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return dict(processor(text=[text], images=[_image(7)], return_tensors="pt"))
+
+
+def config(model_dir: str, **overrides) -> LearnerConfig:
+    base = dict(model_path=model_dir, global_batch_samples=8, micro_batch_samples=4, lr=1e-2, grad_clip=0.0)
+    return LearnerConfig(**{**base, **overrides})
+
+
+def fresh_model(model_dir: str):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, batch) -> Learner:
+    """A 1-rank ZeRO-3 learner after two updates at a large lr: its weights are far from the file's."""
+    learner = Learner(config(model_dir))
+    learner.step(batch)
+    learner.step(batch)
+    return learner
+
+
+# ---------------------------------------------------------------- names and buckets
+
+
+def test_names_are_a_fresh_models_state_dict_keys(model_dir, trained):
+    model = fresh_model(model_dir)
+    expected = set(model.state_dict())
+    state = assemble_state_dict(trained.export_weights())[1]
+    assert set(state) == expected
+    assert not any("inv_freq" in name for name in state)  # non-persistent rotary buffers stay behind
+    # Tied embeddings: gathered once, exported under both names.
+    assert model.config.tie_word_embeddings
+    assert torch.equal(state["lm_head.weight"], state["model.language_model.embed_tokens.weight"])
+    model.load_state_dict(state, strict=True)
+
+
+def test_buckets_are_bounded_ordered_and_versioned(trained):
+    limit = 64 * 1024
+    buckets = list(trained.export_weights(version=5, bucket_bytes=limit))
+    assert len(buckets) > 3
+    assert [b.index for b in buckets] == list(range(len(buckets)))
+    assert [b.is_last for b in buckets] == [False] * (len(buckets) - 1) + [True]
+    assert {b.version for b in buckets} == {5}
+    for bucket in buckets:
+        distinct = {id(t) for _, t in bucket.tensors}
+        if len(distinct) > 1:  # a bucket only exceeds the limit when one tensor alone does
+            assert sum(t.numel() * t.element_size() for t in {id(t): t for _, t in bucket.tensors}.values()) <= limit
+    assert trained.version == 2
+    assert {b.version for b in trained.export_weights()} == {2}  # default: the learner's own step count
+
+
+def test_incomplete_or_mixed_streams_are_rejected():
+    a, b = torch.zeros(2), torch.ones(2)
+    ok = [WeightBucket(1, 0, False, [("a", a)]), WeightBucket(1, 1, True, [("b", b)])]
+    version, state = assemble_state_dict(ok)
+    assert version == 1 and set(state) == {"a", "b"}
+    with pytest.raises(ValueError, match="incomplete"):
+        assemble_state_dict(ok[:1])
+    with pytest.raises(ValueError, match="expected 0"):
+        assemble_state_dict(ok[1:])
+    with pytest.raises(ValueError, match="version 2"):
+        assemble_state_dict([ok[0], WeightBucket(2, 1, True, [("b", b)])])
+    with pytest.raises(ValueError, match="twice"):
+        assemble_state_dict([ok[0], WeightBucket(1, 1, True, [("a", b)])])
+    with pytest.raises(ValueError, match="no weight buckets"):
+        assemble_state_dict([])
+
+
+# ---------------------------------------------------------------- the export is the policy
+
+
+def test_exported_weights_reproduce_the_learners_outputs(model_dir, trained, prompt):
+    """A fresh model loaded from the stream gives the learner's logits and greedy completion."""
+    model = fresh_model(model_dir)
+    with torch.no_grad():
+        initial_logits = model(**prompt).logits
+    assert load_buckets(model, trained.export_weights(bucket_bytes=256 * 1024)) == 2
+    with torch.no_grad():
+        learner_logits = trained.model(**prompt).logits
+        exported_logits = model(**prompt).logits
+    torch.testing.assert_close(exported_logits, learner_logits, atol=1e-5, rtol=1e-5)
+    assert (exported_logits - initial_logits).abs().max() > 1e-2  # the updates are visible in the outputs
+    learner_ids = greedy_completion(trained.model, prompt, max_new_tokens=12)
+    assert greedy_completion(model, prompt, max_new_tokens=12) == learner_ids
+    assert len(learner_ids[0]) > 0
+
+
+def test_hf_directory_of_the_policy_loads_with_transformers(model_dir, trained, tmp_path):
+    out = save_hf_directory(trained.model, source_dir=model_dir, out_dir=tmp_path / "export")
+    assert (out / "tokenizer.json").is_file() and (out / "preprocessor_config.json").is_file()
+    loaded = fresh_model(str(out)).state_dict()
+    exported = assemble_state_dict(trained.export_weights())[1]
+    assert set(loaded) == set(exported)
+    assert all(torch.equal(loaded[name], exported[name]) for name in exported)
+
+
+def test_lora_policy_exports_merged_weights(model_dir, batch):
+    """A LoRA policy exports W + (alpha/r)·B·A under the base names; peft's own merge agrees."""
+    pytest.importorskip("peft")
+    learner = Learner(config(model_dir, backend="torch", lora=LoraSpec(rank=4, alpha=8.0, targets=["q_proj", "up_proj"])))
+    learner.step(batch)
+    state = assemble_state_dict(export_weights(learner.model, version=1))[1]
+    merged = learner.model.merge_and_unload().state_dict()
+    initial = fresh_model(model_dir).state_dict()
+    assert set(state) == set(initial)
+    changed = {name for name in state if not torch.equal(state[name], initial[name])}
+    assert changed and all(name.endswith(("q_proj.weight", "up_proj.weight")) for name in changed)
+    for name, value in state.items():
+        torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_lora_policy_saves_a_merged_hf_directory(model_dir, batch, tmp_path):
+    pytest.importorskip("peft")
+    learner = Learner(config(model_dir, backend="torch", lora=LoraSpec(rank=4, alpha=8.0, targets=["q_proj"])))
+    learner.step(batch)
+    state = assemble_state_dict(learner.export_weights())[1]
+    out = learner.save_pretrained(tmp_path / "merged")
+    loaded = fresh_model(out).state_dict()
+    assert set(loaded) == set(state) and all(torch.equal(loaded[name], state[name]) for name in state)
