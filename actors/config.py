@@ -97,7 +97,7 @@ class RolloutConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    engine: EngineConfig = Field(description="inference backend")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="inference backend")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="per-turn sampling")
     env: EnvConfig = Field(default_factory=EnvConfig, description="multi-turn zoom environment")
     prompt: PromptConfig = Field(default_factory=PromptConfig, description="prompt rendering; its frame is the run's")

@@ -57,8 +57,7 @@ class ClusterConfig(BaseModel):
     rollout_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each rollout worker")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker")
     reward_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each reward worker")
-    learner_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each learner rank")
-    learner_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each learner rank")
+    max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts of a dead rollout/reward worker")
 
 
 class TrainConfig(BaseModel):
@@ -75,6 +74,10 @@ class TrainConfig(BaseModel):
         1, ge=0, description="max policy versions a trained group may lag the learner (async mode)"
     )
     dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal and refill")
+    max_generation_factor: int = Field(
+        4, ge=1, le=100, description="sync mode: at most this × prompts_per_step groups generated for one step"
+    )
+    buffer_capacity: int = Field(64, ge=1, description="groups the trajectory buffer holds before producers wait")
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
     seed: int = Field(0, ge=0)
@@ -107,6 +110,20 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> RunConfig:
+        if self.learner.model_path is not None:
+            raise ValueError("learner.model_path: leave unset in a run config; set model.path (one model per run)")
+        if self.rollout.sampling.n < 2:
+            raise ValueError("rollout.sampling.n: GRPO needs a group of at least 2 samples per prompt")
+        if self.rewards.frame.kind != self.rollout.prompt.frame:
+            raise ValueError(
+                f"rewards.frame.kind ({self.rewards.frame.kind}) must equal rollout.prompt.frame "
+                f"({self.rollout.prompt.frame}): the prompt tells the model the frame the rewards read"
+            )
+        if self.train.buffer_capacity < self.train.prompts_per_step:
+            raise ValueError(
+                f"train.buffer_capacity ({self.train.buffer_capacity}) must hold one step's "
+                f"train.prompts_per_step ({self.train.prompts_per_step}) groups"
+            )
         samples = self.train.prompts_per_step * self.rollout.sampling.n
         if self.learner.global_batch_samples != samples:
             raise ValueError(

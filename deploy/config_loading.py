@@ -30,12 +30,25 @@ def apply_overrides(document: dict, overrides: list[str]) -> dict:
         node = result
         parts = key.strip().split(".")
         for depth, part in enumerate(parts[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
-            node = child
-        node[parts[-1]] = value
+            node = _child(node, part, where=f"override {item!r}: {'.'.join(parts[: depth + 1])}")
+        if isinstance(node, list):
+            _child(node, parts[-1], where=f"override {item!r}: {key.strip()}")  # checks the index
+            node[int(parts[-1])] = value
+        else:
+            node[parts[-1]] = value
     return result
+
+
+def _child(node, part: str, *, where: str):
+    """Descend one level: a mapping key (created if missing) or an index into a list written in the file."""
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"{where}: no item {part} in a list of {len(node)}")
+        return node[int(part)]
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"{where} is not a section")
+    return child
 
 
 def _deep_copy(value):

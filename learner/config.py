@@ -27,7 +27,11 @@ class LearnerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model_path: str = Field(min_length=1, description="Hugging Face Qwen2.5-VL directory (config, safetensors, tokenizer)")
+    model_path: str | None = Field(
+        default=None, min_length=1,
+        description="Hugging Face Qwen2.5-VL directory; in a run config leave it unset: the driver passes the "
+        "run's one model (RunConfig.model), so rollout and learner can never start from different weights",
+    )
     backend: Literal["deepspeed", "torch"] = Field(
         default="deepspeed",
         description="deepspeed: ZeRO engine, any world size; torch: one plain process, for debugging only",

@@ -65,6 +65,8 @@ class Learner:
     def __init__(self, config: LearnerConfig, *, rank: int = 0, world_size: int = 1):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if config.model_path is None:
+            raise ValueError("learner.model_path: not set (the driver sets it from the run's model)")
         self.config, self.rank, self.world_size = config, rank, world_size
         seed_everything(config.seed)
         self.backend = build_backend(config, rank=rank, world_size=world_size)

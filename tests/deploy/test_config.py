@@ -1,0 +1,93 @@
+"""RunConfig: every shipped config validates; invalid ones fail at load naming the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from deploy.config import RunConfig, load_run_config, shipped_configs
+from deploy.config_loading import ConfigError, apply_overrides
+
+
+@pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    config = load_run_config(path)
+    assert isinstance(config, RunConfig)
+
+
+def test_shipped_configs_include_the_default_and_the_paper_scale():
+    names = {p.name for p in shipped_configs()}
+    assert {"tiny-cpu.yaml", "qwen2.5-vl-7b-8gpu.yaml"} <= names
+    paper = load_run_config([p for p in shipped_configs() if p.name == "qwen2.5-vl-7b-8gpu.yaml"][0])
+    assert paper.rollout.sampling.n == 4 and paper.rollout.sampling.temperature == 1.0
+    assert paper.cluster.rollout_workers * paper.cluster.rollout_gpus == 4
+    assert paper.learner.world_size * paper.learner.num_gpus_per_rank == 4
+    assert paper.learner.kl_coef == 0.0 and paper.learner.eps_high > paper.learner.eps_low
+
+
+def test_dotted_overrides_are_typed_and_applied_before_validation():
+    config = load_run_config(None, ["learner.lr=1e-6", "train.mode=async", "rollout.sampling.n=4",
+                                    "curriculum.start_stage=1"])
+    assert config.learner.lr == 1e-6 and isinstance(config.learner.lr, float)
+    assert config.train.mode == "async" and config.curriculum.start_stage == 1
+
+
+def test_overrides_do_not_modify_their_input():
+    document = {"learner": {"lr": 1.0}}
+    assert apply_overrides(document, ["learner.lr=2"]) == {"learner": {"lr": 2}}
+    assert document == {"learner": {"lr": 1.0}}
+
+
+# Each row: overrides on top of the defaults → a fragment the error must contain (the field, the reason).
+INVALID = [
+    (["learner.eps_high=0.1", "learner.eps_low=0.2"], "eps_high"),
+    (["rollout.sampling.n=1", "learner.global_batch_samples=4"], "rollout.sampling.n"),
+    (["learner.global_batch_samples=12"], "learner.global_batch_samples"),
+    (["cluster.rollout_workers=3"], "cluster.rollout_workers"),
+    (["learner.world_size=3"], "world_size"),
+    (["learner.lr=-1"], "learner.lr"),
+    (["learner.lrate=0.1"], "learner.lrate"),
+    (["train.mode=sometimes"], "train.mode"),
+    (["rollout.sampling.temperature=9"], "rollout.sampling.temperature"),
+    (["rewards.frame.kind=norm1000"], "rewards.frame.kind"),
+    (["curriculum.start_stage=7"], "start_stage"),
+    (["model.path=builtin:huge"], "model.path"),
+    (["learner.model_path=/somewhere"], "learner.model_path"),
+    (["metrics.port=70000"], "metrics.port"),
+    (["train.buffer_capacity=2"], "train.buffer_capacity"),
+    (["rewards.custom_reward=os.system('x')"], "custom_reward"),
+]
+
+
+@pytest.mark.parametrize("overrides, field", INVALID, ids=[row[1] for row in INVALID])
+def test_invalid_configs_fail_naming_the_field(overrides, field):
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, overrides)
+    assert field in str(error.value)
+
+
+def test_overrides_index_into_lists_written_in_the_file():
+    tiny = [p for p in shipped_configs() if p.name == "tiny-cpu.yaml"][0]
+    config = load_run_config(tiny, ["curriculum.stages.1.advance.patience=4"])
+    assert config.curriculum.stages[1].advance.patience == 4
+    with pytest.raises(ConfigError, match="colour"):
+        load_run_config(tiny, ["curriculum.stages.0.reward_weights.colour=1"])
+    with pytest.raises(ConfigError, match="no item 9"):
+        load_run_config(tiny, ["curriculum.stages.9.advance.patience=4"])
+
+
+def test_invalid_yaml_file_names_the_file_and_field(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learner:\n  eps_low: 0.5\n  eps_high: 0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml[\s\S]*eps_high"):
+        load_run_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_run_config(bad)
+
+
+def test_cli_reports_a_bad_config_in_one_line_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "deploy.cli", "config", "check", "--set", "learner.lr=-1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "learner.lr" in out.stderr and "Traceback" not in out.stderr
