@@ -230,6 +230,7 @@ class TrajectoryBuffer:
         self._held: deque[_Held] = deque()
         self._ids_seen: set[str] = set()  # every group id ever put: a second put of one is refused
         self._counts = _Counts()
+        self._dropped_ids: list[tuple[str, str]] = []  # (group id, reason) not yet taken by the driver
         self._learner_version: int | None = None  # highest seen in get()
         self._puts_waiting = 0
         self._pending: list[_Held] = []  # put but not yet written to a spill file
@@ -337,6 +338,7 @@ class TrajectoryBuffer:
             if is_stale(entry.policy_version, learner_version=self._learner_version,
                         max_staleness=self._config.max_staleness):
                 self._counts.dropped[DROP_STALE] += 1
+                self._dropped_ids.append((entry.group_id, DROP_STALE))
                 self._record_outcome_locked(entry, DROP_STALE)
             else:
                 keep.append(entry)
@@ -345,6 +347,12 @@ class TrajectoryBuffer:
             self._not_full.notify_all()
 
     # ---- observation ----
+    def take_dropped(self) -> list[tuple[str, str]]:
+        """The (group id, reason) of every group dropped since the last call: the driver settles them."""
+        with self._lock:
+            dropped, self._dropped_ids = self._dropped_ids, []
+        return dropped
+
     def stats(self) -> dict[str, float]:
         """Gauges and counters under the STAT_* names (staleness histogram: one key per lag seen)."""
         with self._lock:

@@ -79,3 +79,16 @@ class TrajectoryGroup:
     @property
     def stage(self) -> int:
         return self.prompt.stage
+
+
+# Token ids that stand for image/video content. The model must never SAMPLE them: a completion with
+# an image pad would make the learner's forward look for an image that is not there. Rollout engines
+# mask them out of sampling and the learner masks them out of its log-softmax, so behaviour and
+# learner log-probs are over the same distribution.
+PLACEHOLDER_TOKEN_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+def placeholder_token_ids(hf_config) -> list[int]:
+    """The ids of ``PLACEHOLDER_TOKEN_KEYS`` in a Qwen2.5-VL transformers config (those it defines)."""
+    return sorted({int(getattr(hf_config, key)) for key in PLACEHOLDER_TOKEN_KEYS
+                   if getattr(hf_config, key, None) is not None})

@@ -88,6 +88,23 @@ def cmd_rewards_score(args) -> int:
     return 0
 
 
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
+
+
+def cmd_train(args) -> int:
+    from deploy.config import load_run_config
+    from deploy.driver import Driver
+
+    config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    driver = Driver(config, resume=args.resume)
+    try:
+        summary = driver.run()
+    finally:
+        driver.shutdown()
+    print(json.dumps(summary.__dict__, indent=2, default=str))
+    return 0
+
+
 def cmd_config_check(args) -> int:
     from deploy.config import load_run_config
 
@@ -157,6 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="run config whose rewards and stages to use (default: built-in)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     p.set_defaults(func=cmd_rewards_score)
+
+    p = sub.add_parser(
+        "train", help="run a training job (default: the embedded tiny-cpu config on a local Ray)",
+        description="Runs the driver: rollouts, rewards, buffer, learner, weight sync, checkpoints, /metrics.",
+    )
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    p.set_defaults(func=cmd_train)
 
     config = sub.add_parser("config", help="validate run configs").add_subparsers(
         dest="config_command", required=True, metavar="ACTION"

@@ -78,6 +78,9 @@ class TrainConfig(BaseModel):
         4, ge=1, le=100, description="sync mode: at most this × prompts_per_step groups generated for one step"
     )
     buffer_capacity: int = Field(64, ge=1, description="groups the trajectory buffer holds before producers wait")
+    verify_weight_sync: bool = Field(
+        False, description="after each sync, check every rollout worker's weight checksum against the learner's"
+    )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
     seed: int = Field(0, ge=0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from actors.types import placeholder_token_ids
 from learner.batch import LearnerBatch
 
 
@@ -88,6 +89,9 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
         output = model(**inputs, pixel_values=repeated)
 
     logits = output.logits[:, :-1].float()  # [B, keep-1, V]: predict tokens first_scored .. L-1
+    # Rollout engines never sample image/video placeholders: score over the same distribution.
+    banned = torch.tensor(placeholder_token_ids(config), dtype=torch.long, device=logits.device)
+    logits = logits.index_fill(-1, banned, float("-inf"))
     targets = batch.input_ids[:, first_scored:]
     log_norm = torch.logsumexp(logits, dim=-1)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
@@ -98,6 +102,7 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            token_entropy = log_norm - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
+            probs = torch.softmax(logits, dim=-1)
+            token_entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)  # 0·log 0 = 0 at masked tokens
             entropy = torch.cat([unscored, torch.where(valid, token_entropy, torch.zeros_like(token_entropy))], dim=1)
     return logprobs, entropy

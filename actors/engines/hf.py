@@ -17,11 +17,13 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.generation.logits_process import (
     LogitsProcessor,
     LogitsProcessorList,
+    SuppressTokensLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
 
 from actors.config import EngineConfig
+from actors.types import placeholder_token_ids
 from actors.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -89,6 +91,7 @@ class HFEngine(RolloutEngine):
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.image_pad_id = self.model.config.image_token_id
+        self.placeholder_ids = placeholder_token_ids(self.model.config)
         self.merge_size = self.processor.image_processor.merge_size
         self.tied = ties_word_embeddings(self.model.config)
         # A clean generation config: a real checkpoint's generation_config.json (Qwen's sets top_k=1,
@@ -155,7 +158,7 @@ class HFEngine(RolloutEngine):
                         top_p: float, stop: Sequence[str]) -> list[list[EngineSample]]:
         batch = self._encode(requests)
         recorder = _ChosenTokenLogprobs()
-        chain = LogitsProcessorList()
+        chain = LogitsProcessorList([SuppressTokensLogitsProcessor(self.placeholder_ids, device=self.device)])
         if temperature > 0.0:
             if temperature != 1.0:
                 chain.append(TemperatureLogitsWarper(temperature))

@@ -19,6 +19,7 @@ import os
 from collections.abc import Iterable, Sequence
 
 from actors.config import EngineConfig
+from actors.types import placeholder_token_ids
 from actors.engines.base import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -69,6 +70,8 @@ class VLLMEngine(RolloutEngine):
         self.tokenizer = self._llm.get_tokenizer()
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id
+        # -100 is vLLM's largest allowed bias: exp(-100) makes them unsampleable (actors.types).
+        self.placeholder_bias = {token: -100.0 for token in placeholder_token_ids(hf_config)}
         self.tied = ties_word_embeddings(hf_config)
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.dtype = getattr(torch, config.dtype)
@@ -100,6 +103,7 @@ class VLLMEngine(RolloutEngine):
             params.append(SamplingParams(
                 n=n, temperature=temperature, top_p=top_p, max_tokens=limit, stop=list(stop) or None,
                 include_stop_str_in_output=True, stop_token_ids=self.eos_ids, logprobs=0,
+                logit_bias=self.placeholder_bias,
                 # vLLM seeds the n children of a request seed, seed+1, ..., so requests step by n.
                 seed=None if seed is None else seed + i * n,
             ))

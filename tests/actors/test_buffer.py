@@ -358,3 +358,14 @@ def test_buffer_actor_with_two_producers_and_one_consumer_accounts_for_every_gro
         assert all(learner - policy <= 2 for _, policy, learner in received)
     finally:
         ray.shutdown()
+
+
+def test_take_dropped_names_each_stale_group_once():
+    from actors.buffer import BufferConfig, TrajectoryBuffer
+
+    buffer = TrajectoryBuffer(BufferConfig(capacity=8, max_staleness=1))
+    for gid, version in (("old#1", 0), ("new#2", 2)):
+        buffer.put(make_group(gid, version=version))
+    assert [g.group_id for g in buffer.get(2, learner_version=2, timeout_s=0)] == ["new#2"]
+    assert buffer.take_dropped() == [("old#1", "stale")]
+    assert buffer.take_dropped() == []

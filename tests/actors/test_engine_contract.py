@@ -18,6 +18,7 @@ torch = pytest.importorskip("torch")
 
 from actors.config import EngineConfig  # noqa: E402
 from actors.engines import EngineRequest, build_engine  # noqa: E402
+from actors.types import placeholder_token_ids  # noqa: E402
 from actors.engines.base import FINISH_LENGTH, FINISH_REASONS, FINISH_STOP, state_dict_checksum  # noqa: E402
 from models.processor import load_processor  # noqa: E402
 
@@ -90,7 +91,8 @@ def requests(processor):
 def _teacher_forced(model, processor, request: EngineRequest, tokens: list[int], *, temperature: float,
                     top_p: float) -> list[float]:
     """Log-prob of each of ``tokens`` after the prompt under log_softmax(logits / T) restricted to the
-    top-p nucleus (the smallest set of most likely tokens holding at least top_p of the mass)."""
+    top-p nucleus (the smallest set of most likely tokens holding at least top_p of the mass), with the
+    image/video placeholder tokens excluded (engines never sample them: actors.types)."""
     image_token_id = model.config.image_token_id
     processed = processor.image_processor(images=request.images, return_tensors="pt")
     ids = torch.tensor([request.prompt_ids + tokens])
@@ -98,6 +100,7 @@ def _teacher_forced(model, processor, request: EngineRequest, tokens: list[int],
         logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=processed["pixel_values"],
                        image_grid_thw=processed["image_grid_thw"],
                        mm_token_type_ids=(ids == image_token_id).to(torch.int32)).logits[0].float()
+    logits[:, placeholder_token_ids(model.config)] = -math.inf
     start = len(request.prompt_ids)
     out = []
     for k, token in enumerate(tokens):
@@ -275,3 +278,12 @@ def test_foundation_tiny_model_samples_a_synthetic_image_and_reloads_with_auto_c
     grid = image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
     assert grid.tolist() == [[1, 8, 8]]  # 112 px = 8 patches of 14 a side, merged 2x2: 16 image tokens
     assert request.prompt_ids.count(model.config.image_token_id) == 16
+
+
+def test_placeholder_tokens_are_never_sampled(engine, reference, requests):
+    """A random model puts mass on <|image_pad|> & co.; sampling one would break the learner's forward."""
+    banned = set(placeholder_token_ids(reference.config))
+    samples = engine.generate(requests, n=16, temperature=1.5, top_p=1.0, max_tokens=48, seed=3)
+    sampled = {token for per_request in samples for sample in per_request for token in sample.token_ids}
+    assert len(sampled) > 50  # the test draws widely enough to have hit them otherwise
+    assert not (sampled & banned)

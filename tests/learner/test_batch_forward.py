@@ -16,6 +16,7 @@ np = pytest.importorskip("numpy")
 from PIL import Image  # noqa: E402
 
 from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup  # noqa: E402
+from actors.types import placeholder_token_ids
 from learner.batch import collate  # noqa: E402
 from learner.forward import sequence_logprobs  # noqa: E402
 from learner.loss import grpo_loss  # noqa: E402
@@ -201,12 +202,14 @@ def test_logprobs_equal_an_unpadded_single_sample_forward(model, batch):
             out = model(input_ids=ids, pixel_values=torch.cat([batch.pixel_values[slices[i]] for i in images]),
                         image_grid_thw=batch.image_grid_thw[images], mm_token_type_ids=(ids == IMAGE_PAD).int(),
                         use_cache=False)
-            log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)
+            logits = out.logits[0].float()
+            logits[:, placeholder_token_ids(model.config)] = float("-inf")  # never sampled (actors.types)
+            log_probs = torch.log_softmax(logits, dim=-1)
             expected = log_probs[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # token t scored at t - 1
             scored = batch.completion_mask[row, :length].bool()
             torch.testing.assert_close(logprobs[row, :length][scored], expected[scored[1:]])
             assert logprobs[row, length:].eq(0).all() and entropy[row, length:].eq(0).all()
-            expected_entropy = -(log_probs.exp() * log_probs).sum(-1)[:-1]
+            expected_entropy = -torch.special.xlogy(log_probs.exp(), log_probs.exp()).sum(-1)[:-1]
             torch.testing.assert_close(entropy[row, :length][scored], expected_entropy[scored[1:]])
 
 

@@ -109,3 +109,12 @@ def test_overlong_config_bounds():
     with pytest.raises(ValidationError, match="l_cache"):
         OverlongConfig(l_max=10, l_cache=20)
     assert OverlongConfig(l_max=20, l_cache=20).l_cache == 20
+
+
+def test_example_brevity_reward_is_loadable_by_import_path_and_in_range():
+    from rewards.custom import load_custom_reward
+
+    brevity = load_custom_reward("rewards.examples:brevity")
+    assert brevity("", target=None, parsed=None) == 1.0
+    assert brevity("x" * 50, target=None, parsed=None) == 0.75  # 1 - 50/200
+    assert brevity("x" * 500, target=None, parsed=None) == 0.0

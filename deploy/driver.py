@@ -1,0 +1,597 @@
+"""The driver: the only module that wires every package into a training run.
+
+One loop on the Ray driver process moves prompt groups through the actors::
+
+    sampler ─► rollout workers ─► reward workers ─► buffer ─► learner ─► weight sync ─► rollout workers
+
+* **sync** mode: each step issues the groups it needs, waits for them, trains, then syncs weights,
+  so every trained group was sampled by the current policy (staleness 0).
+* **async** mode: rollout workers are kept busy all the time; the learner steps and the weight sync
+  run in a background thread while the main thread keeps generating, scoring and buffering. New
+  weights reach each worker between two of its generate calls (Ray runs an actor's calls in order).
+  The buffer drops groups whose policy version lags the learner by more than ``train.max_staleness``.
+
+Results stream: every rollout call carries one chunk of groups and is handled the moment it returns
+(``ray.wait``), so groups are scored and buffered while other workers still generate. Dynamic
+sampling sets aside groups whose samples all got the same reward (they carry no gradient) and
+issues more prompts, up to ``train.max_generation_factor`` × the step's groups.
+
+A dead rollout or reward worker is restarted by Ray (``cluster.max_restarts``); its in-flight groups
+are re-issued under the same ids, and a restarted rollout worker gets the current weights before its
+next call. ``deploy.ledger`` checks that every group is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.buffer import BufferConfig, TrajectoryBuffer
+from actors.engines.base import state_dict_checksum
+from actors.env import ImageLimits, answer_frame
+from actors.metrics import RunMetrics
+from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_for_groups
+from actors.rollout import RolloutWorker
+from actors.types import PromptGroup, TrajectoryGroup
+from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
+from curriculum.manager import CurriculumManager
+from curriculum.sampler import PromptSampler
+from deploy.config import RunConfig
+from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, DROP_STALE, GroupLedger
+from deploy.training_data import TrainingData, load_training_data
+from learner.advantages import signal_mask
+from learner.checkpoint import latest_complete
+from models.config import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+EVENTS_FILE = "events.jsonl"  # one JSON object per learner step: rewards, stage, learner stats, timings
+SUMMARY_FILE = "summary.json"
+
+# The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
+RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
+
+
+@dataclass
+class _Worker:
+    name: str
+    handle: object
+    version: int = 0  # weights version it holds
+    busy: list = field(default_factory=list)  # [(generate ref, prompt groups)]
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    version: int
+    stage: int
+    ledger: dict
+    events_path: str
+    checkpoint: str | None
+    metrics_port: int | None
+    wall_s: float
+
+
+class Driver:
+    """Runs one training job described by a RunConfig (see the module docstring)."""
+
+    def __init__(self, config: RunConfig, *, resume: bool = False):
+        self.config = config
+        self.resume = resume
+        self.out = Path(config.train.output_dir)
+        self.ledger = GroupLedger()
+        self.metrics = RunMetrics()
+        self.metrics_port: int | None = None
+        self.step = 0
+        self.version = 0
+        self.checksums: list[dict] = []  # per sync: learner checksum and each worker's (when verified)
+        self._issue_counter = 0
+        self._reissue: deque[PromptGroup] = deque()
+        self._pool: list[TrajectoryGroup] = []  # zero-signal groups set aside in case refills run out
+        self._scoring: dict = {}  # reward ref → (groups, rows of each request part)
+        self._buckets: list = []  # the current version's weight buckets (for restarted workers)
+        self._started = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        import ray
+
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.model_path = resolve_model_path(cfg.model)
+        self.limits = self._image_limits()
+        self.data = self._load_data()
+        for reason, count in self.data.bad_rows.items():
+            self.metrics.bad_rows.labels(reason=reason).inc(count)
+
+        if not ray.is_initialized():
+            if cfg.cluster.address:
+                ray.init(address=cfg.cluster.address)
+            else:
+                ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
+                         runtime_env={"env_vars": _actor_env()})
+        self._started = True
+        if cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port)
+
+        self.curriculum = CurriculumManager(cfg.curriculum)
+        self.sampler = PromptSampler(prompts=self.data.prompt_table, stages=cfg.curriculum.stages,
+                                     config=cfg.curriculum.sampler)
+        self.stage_weights = {i: dict(s.reward_weights) for i, s in enumerate(cfg.curriculum.stages)}
+
+        from deploy.learner_group import LearnerGroup
+
+        self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
+                                    env_vars=_actor_env())
+        self.rewarders = [self._start_reward_worker() for _ in range(cfg.cluster.reward_workers)]
+        self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
+        self.workers = [self._start_rollout_worker(i) for i in range(cfg.cluster.rollout_workers)]
+        self._next_worker_index = len(self.workers)
+        self.weight_sync = WeightSyncConfig()
+        buffer_cfg = BufferConfig(
+            capacity=cfg.train.buffer_capacity,
+            max_staleness=cfg.train.max_staleness if cfg.train.mode == "async" else 0,
+            group_size=cfg.rollout.sampling.n,
+            spill_dir=str(self.out / "buffer"),
+        )
+        self.buffer = (ray.remote(TrajectoryBuffer).options(max_concurrency=cfg.cluster.rollout_workers + 4)
+                       .remote(buffer_cfg, resume=self.resume))
+        if self.resume:
+            self._restore()
+        self.metrics.rollout_workers.set(len(self.workers))
+        self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
+
+    def _image_limits(self) -> ImageLimits:
+        """The model's image resize rule; the rewards' input frame must use the same one."""
+        from models.processor import load_processor
+
+        limits = ImageLimits.of(load_processor(self.model_path).image_processor)
+        frame = self.config.rewards.frame
+        if frame.kind == "input" and (frame.min_pixels, frame.max_pixels) != (limits.min_pixels, limits.max_pixels):
+            raise ValueError(
+                f"rewards.frame.min_pixels/max_pixels ({frame.min_pixels}, {frame.max_pixels}) differ from the "
+                f"model's processor ({limits.min_pixels}, {limits.max_pixels}): boxes would be read in the wrong frame"
+            )
+        return limits
+
+    def _load_data(self) -> TrainingData:
+        cfg = self.config.data
+        split_file = Path(cfg.path) / f"{cfg.train_split}.parquet"
+        if not split_file.exists() and cfg.synth:
+            from data.synth import synthesize
+
+            log.info("generating the synthetic data set in %s (%d images)", cfg.path, cfg.synth_n)
+            synthesize(out_dir=cfg.path, seed=cfg.synth_seed, n=cfg.synth_n)
+        return load_training_data(split_file, max_bad_fraction=cfg.max_bad_fraction)
+
+    def _start_rollout_worker(self, index: int) -> _Worker:
+        import ray
+
+        c = self.config.cluster
+        name = f"rollout-{index}"
+        handle = (
+            ray.remote(RolloutActor)
+            .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts)
+            .remote(config=self.config.rollout, model_path=str(self.model_path), worker_id=name)
+        )
+        worker = _Worker(name=name, handle=handle)
+        if self._buckets:  # joining a run in progress: start from the current weights
+            self._send_weights([worker])
+        return worker
+
+    def _start_reward_worker(self):
+        import ray
+
+        c = self.config.cluster
+        return ray.remote(RewardWorker).options(num_cpus=c.reward_cpus, max_restarts=c.max_restarts).remote(
+            self.config.rewards
+        )
+
+    # ------------------------------------------------------------------ generation
+    def _new_prompts(self, count: int) -> list[PromptGroup]:
+        stage = self.curriculum.current_stage
+        prompts = []
+        for row_id in self.sampler.draw(stage=stage, count=count):
+            self._issue_counter += 1
+            group = self.data.prompt_group(row_id, issue=self._issue_counter, stage=stage)
+            self.ledger.issue(group.group_id)
+            prompts.append(group)
+        return prompts
+
+    def _outstanding(self) -> int:
+        """Groups issued and not yet in the buffer (generating, waiting for re-issue, scoring)."""
+        generating = sum(len(chunk) for w in self.workers for _, chunk in w.busy)
+        scoring = sum(len(groups) for groups, _ in self._scoring.values())
+        return generating + scoring + len(self._reissue)
+
+    def _buffered(self) -> int:
+        import ray
+
+        return ray.get(self.buffer.__len__.remote())
+
+    def _dispatch(self, prompts: list[PromptGroup], workers: list[_Worker]) -> None:
+        """One chunk of ``prompts`` to each of ``workers`` (in order)."""
+        chunk = -(-len(prompts) // len(workers))
+        for worker, start in zip(workers, range(0, len(prompts), chunk)):
+            part = prompts[start : start + chunk]
+            worker.busy.append((worker.handle.generate_groups.remote(part), part))
+
+    def _issue(self, count: int) -> None:
+        """Re-issues first, then ``count`` new groups, spread over the least busy workers."""
+        prompts = list(self._reissue) + (self._new_prompts(count) if count > 0 else [])
+        self._reissue.clear()
+        if prompts:
+            self._dispatch(prompts, sorted(self.workers, key=lambda w: len(w.busy)))
+
+    def _keep_workers_busy(self) -> None:
+        """Async mode: each idle worker gets a chunk while generation is less than max_staleness + 1 steps
+        ahead of the learner (further ahead, groups would only go stale) and the buffer has room."""
+        train = self.config.train
+        chunk = max(1, train.prompts_per_step // len(self.workers))
+        lead = min(train.buffer_capacity, train.prompts_per_step * (train.max_staleness + 1))
+        room = lead - self._buffered() - self._outstanding()
+        for worker in self.workers:
+            if worker.busy or room < chunk:
+                continue
+            prompts = [self._reissue.popleft() for _ in range(min(chunk, len(self._reissue)))]
+            prompts += self._new_prompts(chunk - len(prompts))
+            self._dispatch(prompts, [worker])
+            room -= chunk
+
+    def _pump(self, timeout: float) -> int:
+        """Handle every rollout and reward result ready within ``timeout``; returns how many."""
+        import ray
+
+        generating = {ref: (w, part) for w in self.workers for ref, part in w.busy}
+        refs = list(generating) + list(self._scoring)
+        if not refs:
+            return 0
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:  # take everything else that is done too
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            if ref in generating:
+                self._on_generated(ref, *generating[ref])
+            else:
+                self._on_scored(ref, *self._scoring.pop(ref))
+        return len(ready)
+
+    def _on_generated(self, ref, worker: _Worker, part: list[PromptGroup]) -> None:
+        import ray
+
+        worker.busy = [(r, p) for r, p in worker.busy if r != ref]
+        try:
+            groups: list[TrajectoryGroup] = ray.get(ref)
+        except ray.exceptions.RayActorError as error:
+            self._on_rollout_worker_died(worker, part, error)
+            return
+        returned = {g.group_id for g in groups}
+        for prompt in part:
+            if prompt.group_id not in returned:  # the worker could not use it (e.g. corrupt image)
+                self.ledger.drop(prompt.group_id, DROP_BAD_PROMPT)
+                self.metrics.groups_dropped.labels(reason=DROP_BAD_PROMPT).inc()
+        for group in groups:
+            self.ledger.generate(group.group_id)
+            self.metrics.generated_tokens.labels(worker=worker.name).inc(
+                sum(sum(t.loss_mask) for t in group.trajectories))
+            self.metrics.generated_trajectories.labels(worker=worker.name).inc(len(group.trajectories))
+            self.metrics.generated_groups.inc()
+            for t in group.trajectories:
+                self.metrics.zoom_turns.observe(1 + len(t.zoom_images))
+        if groups:
+            self._score(groups)
+
+    def _on_rollout_worker_died(self, worker: _Worker, part: list[PromptGroup], error) -> None:
+        log.warning("rollout worker %s died (%s); re-issuing its %d groups", worker.name, type(error).__name__,
+                    len(part))
+        self.metrics.worker_restarts.labels(role="rollout").inc()
+        for prompt in part:
+            self.ledger.reissue(prompt.group_id)
+            self._reissue.append(prompt)
+        # Ray restarts the actor from its constructor (the initial weights): send the current ones.
+        worker.version = 0
+        if self._buckets:
+            self._send_weights([worker])
+
+    def _frames(self, groups: list[TrajectoryGroup]) -> list:
+        """Per trajectory, the frame of its final boxes: the last zoom crop's, else the image's (None)."""
+        kind, zoom_pixels = self.config.rewards.frame.kind, self.config.rollout.env.zoom_pixels
+        frames = []
+        for g in groups:
+            for t in g.trajectories:
+                frames.append(None if not t.zoom_boxes else answer_frame(
+                    kind=kind, width=g.prompt.target.width, height=g.prompt.target.height,
+                    zoom_boxes=t.zoom_boxes, limits=self.limits, zoom_pixels=zoom_pixels))
+        return frames
+
+    def _score(self, groups: list[TrajectoryGroup]) -> None:
+        """Send only texts, targets and frames (not images) to a reward worker."""
+        parts = requests_for_groups(groups, stage_weights=self.stage_weights)
+        frames = self._frames(groups)
+        refs, rows = [], []
+        for row_list, request in parts:  # one request per curriculum stage present
+            if any(frames[i] is not None for i in row_list):
+                request.frames = [frames[i] for i in row_list]
+            refs.append(self.rewarders[next(self._next_rewarder)].score_request.remote(request))
+            rows.append(row_list)
+        for ref in refs:  # the groups are applied once every part is back
+            self._scoring[ref] = (groups, (refs, rows))
+
+    def _on_scored(self, ref, groups: list[TrajectoryGroup], parts) -> None:
+        import ray
+
+        refs, rows = parts
+        if any(r in self._scoring for r in refs):
+            return  # other parts of this batch are still being scored
+        try:
+            batches = ray.get(refs)
+        except ray.exceptions.RayActorError as error:
+            log.warning("reward worker died (%s); re-scoring %d groups", type(error).__name__, len(groups))
+            self.metrics.worker_restarts.labels(role="reward").inc()
+            self._score(groups)
+            return
+        n = sum(len(g.trajectories) for g in groups)
+        batch = merge_batches(list(zip(rows, batches)), total=n)
+        apply_rewards(groups, batch)
+        for failure in batch.failures:
+            if failure is not None:
+                self.metrics.parse_failures.labels(reason=failure).inc()
+        for group in groups:
+            self.buffer.put.remote(group)
+
+    # ------------------------------------------------------------------ learning
+    def _collect_batch(self) -> list[TrajectoryGroup]:
+        """``prompts_per_step`` groups with signal (zero-signal ones only once refills run out)."""
+        import ray
+
+        cfg = self.config.train
+        need = cfg.prompts_per_step
+        budget = need * cfg.max_generation_factor
+        batch: list[TrajectoryGroup] = []
+        issued = 0
+        while len(batch) < need:
+            missing = need - len(batch)
+            if cfg.mode == "async":
+                self._keep_workers_busy()
+            else:
+                supply = self._outstanding() + self._buffered()
+                count = min(max(missing - supply, 0), budget - issued)
+                if count or self._reissue:
+                    self._issue(count)
+                    issued += count
+            self._pump(timeout=0.2)
+            for group in ray.get(self.buffer.get.remote(missing, learner_version=self.version, timeout_s=0.0)):
+                rewards = [[t.reward for t in group.trajectories]]
+                if cfg.dynamic_sampling and not bool(signal_mask(rewards)[0]):
+                    self._pool.append(group)
+                else:
+                    batch.append(group)
+            self._settle_buffer_drops()
+            exhausted = cfg.mode == "sync" and issued >= budget and self._outstanding() + self._buffered() == 0
+            if exhausted and len(batch) < need:
+                take = min(need - len(batch), len(self._pool))
+                if take < need - len(batch):
+                    raise RuntimeError(f"step {self.step + 1}: only {len(batch) + take} of {need} groups could be "
+                                       f"generated from {issued} issued (bad prompts: see the log)")
+                log.info("step %d: dynamic sampling ran out of refills; training on %d zero-signal groups",
+                         self.step + 1, take)
+                batch.extend(self._pool[:take])
+                del self._pool[:take]
+        return batch
+
+    def _settle_buffer_drops(self) -> None:
+        """Mirror the buffer's stale drops into the ledger and metrics."""
+        import ray
+
+        for group_id, reason in ray.get(self.buffer.take_dropped.remote()):
+            self.ledger.drop(group_id, reason)
+            self.metrics.groups_dropped.labels(reason=reason).inc()
+
+    def _learn(self, batch: list[TrajectoryGroup]) -> dict:
+        """Learner step, then weights to every rollout worker (runs on the background thread in async mode)."""
+        start = time.perf_counter()
+        stats = self.learner.step(batch)
+        step_seconds = time.perf_counter() - start
+        sync_seconds = self._sync_weights(version=self.version + 1)
+        return {**stats, "step_seconds": step_seconds, "sync_seconds": sync_seconds}
+
+    def _finish_step(self, batch: list[TrajectoryGroup], stats: dict, events) -> None:
+        self.step += 1
+        self.version += 1
+        for group in batch:
+            self.ledger.train(group.group_id)
+            self.metrics.group_staleness.observe(self.version - 1 - group.policy_version)
+        for group in self._pool:  # zero-signal groups the step did not need
+            self.ledger.drop(group.group_id, DROP_NO_SIGNAL)
+            self.metrics.groups_dropped.labels(reason=DROP_NO_SIGNAL).inc()
+        self._pool.clear()
+        tokens = sum(sum(t.loss_mask) for g in batch for t in g.trajectories)
+        self.metrics.trained_tokens.inc(tokens)
+        self.metrics.trained_groups.inc(len(batch))
+        self.metrics.learner_steps.inc()
+        self.metrics.learner_step_seconds.observe(stats["step_seconds"])
+        self.metrics.weight_sync_seconds.observe(stats["sync_seconds"])
+        self.metrics.weight_version.set(self.version)
+        self.metrics.weight_version_lag.set(self.version - min(w.version for w in self.workers))
+        rewards = self._observe_rewards(batch)
+        event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
+                 "trained_tokens": tokens, "group_ids": [g.group_id for g in batch],
+                 "policy_versions": [g.policy_version for g in batch], "wall_s": time.perf_counter() - self._t0}
+        events.write(json.dumps(event) + "\n")
+        events.flush()
+        log.info("step %d/%d stage %d reward %.3f loss %.4f (%.1fs learn, %.2fs sync)", self.step,
+                 self.config.train.steps, rewards["stage"] + 1, rewards["reward_total"],
+                 stats.get("loss/total", float("nan")), stats["step_seconds"], stats["sync_seconds"])
+        every = self.config.train.checkpoint_every
+        if every and self.step % every == 0:
+            self.last_checkpoint = self._checkpoint()
+
+    def _observe_rewards(self, batch: list[TrajectoryGroup]) -> dict:
+        """Reward metrics per component and stage; the stage's mean reward feeds the curriculum."""
+        stage = self.curriculum.current_stage
+        per_stage: dict[int, dict[str, list[float]]] = {}
+        for g in batch:
+            columns = per_stage.setdefault(g.stage, {})
+            for t in g.trajectories:
+                columns.setdefault("total", []).append(t.reward)
+                for name, value in t.rewards.items():
+                    columns.setdefault(name, []).append(value)
+            self.sampler.record_outcome(g.prompt.prompt_id, [t.reward for t in g.trajectories], stage=g.stage)
+        means = {s: {name: sum(v) / len(v) for name, v in cols.items()} for s, cols in per_stage.items()}
+        for s, values in means.items():
+            for name, value in values.items():
+                self.metrics.reward_mean.labels(component=name, stage=str(s + 1)).set(value)
+        transition = None
+        if stage in means:
+            transition = self.curriculum.observe(step=self.step, stage_reward=means[stage]["total"], stage=stage)
+        if transition is not None:
+            log.info("curriculum: stage %s → %s at step %d (%s; %s)", transition.from_name, transition.to_name,
+                     self.step, transition.reason, transition.evidence)
+            self.metrics.curriculum_transitions.inc()
+            self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
+        current = means.get(stage, next(iter(means.values())))
+        return {"stage": stage, "reward_total": current["total"], "rewards": current,
+                "transition": None if transition is None else transition.to_name}
+
+    # ------------------------------------------------------------------ weights
+    def _sync_weights(self, *, version: int) -> float:
+        """Export the learner's weights as ``version`` and deliver them to every rollout worker."""
+        start = time.perf_counter()
+        self._buckets = list(self.learner.export_weights(version=version, bucket_bytes=self.weight_sync.bucket_bytes))
+        self._send_weights(self.workers)
+        if self.config.train.verify_weight_sync:
+            self._verify_weights(version)
+        return time.perf_counter() - start
+
+    def _send_weights(self, workers: list[_Worker]) -> None:
+        sender = WeightSender(self.weight_sync)
+        sender.connect([w.handle for w in workers])
+        report = sender.sync(self._buckets)
+        for worker in workers:
+            worker.version = report.version
+
+    def _verify_weights(self, version: int) -> None:
+        """Compare every worker's weight checksum with the learner's exported weights."""
+        import ray
+
+        named = [(name, t) for b in self._buckets for name, t in b.tensors]
+        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied())
+        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in self.workers])
+        record = {"version": version, "learner": learner_sum, "workers": dict(zip((w.name for w in self.workers),
+                                                                                  worker_sums))}
+        self.checksums.append(record)
+        if any(s != learner_sum for s in worker_sums):
+            raise RuntimeError(f"weight sync of version {version}: worker checksums differ from the learner's: {record}")
+
+    def _tied(self) -> bool:
+        from transformers import AutoConfig
+
+        from actors.engines.base import ties_word_embeddings
+
+        if not hasattr(self, "_tied_cache"):
+            self._tied_cache = ties_word_embeddings(AutoConfig.from_pretrained(self.model_path))
+        return self._tied_cache
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint(self) -> str:
+        extra = {
+            "step": self.step,
+            "version": self.version,
+            "issue_counter": self._issue_counter,
+            "curriculum": self.curriculum.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+        path = self.learner.save_checkpoint(self.out / "checkpoints", extra_state=extra)
+        log.info("checkpoint %s", path)
+        return path
+
+    def _restore(self) -> None:
+        path = latest_complete(self.out / "checkpoints")
+        if path is None:
+            log.info("resume: no complete checkpoint under %s; starting fresh", self.out / "checkpoints")
+            return
+        extra = self.learner.load_checkpoint(path)
+        self.step, self.version = extra["step"], extra["version"]
+        self._issue_counter = extra["issue_counter"]
+        self.curriculum.load_state_dict(extra["curriculum"])
+        self.sampler.load_state_dict(extra["sampler"])
+        self._sync_weights(version=self.version)
+        log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> RunSummary:
+        self._t0 = time.perf_counter()
+        if not self._started:
+            self.setup()
+        self.last_checkpoint = None
+        with (self.out / EVENTS_FILE).open("a") as events:
+            if self.config.train.mode == "sync":
+                while self.step < self.config.train.steps:
+                    batch = self._collect_batch()
+                    self._finish_step(batch, self._learn(batch), events)
+            else:
+                self._run_async(events)
+        if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"step_{self.step}"):
+            self.last_checkpoint = self._checkpoint()
+        self._drain()
+        summary = RunSummary(steps=self.step, version=self.version, stage=self.curriculum.current_stage,
+                             ledger=self.ledger.summary(), events_path=str(self.out / EVENTS_FILE),
+                             checkpoint=self.last_checkpoint, metrics_port=self.metrics_port,
+                             wall_s=time.perf_counter() - self._t0)
+        (self.out / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2))
+        return summary
+
+    def _run_async(self, events) -> None:
+        """Learner (and weight sync) on a background thread; generation never waits for it."""
+        pending: tuple[Future, list[TrajectoryGroup]] | None = None
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="learner") as learner_thread:
+            while self.step < self.config.train.steps or pending is not None:
+                if pending is not None and pending[0].done():
+                    future, batch = pending
+                    pending = None
+                    self._finish_step(batch, future.result(), events)
+                    continue
+                if pending is None and self.step < self.config.train.steps:
+                    batch = self._collect_batch()
+                    pending = (learner_thread.submit(self._learn, batch), batch)
+                else:
+                    self._keep_workers_busy()
+                    self._pump(timeout=0.1)
+                    self._settle_buffer_drops()
+
+    def _drain(self) -> None:
+        """Wait for in-flight work to come back into the ledger, then settle what remains as shutdown."""
+        deadline = time.monotonic() + 60
+        while self._outstanding() - len(self._reissue) > 0 and time.monotonic() < deadline:
+            self._pump(timeout=0.5)
+        self._settle_buffer_drops()
+        for group_id in sorted(self.ledger.open):
+            self.ledger.drop(group_id, DROP_SHUTDOWN)
+
+    def shutdown(self) -> None:
+        import ray
+
+        self.metrics.close()
+        for worker in getattr(self, "workers", []):
+            ray.kill(worker.handle)
+        for rewarder in getattr(self, "rewarders", []):
+            ray.kill(rewarder)
+        if hasattr(self, "learner"):
+            self.learner.shutdown()
+
+
+def _actor_env() -> dict[str, str]:
+    """Environment every actor needs: vLLM in-process, DeepSpeed on CPU where there is no GPU, caches."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
+    for var in ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
+                "DS_ACCELERATOR", "TMPDIR"):
+        if var in os.environ:
+            env[var] = os.environ[var]
+    return env
