@@ -347,6 +347,11 @@ class TrajectoryBuffer:
             self._not_full.notify_all()
 
     # ---- observation ----
+    def held_ids(self) -> list[str]:
+        """Ids of the groups held now, oldest first (after a restore: what the previous buffer left)."""
+        with self._lock:
+            return [entry.group_id for entry in self._held]
+
     def take_dropped(self) -> list[tuple[str, str]]:
         """The (group id, reason) of every group dropped since the last call: the driver settles them."""
         with self._lock:

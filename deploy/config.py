@@ -52,7 +52,9 @@ class ClusterConfig(BaseModel):
 
     address: str | None = Field(None, description="Ray address to attach to; None starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray (None: all)")
-    rollout_workers: int = Field(2, ge=1, le=1024, description="rollout worker actors")
+    rollout_workers: int = Field(2, ge=1, le=1024, description="rollout worker actors at the start")
+    min_rollout_workers: int = Field(1, ge=1, le=1024, description="`refocus scale` lower bound")
+    max_rollout_workers: int = Field(64, ge=1, le=1024, description="`refocus scale` upper bound")
     reward_workers: int = Field(1, ge=1, le=1024, description="reward worker actors")
     rollout_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each rollout worker")
     rollout_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker")
@@ -83,6 +85,10 @@ class TrainConfig(BaseModel):
     )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
+    run_name: str = Field(
+        "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",
+    )
     seed: int = Field(0, ge=0)
 
 

@@ -44,6 +44,7 @@ from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
 from curriculum.manager import CurriculumManager
 from curriculum.sampler import PromptSampler
 from deploy.config import RunConfig
+from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, DROP_STALE, GroupLedger
 from deploy.training_data import TrainingData, load_training_data
 from learner.advantages import signal_mask
@@ -65,6 +66,7 @@ class _Worker:
     handle: object
     version: int = 0  # weights version it holds
     busy: list = field(default_factory=list)  # [(generate ref, prompt groups)]
+    retiring: bool = False  # scaled down: gets no new work, leaves once its calls have come back
 
 
 @dataclass
@@ -98,6 +100,7 @@ class Driver:
         self._scoring: dict = {}  # reward ref → (groups, rows of each request part)
         self._buckets: list = []  # the current version's weight buckets (for restarted workers)
         self._started = False
+        self._last_poll = 0.0
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -145,6 +148,11 @@ class Driver:
                        .remote(buffer_cfg, resume=self.resume))
         if self.resume:
             self._restore()
+        c = cfg.cluster
+        self.control = ray.remote(JobControl).options(
+            name=control_actor_name(cfg.train.run_name), namespace=CONTROL_NAMESPACE, num_cpus=0,
+        ).remote(rollout_workers=c.rollout_workers, min_workers=c.min_rollout_workers,
+                 max_workers=c.max_rollout_workers)
         self.metrics.rollout_workers.set(len(self.workers))
         self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
 
@@ -228,22 +236,62 @@ class Driver:
         prompts = list(self._reissue) + (self._new_prompts(count) if count > 0 else [])
         self._reissue.clear()
         if prompts:
-            self._dispatch(prompts, sorted(self.workers, key=lambda w: len(w.busy)))
+            self._dispatch(prompts, sorted(self._active(), key=lambda w: len(w.busy)))
 
     def _keep_workers_busy(self) -> None:
         """Async mode: each idle worker gets a chunk while generation is less than max_staleness + 1 steps
         ahead of the learner (further ahead, groups would only go stale) and the buffer has room."""
         train = self.config.train
-        chunk = max(1, train.prompts_per_step // len(self.workers))
+        chunk = max(1, train.prompts_per_step // len(self._active()))
         lead = min(train.buffer_capacity, train.prompts_per_step * (train.max_staleness + 1))
         room = lead - self._buffered() - self._outstanding()
-        for worker in self.workers:
+        for worker in self._active():
             if worker.busy or room < chunk:
                 continue
             prompts = [self._reissue.popleft() for _ in range(min(chunk, len(self._reissue)))]
             prompts += self._new_prompts(chunk - len(prompts))
             self._dispatch(prompts, [worker])
             room -= chunk
+
+    def _active(self) -> list[_Worker]:
+        return [w for w in self.workers if not w.retiring]
+
+    # ------------------------------------------------------------------ control (refocus scale)
+    def _poll_control(self) -> None:
+        """Report status to the control actor and apply what clients asked for (at most twice a second)."""
+        import ray
+
+        if time.monotonic() - self._last_poll < 0.5:
+            return
+        self._last_poll = time.monotonic()
+        status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
+                  "rollout_workers": len(self._active()), "ledger": self.ledger.summary()}
+        wanted = ray.get(self.control.poll.remote(status))
+        for reason in wanted["advance_stage"]:
+            transition = self.curriculum.force_advance(reason)
+            log.info("curriculum: stage forced to %s (%s)", transition.to_name, reason)
+            self.metrics.curriculum_transitions.inc()
+            self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
+        self._rescale(wanted["rollout_workers"])
+
+    def _rescale(self, desired: int) -> None:
+        """Start or retire rollout workers; a retired worker finishes its calls (nothing is lost)."""
+        import ray
+
+        active = self._active()
+        for _ in range(desired - len(active)):
+            worker = self._start_rollout_worker(self._next_worker_index)
+            self._next_worker_index += 1
+            self.workers.append(worker)
+            log.info("scaled up: started %s", worker.name)
+        for worker in active[desired:]:
+            worker.retiring = True
+            log.info("scaling down: retiring %s after its %d in-flight calls", worker.name, len(worker.busy))
+        for worker in [w for w in self.workers if w.retiring and not w.busy]:
+            ray.kill(worker.handle)
+            self.workers.remove(worker)
+            log.info("scaled down: %s stopped", worker.name)
+        self.metrics.rollout_workers.set(len(self._active()))
 
     def _pump(self, timeout: float) -> int:
         """Handle every rollout and reward result ready within ``timeout``; returns how many."""
@@ -367,6 +415,7 @@ class Driver:
                     self._issue(count)
                     issued += count
             self._pump(timeout=0.2)
+            self._poll_control()
             for group in ray.get(self.buffer.get.remote(missing, learner_version=self.version, timeout_s=0.0)):
                 rewards = [[t.reward for t in group.trajectories]]
                 if cfg.dynamic_sampling and not bool(signal_mask(rewards)[0]):
@@ -419,7 +468,7 @@ class Driver:
         self.metrics.learner_step_seconds.observe(stats["step_seconds"])
         self.metrics.weight_sync_seconds.observe(stats["sync_seconds"])
         self.metrics.weight_version.set(self.version)
-        self.metrics.weight_version_lag.set(self.version - min(w.version for w in self.workers))
+        self.metrics.weight_version_lag.set(self.version - min(w.version for w in self._active()))
         rewards = self._observe_rewards(batch)
         event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
                  "trained_tokens": tokens, "group_ids": [g.group_id for g in batch],
@@ -513,6 +562,8 @@ class Driver:
         return path
 
     def _restore(self) -> None:
+        import ray
+
         path = latest_complete(self.out / "checkpoints")
         if path is None:
             log.info("resume: no complete checkpoint under %s; starting fresh", self.out / "checkpoints")
@@ -522,6 +573,13 @@ class Driver:
         self._issue_counter = extra["issue_counter"]
         self.curriculum.load_state_dict(extra["curriculum"])
         self.sampler.load_state_dict(extra["sampler"])
+        # Groups the previous run had buffered (spilled to Parquet) are trained on like fresh ones.
+        held = ray.get(self.buffer.held_ids.remote())
+        for group_id in held:
+            self.ledger.issue(group_id)
+            self.ledger.generate(group_id)
+        # New group ids must not repeat restored ones (ids are "<row id>#<issue counter>").
+        self._issue_counter = max([self._issue_counter, *(int(g.rsplit("#", 1)[1]) for g in held)])
         self._sync_weights(version=self.version)
         log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
 
@@ -564,6 +622,7 @@ class Driver:
                 else:
                     self._keep_workers_busy()
                     self._pump(timeout=0.1)
+                    self._poll_control()
                     self._settle_buffer_drops()
 
     def _drain(self) -> None:
@@ -579,6 +638,8 @@ class Driver:
         import ray
 
         self.metrics.close()
+        if getattr(self, "control", None) is not None:
+            ray.kill(self.control)
         for worker in getattr(self, "workers", []):
             ray.kill(worker.handle)
         for rewarder in getattr(self, "rewarders", []):

@@ -1,0 +1,54 @@
+"""The control actor of a running job: how ``refocus scale`` and friends talk to a driver.
+
+A plain class; the driver starts it as a named Ray actor (``control_actor_name(job)`` in the
+``CONTROL_NAMESPACE`` namespace) and polls it between loop iterations, so a request takes effect
+within a fraction of a second without the driver ever blocking on a client. Requests are validated
+here, at the door: a bad one raises to the client and never reaches the driver.
+"""
+
+from __future__ import annotations
+
+import time
+
+CONTROL_NAMESPACE = "refocus"
+
+
+def control_actor_name(job: str) -> str:
+    """The Ray actor name of job ``job``'s control actor (the job id or the run's name)."""
+    return f"refocus-control:{job}"
+
+
+class JobControl:
+    """Desired state set by clients, actual state reported by the driver."""
+
+    def __init__(self, *, rollout_workers: int, min_workers: int = 1, max_workers: int = 1024):
+        if not min_workers <= rollout_workers <= max_workers:
+            raise ValueError(f"rollout_workers {rollout_workers} outside [{min_workers}, {max_workers}]")
+        self._limits = (min_workers, max_workers)
+        self._desired_workers = rollout_workers
+        self._advance_requests: list[str] = []
+        self._status: dict = {"rollout_workers": rollout_workers, "step": 0, "updated": time.time()}
+
+    # ---- clients
+    def scale(self, rollout_workers: int) -> int:
+        """Ask for ``rollout_workers`` rollout workers; returns the number now desired."""
+        low, high = self._limits
+        if not isinstance(rollout_workers, int) or not low <= rollout_workers <= high:
+            raise ValueError(f"--rollout-workers must be an integer in [{low}, {high}], got {rollout_workers!r}")
+        self._desired_workers = rollout_workers
+        return rollout_workers
+
+    def advance_stage(self, reason: str = "manual") -> None:
+        """Ask the driver to move the curriculum to its next stage now."""
+        self._advance_requests.append(reason)
+
+    def status(self) -> dict:
+        """What the driver last reported (step, workers, stage, ...) plus what is desired."""
+        return {**self._status, "desired_rollout_workers": self._desired_workers}
+
+    # ---- the driver
+    def poll(self, status: dict) -> dict:
+        """Driver's call: report ``status``, receive the desired worker count and stage requests."""
+        self._status = {**status, "updated": time.time()}
+        requests, self._advance_requests = self._advance_requests, []
+        return {"rollout_workers": self._desired_workers, "advance_stage": requests}
