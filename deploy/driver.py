@@ -45,7 +45,7 @@ from curriculum.manager import CurriculumManager
 from curriculum.sampler import PromptSampler
 from deploy.config import RunConfig
 from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
-from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, DROP_STALE, GroupLedger
+from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
 from deploy.training_data import TrainingData, load_training_data
 from learner.advantages import signal_mask
 from learner.checkpoint import latest_complete

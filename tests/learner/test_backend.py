@@ -34,21 +34,6 @@ EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm op
 COMPLETION_LENGTHS = [[3, 6, 9, 12], [5, 7, 8, 11]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deepspeed_env():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    """models.build's tiny checkpoint directory, built once per session (shared by the learner tests)."""
-    from models.build import build_model
-
-    out = tmp_path_factory.getbasetemp() / "learner_tiny_model"
-    if not (out / "config.json").exists():
-        build_model(size="tiny", out_dir=out)
-    return str(out)
 
 
 def _png(seed: int) -> bytes:
@@ -289,8 +274,6 @@ def ray_cluster():
 def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
     """LearnerGroup of 2 Ray actors (ZeRO-3, gloo) vs 1 rank in this process, same global batch:
     same loss, same updated weights (the loss is normalised by the GLOBAL token count)."""
-    from deploy.learner_group import LearnerGroup
-
     from transformers import AutoModelForImageTextToText
 
     from deploy.learner_group import LearnerGroup

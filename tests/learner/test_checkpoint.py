@@ -29,20 +29,6 @@ EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")
 EXTRA_STATE = {"curriculum": {"stage": 2, "history": [0.1, 0.25]}, "data_position": 17}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deepspeed_env():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from models.build import build_model
-
-    out = tmp_path_factory.getbasetemp() / "learner_tiny_model"
-    if not (out / "config.json").exists():
-        build_model(size="tiny", out_dir=out)
-    return str(out)
 
 
 def _png(seed: int) -> bytes:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
-from pathlib import Path
 
 import pytest
 
@@ -20,24 +18,8 @@ from learner.export import (WeightBucket, assemble_state_dict, export_weights, g
                             load_buckets, save_hf_directory)
 from learner.learner import Learner  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _deepspeed_env():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", EXTENSIONS_DIR)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    from models.build import build_model
-
-    out = tmp_path_factory.getbasetemp() / "learner_tiny_model"
-    if not (out / "config.json").exists():
-        build_model(size="tiny", out_dir=out)
-    return str(out)
 
 
 def _image(seed: int) -> Image.Image:
