@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+from deploy.jobs import ClusterError  # stdlib-only module: importing it keeps `refocus --help` fast
+
 log = logging.getLogger("refocus")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ClusterError)
 
 
 # --------------------------------------------------------------------------- model / data / rewards
@@ -102,7 +105,40 @@ def cmd_train(args) -> int:
     finally:
         driver.shutdown()
     print(json.dumps(summary.__dict__, indent=2, default=str))
+    if config.train.eval_at_end:
+        out = Path(config.train.output_dir)
+        _evaluate_and_report(config, model_path=summary.checkpoint, data=config.data.path, splits=None,
+                             limit=config.train.eval_limit, out=out / "eval", run_dir=out)
     return 0
+
+
+def cmd_eval(args) -> int:
+    from deploy.config import load_run_config
+    from models.config import ModelConfig, resolve_model_path
+
+    config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+    # CHECKPOINT is a local model directory (e.g. <run>/checkpoints/step_N) or builtin:tiny / builtin:small.
+    model_path = resolve_model_path(ModelConfig(path=args.checkpoint, cache_dir=config.model.cache_dir,
+                                                seed=config.model.seed))
+    default_out = Path(args.run_dir or ".") / "eval" / Path(args.checkpoint).name.replace(":", "-")
+    _evaluate_and_report(config, model_path=model_path, data=args.data, splits=args.splits, limit=args.limit,
+                         out=Path(args.out) if args.out else default_out, run_dir=args.run_dir)
+    return 0
+
+
+def _evaluate_and_report(config, *, model_path, data, splits, limit, out, run_dir) -> None:
+    from deploy.evaluate import ALL_TASKS, evaluate
+    from deploy.report import metrics_table, write_report
+
+    result = evaluate(model_path=model_path, data_dir=data, splits=splits or config.data.eval_splits,
+                      config=config, limit=limit, progress=_progress_bar("eval"))
+    files = write_report(result=result, out_dir=out, run_dir=run_dir,
+                         stage_names=[stage.name for stage in config.curriculum.stages])
+    print(files.eval_json)
+    print("\n".join(metrics_table(result, task=ALL_TASKS, short=True)))
+    print(files.report_md)
 
 
 def cmd_config_check(args) -> int:
@@ -113,6 +149,89 @@ def cmd_config_check(args) -> int:
         print(config.model_dump_json(indent=2))
     else:
         print(f"{args.config or 'defaults'}: valid")
+    return 0
+
+
+# --------------------------------------------------------------------------- jobs on a Ray cluster
+
+DEFAULT_JOB_ADDRESS = "http://127.0.0.1:8265"  # the dashboard of a Ray on this machine, as `ray job` assumes
+
+
+def _job_address(args) -> str:
+    return args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_JOB_ADDRESS
+
+
+def _cluster_address(args) -> str:
+    return args.address or os.environ.get("RAY_ADDRESS") or "auto"
+
+
+def _token(args) -> str | None:
+    from deploy.jobs import read_token_file
+
+    return read_token_file(args.token_file) if args.token_file else None
+
+
+def _key_values(items: list[str], *, flag: str) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{flag} {item!r}: expected KEY=VALUE")
+        pairs[key.strip()] = value
+    return pairs
+
+
+def cmd_submit(args) -> int:
+    from deploy import jobs
+
+    job = jobs.submit(
+        args.config, address=_job_address(args), overrides=args.set, run_name=args.run_name,
+        working_dir=args.working_dir, env_vars=_key_values(args.env, flag="--env"), pip=args.pip or None,
+        token=_token(args),
+    )
+    print(job)  # alone on stdout, so `JOB=$(refocus submit ...)` works
+    return 0
+
+
+def cmd_status(args) -> int:
+    from deploy import jobs
+
+    print(json.dumps(jobs.status(args.job, address=_job_address(args), token=_token(args)), indent=2))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from deploy import jobs
+
+    for chunk in jobs.logs(args.job, address=_job_address(args), follow=args.follow, token=_token(args)):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from deploy import jobs
+
+    stopped = jobs.stop(args.job, address=_job_address(args), token=_token(args))
+    print(json.dumps({"submission_id": args.job, "stop_requested": stopped}))
+    return 0
+
+
+def cmd_scale(args) -> int:
+    from deploy import jobs
+
+    result = jobs.scale(args.run, address=_cluster_address(args), rollout_workers=args.rollout_workers,
+                        token=_token(args), wait_s=args.wait)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_stage_advance(args) -> int:
+    from deploy import jobs
+
+    result = jobs.advance_stage(args.run, address=_cluster_address(args), reason=args.reason, token=_token(args),
+                                wait_s=args.wait)
+    print(json.dumps(result, indent=2, default=str))
     return 0
 
 
@@ -183,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser(
+        "eval", help="evaluate a checkpoint on test splits; writes eval.json, report.md and PNGs",
+        description="Greedy and sampled rollouts over every row of each split (engine, prompts and zoom "
+        "environment from the run config): format, presence, category, mIoU, AP@0.5, tokens, zooms, the best "
+        "fixed-box baseline and the number of distinct answers.",
+    )
+    p.add_argument("checkpoint", help="model directory (e.g. RUN/checkpoints/step_N) or builtin:tiny")
+    p.add_argument("--data", required=True, help="directory of <split>.parquet files")
+    p.add_argument("--config", help="run config YAML (default: the built-in tiny-cpu config)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
+    p.add_argument("--run-dir", help="training run directory: adds its reward curves from events.jsonl")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval/<checkpoint name>, or ./eval/<name>)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N valid rows of each split")
+    p.add_argument("--splits", nargs="+", help="split names (default: the config's data.eval_splits)")
+    p.set_defaults(func=cmd_eval)
+
+    _add_job_parsers(sub)
+
     config = sub.add_parser("config", help="validate run configs").add_subparsers(
         dest="config_command", required=True, metavar="ACTION"
     )
@@ -191,6 +328,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", action="store_true", help="print the validated config with all defaults")
     p.set_defaults(func=cmd_config_check)
     return parser
+
+
+def _add_job_parsers(sub) -> None:
+    """submit / status / logs / stop (the dashboard's job API) and scale / stage (a running job's control actor)."""
+
+    def job_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--address", help=f"the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS, "
+                                         f"else {DEFAULT_JOB_ADDRESS})")
+        p.add_argument("--token-file", help="file holding the Ray auth token (default: $RAY_AUTH_TOKEN, "
+                                            "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+    def control_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("run", help="the run name (a submitted job's id)")
+        p.add_argument("--address", help="the cluster's GCS address HOST:PORT (default: $RAY_ADDRESS, else auto)")
+        p.add_argument("--token-file", help="file holding the Ray auth token (default: as for submit)")
+        p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait this long for the run to appear (a job just submitted is still setting up)")
+
+    p = sub.add_parser(
+        "submit", help="submit `refocus train CONFIG` to a Ray cluster as a job; prints the job id (= run name)",
+        description="Uploads --working-dir (without .venv, .tmp, .cache, artifacts, runs, .git), which must "
+        "contain CONFIG; the config is validated here first.",
+    )
+    _add_config_args(p, required=True)
+    job_flags(p)
+    p.add_argument("--run-name", help="job id and run name (default: refocus-<time>-<random>)")
+    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's current directory")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable of the job and its actors, repeatable")
+    p.add_argument("--pip", action="append", default=[], metavar="REQUIREMENT",
+                   help="extra pip requirement installed for the job, repeatable")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("status", help="a job's status (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED) as JSON")
+    p.add_argument("job", help="job id printed by submit")
+    job_flags(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("logs", help="a job's output (the driver's step lines)")
+    p.add_argument("job", help="job id printed by submit")
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the job ends")
+    job_flags(p)
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("stop", help="stop a job")
+    p.add_argument("job", help="job id printed by submit")
+    job_flags(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("scale", help="change a running job's number of rollout workers",
+                       description="Retired workers finish their in-flight calls first; nothing is lost.")
+    control_flags(p)
+    p.add_argument("--rollout-workers", type=int, required=True, help="desired number of rollout workers")
+    p.set_defaults(func=cmd_scale)
+
+    stage = sub.add_parser("stage", help="steer a running job's curriculum").add_subparsers(
+        dest="stage_command", required=True, metavar="ACTION"
+    )
+    p = stage.add_parser("advance", help="move the curriculum to its next stage now")
+    control_flags(p)
+    p.add_argument("--reason", default="manual", help="recorded with the transition")
+    p.set_defaults(func=cmd_stage_advance)
 
 
 def main(argv: list[str] | None = None) -> int:

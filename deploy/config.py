@@ -85,6 +85,8 @@ class TrainConfig(BaseModel):
     )
     checkpoint_every: int = Field(0, ge=0, description="checkpoint every N steps (0: only at the end)")
     output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
+    eval_at_end: bool = Field(True, description="`refocus train`: evaluate the final checkpoint and write a report")
+    eval_limit: int | None = Field(32, ge=1, description="rows per split evaluated at the end (None: all)")
     run_name: str = Field(
         "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
         description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",
