@@ -24,6 +24,7 @@ import logging
 import os
 import secrets
 import shlex
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -230,10 +231,9 @@ def _control(run: str, *, address: str, token: str | None, wait_s: float):
 
     from deploy.control import CONTROL_NAMESPACE, control_actor_name
 
-    if "://" in address:
-        raise ValueError(f"--address {address}: give the cluster's GCS address HOST:PORT (e.g. 127.0.0.1:6379) "
-                         "or 'auto', not a URL")
     if not ray.is_initialized():
+        if address != "auto":
+            _check_reachable(address)
         _use_token_for_grpc(resolve_token(token))
         try:
             ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
@@ -250,6 +250,19 @@ def _control(run: str, *, address: str, token: str | None, wait_s: float):
                 raise ClusterError(f"no running job named {run!r} at {address} (no actor "
                                    f"{control_actor_name(run)!r} in namespace {CONTROL_NAMESPACE!r})") from None
             time.sleep(0.5)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast where nothing listens at the GCS address (``ray.init`` would retry for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        raise ValueError(f"--address {address}: give the cluster's GCS address HOST:PORT (e.g. 127.0.0.1:6379) "
+                         "or 'auto', not a URL")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
+            pass
+    except OSError as e:
+        raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 def _use_token_for_grpc(token: str | None) -> None:
