@@ -33,7 +33,7 @@ ZOOM_STOP = "</zoom>"  # stop string that ends a turn which requests a zoom
 # Outcomes of a model turn for the environment.
 NO_ZOOM = "no_zoom"  # the turn does not end in a zoom request: the episode is over
 ZOOM = "zoom"  # a well-formed request
-BAD_ZOOM = "bad_zoom"  # ends in <zoom>…</zoom> but the box is not four numbers with x1 <= x2, y1 <= y2
+BAD_ZOOM = "bad_zoom"  # ends in <zoom>…</zoom> but the box is not four finite numbers with x1 <= x2, y1 <= y2
 
 _NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _ZOOM_RE = re.compile(r"<zoom>\s*\[" + ",".join([_NUMBER] * 4) + r"\]\s*</zoom>\s*$")
@@ -79,7 +79,8 @@ def parse_zoom(text: str) -> tuple[str, list[float] | None]:
     if match is None:
         return BAD_ZOOM, None
     box = [float(v) for v in match.groups()]
-    if box[2] < box[0] or box[3] < box[1]:
+    # 309 digits in a row read as inf, which no crop can be cut at
+    if not all(math.isfinite(v) for v in box) or box[2] < box[0] or box[3] < box[1]:
         return BAD_ZOOM, None
     return ZOOM, box
 

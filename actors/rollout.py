@@ -39,7 +39,7 @@ STAT_ENV_TOKENS = "rollout/env_tokens"  # environment-inserted tokens
 STAT_TURNS = "rollout/turns"  # model turns over all samples
 STAT_ZOOMS = "rollout/zooms"  # zoom requests served
 STAT_BAD_ZOOMS = "rollout/bad_zooms"  # malformed zoom requests (the sample ends there)
-STAT_BAD_PROMPTS = "rollout/bad_prompts"  # prompt groups skipped: image does not decode or has the wrong size
+STAT_BAD_PROMPTS = "rollout/bad_prompts"  # prompt groups skipped: bad image, or prompt longer than the context
 STAT_GENERATE_SECONDS = "rollout/generate_seconds"  # wall time inside engine.generate
 STAT_ENV_SECONDS = "rollout/env_seconds"  # wall time outside it (prompts, crops, bookkeeping)
 STAT_WEIGHT_VERSION = "rollout/weight_version"  # a gauge: version of the weights held now
@@ -148,7 +148,8 @@ class RolloutWorker:
         return min(self.config.sampling.max_tokens, self._room(sample))
 
     def generate_groups(self, prompts: list[PromptGroup]) -> list[TrajectoryGroup]:
-        """One trajectory group per prompt (prompts whose image is corrupt are counted and skipped)."""
+        """One trajectory group per prompt (prompts with a corrupt image, or too long for the engine's
+        context, are counted and skipped: the driver drops them as bad prompts)."""
         start = time.perf_counter()
         generate_seconds = 0.0
         version = self.engine.weight_version
@@ -166,9 +167,11 @@ class RolloutWorker:
                 continue
             samples = [_Sample(prompt_ids=prompt_ids, episode=Episode(image=episode.image, frame=episode.frame))
                        for _ in range(sampling.n)]
-            if self._room(samples[0]) < 1:
-                raise ValueError(f"prompt group {prompt.group_id}: its {len(prompt_ids)} prompt tokens leave no room "
-                                 f"in engine.max_model_len ({self.config.engine.max_model_len})")
+            if self._room(samples[0]) < 1:  # e.g. an overlong question: skip this prompt, not the whole call
+                log.warning("skipping prompt group %s: its %d prompt tokens leave no room in engine.max_model_len "
+                            "(%d)", prompt.group_id, len(prompt_ids), self.config.engine.max_model_len)
+                self._stats[STAT_BAD_PROMPTS] += 1
+                continue
             kept.append(prompt)
             groups.append(samples)
 

@@ -64,13 +64,14 @@ def srgb_to_lab(image: np.ndarray) -> np.ndarray:
 def camouflage_stats(image: np.ndarray, mask: np.ndarray) -> CamouflageStats | None:
     """Statistic of one object: ``image`` uint8 (H, W, 3), ``mask`` bool (H, W) of that object.
 
-    Returns None when either region is empty (no mask, or an object that fills the image).
+    Returns None when either region is empty (no mask, or an object that fills the image), or the image
+    is a single pixel wide or high.
     """
     mask = np.asarray(mask, dtype=bool)
     if image.shape[:2] != mask.shape:
         raise ValueError(f"mask: shape {mask.shape} differs from the image's {image.shape[:2]}")
     area = int(mask.sum())
-    if area == 0:
+    if area == 0 or min(mask.shape) < 2:  # np.gradient below needs two pixels along each axis
         return None
     inside = binary_erosion(mask, iterations=EDGE_GAP)
     if not inside.any():  # a thin object: keep its pixels rather than measure nothing

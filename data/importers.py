@@ -35,7 +35,7 @@ import os
 import re
 import tempfile
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -202,7 +202,7 @@ def import_coco(*, annotations_json: str | os.PathLike[str], images_dir: str | o
             f"annotations_json: cannot read a COCO file at {annotations_json}: {error}") from error
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for annotation in annotations:
-        if isinstance(annotation, dict) and "image_id" in annotation:
+        if isinstance(annotation, dict) and isinstance(annotation.get("image_id", []), Hashable):
             by_image[annotation["image_id"]].append(annotation)
     report = ImportReport(out=Path(out), total=len(images))
 
@@ -367,8 +367,9 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
                config: CocoImportConfig, report: ImportReport) -> Iterator[dict[str, Any]]:
     try:
         image_id, file_name = entry["id"], str(entry["file_name"])
+        hash(image_id)  # a JSON list or object cannot identify an image
         declared = (int(entry["width"]), int(entry["height"])) if "width" in entry and "height" in entry else None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         report.skip("bad_image_entry", repr(entry)[:80])
         return
     path = images_dir / file_name
@@ -415,7 +416,7 @@ def _coco_box(annotation: dict, categories: dict[Any, str], *, config: CocoImpor
     """(category, clamped [x1, y1, x2, y2]) or the reason the annotation is dropped."""
     if annotation.get("iscrowd") and not config.include_crowd:
         return "crowd"
-    if annotation.get("category_id") not in categories:
+    if not isinstance(annotation.get("category_id"), Hashable) or annotation.get("category_id") not in categories:
         return "unknown_category"
     bbox = annotation.get("bbox")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -29,6 +30,9 @@ DIFFICULTIES = ("easy", "hard")
 # Tasks whose answer must locate the object: a present row of these tasks needs at least one box.
 LOCALIZING_TASKS = ("camo", "detect", "ground")
 MIN_BOX_SIDE = 1.0  # pixels; smaller boxes cannot be drawn, cropped or matched meaningfully
+# A category must hold a letter or digit: the category reward reads one made only of spaces and
+# punctuation (" ?! ") as naming nothing, so a present object would reward answers naming no category.
+_NAMES_SOMETHING = re.compile(r"[^\W_]")
 
 ROW_SCHEMA = pa.schema(
     [
@@ -131,8 +135,9 @@ def validate_row(row: Any, *, decode_image: bool = True) -> list[str]:
         problems.append(f"task: unknown {row['task']!r} (expected one of {TASKS})")
     if row["difficulty"] not in DIFFICULTIES:
         problems.append(f"difficulty: unknown {row['difficulty']!r} (expected one of {DIFFICULTIES})")
-    if row["category"] is not None and (not isinstance(row["category"], str) or not row["category"]):
-        problems.append("category: expected a non-empty string or null")
+    if row["category"] is not None and (not isinstance(row["category"], str)
+                                        or not _NAMES_SOMETHING.search(row["category"])):
+        problems.append("category: expected a non-empty string or null (a name: letters or digits)")
     if not isinstance(row["present"], bool):
         problems.append("present: expected a bool")
     size_ok = True

@@ -18,7 +18,11 @@ issues more prompts, up to ``train.max_generation_factor`` × the step's groups.
 
 A dead rollout or reward worker is restarted by Ray (``cluster.max_restarts``); its in-flight groups
 are re-issued under the same ids, and a restarted rollout worker gets the current weights before its
-next call. ``deploy.ledger`` checks that every group is counted exactly once.
+next call. Calls to an actor Ray is still restarting fail at once (``ActorUnavailableError``), so the
+driver waits until the actor answers again before it sends it weights or work. A restart is noticed
+by a failed call, or by a rollout worker returning groups sampled with older weights than it was
+sent (it died between two calls); it is counted once per new process id. ``deploy.ledger`` checks
+that every group is counted exactly once.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import itertools
 import json
 import logging
 import os
+import shutil
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,13 +54,15 @@ from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
 from deploy.training_data import TrainingData, load_training_data
 from learner.advantages import signal_mask
-from learner.checkpoint import latest_complete
+from learner.checkpoint import is_complete, latest_complete, step_dir_name
 from models.config import resolve_model_path
 
 log = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"  # one JSON object per learner step: rewards, stage, learner stats, timings
 SUMMARY_FILE = "summary.json"
+RESTART_WAIT_S = 600.0  # how long to wait for Ray to restart a dead worker (a vLLM engine starts slowly)
+RESTART_POLL_S = 0.5  # between two probes of a restarting worker
 
 # The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
 RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
@@ -66,7 +74,9 @@ class _Worker:
     handle: object
     version: int = 0  # weights version it holds
     busy: list = field(default_factory=list)  # [(generate ref, prompt groups)]
+    sent_version: dict = field(default_factory=dict)  # generate ref → weights version it held when sent
     retiring: bool = False  # scaled down: gets no new work, leaves once its calls have come back
+    pid: int | None = None  # process id of the incarnation the driver knows (Ray restarts get new ones)
 
 
 @dataclass
@@ -98,9 +108,13 @@ class Driver:
         self._reissue: deque[PromptGroup] = deque()
         self._pool: list[TrajectoryGroup] = []  # zero-signal groups set aside in case refills run out
         self._scoring: dict = {}  # reward ref → (groups, rows of each request part)
+        # buffer.put ref → group id: on its way into the buffer. The buffer is a threaded actor, so a later
+        # __len__ call can run before the put lands; until the put is done the group counts as outstanding.
+        self._putting: dict = {}
         self._buckets: list = []  # the current version's weight buckets (for restarted workers)
         self._started = False
         self._last_poll = 0.0
+        self._recovery = threading.RLock()  # async mode: the learner thread's weight sync may recover too
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -137,6 +151,11 @@ class Driver:
         self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
         self.workers = [self._start_rollout_worker(i) for i in range(cfg.cluster.rollout_workers)]
         self._next_worker_index = len(self.workers)
+        # Process ids tell a restarted worker from the one the driver knows (waits for them to start).
+        pids = ray.get([_pid_call(h) for h in [w.handle for w in self.workers] + self.rewarders])
+        for worker, pid in zip(self.workers, pids):
+            worker.pid = pid
+        self._rewarder_pids: list[int | None] = pids[len(self.workers):]
         self.weight_sync = WeightSyncConfig()
         buffer_cfg = BufferConfig(
             capacity=cfg.train.buffer_capacity,
@@ -191,6 +210,7 @@ class Driver:
         )
         worker = _Worker(name=name, handle=handle)
         if self._buckets:  # joining a run in progress: start from the current weights
+            worker.pid = self._await_ready(handle)
             self._send_weights([worker])
         return worker
 
@@ -214,10 +234,22 @@ class Driver:
         return prompts
 
     def _outstanding(self) -> int:
-        """Groups issued and not yet in the buffer (generating, waiting for re-issue, scoring)."""
+        """Groups issued and not yet in the buffer (generating, waiting for re-issue, scoring, being put).
+        Count it before ``_buffered()``: a put that lands in between is then counted twice, never not at all."""
         generating = sum(len(chunk) for w in self.workers for _, chunk in w.busy)
         scoring = sum(len(groups) for groups, _ in self._scoring.values())
-        return generating + scoring + len(self._reissue)
+        return generating + scoring + len(self._reissue) + self._settle_puts()
+
+    def _settle_puts(self) -> int:
+        """Forget the buffer puts that are done (raising if the buffer refused one); how many are not."""
+        import ray
+
+        if self._putting:
+            done, _ = ray.wait(list(self._putting), num_returns=len(self._putting), timeout=0)
+            ray.get(done)
+            for ref in done:
+                del self._putting[ref]
+        return len(self._putting)
 
     def _buffered(self) -> int:
         import ray
@@ -229,7 +261,9 @@ class Driver:
         chunk = -(-len(prompts) // len(workers))
         for worker, start in zip(workers, range(0, len(prompts), chunk)):
             part = prompts[start : start + chunk]
-            worker.busy.append((worker.handle.generate_groups.remote(part), part))
+            ref = worker.handle.generate_groups.remote(part)
+            worker.busy.append((ref, part))
+            worker.sent_version[ref] = worker.version
 
     def _issue(self, count: int) -> None:
         """Re-issues first, then ``count`` new groups, spread over the least busy workers."""
@@ -244,7 +278,7 @@ class Driver:
         train = self.config.train
         chunk = max(1, train.prompts_per_step // len(self._active()))
         lead = min(train.buffer_capacity, train.prompts_per_step * (train.max_staleness + 1))
-        room = lead - self._buffered() - self._outstanding()
+        room = lead - self._outstanding() - self._buffered()
         for worker in self._active():
             if worker.busy or room < chunk:
                 continue
@@ -315,10 +349,16 @@ class Driver:
         import ray
 
         worker.busy = [(r, p) for r, p in worker.busy if r != ref]
+        sent_version = worker.sent_version.pop(ref, 0)
         try:
             groups: list[TrajectoryGroup] = ray.get(ref)
         except ray.exceptions.RayActorError as error:
-            self._on_rollout_worker_died(worker, part, error)
+            self._on_rollout_worker_died(worker, part, type(error).__name__)
+            return
+        if any(g.policy_version < sent_version for g in groups):
+            # Ray restarted the worker since its last call (no call failed): it sampled with its initial weights.
+            self._on_rollout_worker_died(worker, part, f"sampled with weights version "
+                                         f"{min(g.policy_version for g in groups)}, was sent {sent_version}")
             return
         returned = {g.group_id for g in groups}
         for prompt in part:
@@ -336,17 +376,51 @@ class Driver:
         if groups:
             self._score(groups)
 
-    def _on_rollout_worker_died(self, worker: _Worker, part: list[PromptGroup], error) -> None:
-        log.warning("rollout worker %s died (%s); re-issuing its %d groups", worker.name, type(error).__name__,
-                    len(part))
-        self.metrics.worker_restarts.labels(role="rollout").inc()
+    def _on_rollout_worker_died(self, worker: _Worker, part: list[PromptGroup], why: str) -> None:
+        log.warning("rollout worker %s died (%s); re-issuing its %d groups", worker.name, why, len(part))
         for prompt in part:
             self.ledger.reissue(prompt.group_id)
             self._reissue.append(prompt)
         # Ray restarts the actor from its constructor (the initial weights): send the current ones.
-        worker.version = 0
-        if self._buckets:
+        if self._recover_rollout_worker(worker) and self._buckets:
             self._send_weights([worker])
+
+    def _await_ready(self, handle) -> int:
+        """The actor's process id once it takes calls again. Calls to an actor Ray is restarting fail at
+        once (ActorUnavailableError) rather than wait, hence the polling. ActorDiedError (no restarts
+        left) propagates: the run cannot go on without the worker."""
+        import ray
+
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            try:
+                return ray.get(_pid_call(handle))
+            except ray.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(RESTART_POLL_S)
+
+    def _recover_rollout_worker(self, worker: _Worker) -> bool:
+        """Wait for ``worker`` to take calls; True (restart counted) when it is a new process. Several
+        failed calls of one death find the new process id already known and count nothing."""
+        with self._recovery:
+            pid = self._await_ready(worker.handle)
+            if pid == worker.pid:
+                return False
+            log.warning("rollout worker %s was restarted by Ray (pid %s → %s)", worker.name, worker.pid, pid)
+            self.metrics.worker_restarts.labels(role="rollout").inc()
+            worker.pid, worker.version = pid, 0
+            return True
+
+    def _recover_rewarder(self, index: int) -> None:
+        """As ``_recover_rollout_worker`` for reward worker ``index`` (it holds no state to restore)."""
+        with self._recovery:
+            pid = self._await_ready(self.rewarders[index])
+            if pid != self._rewarder_pids[index]:
+                log.warning("reward worker %d was restarted by Ray (pid %s → %s)", index,
+                            self._rewarder_pids[index], pid)
+                self.metrics.worker_restarts.labels(role="reward").inc()
+                self._rewarder_pids[index] = pid
 
     def _frames(self, groups: list[TrajectoryGroup]) -> list:
         """Per trajectory, the frame of its final boxes: the last zoom crop's, else the image's (None)."""
@@ -363,26 +437,28 @@ class Driver:
         """Send only texts, targets and frames (not images) to a reward worker."""
         parts = requests_for_groups(groups, stage_weights=self.stage_weights)
         frames = self._frames(groups)
-        refs, rows = [], []
+        refs, rows, used = [], [], []
         for row_list, request in parts:  # one request per curriculum stage present
             if any(frames[i] is not None for i in row_list):
                 request.frames = [frames[i] for i in row_list]
-            refs.append(self.rewarders[next(self._next_rewarder)].score_request.remote(request))
+            used.append(next(self._next_rewarder))
+            refs.append(self.rewarders[used[-1]].score_request.remote(request))
             rows.append(row_list)
         for ref in refs:  # the groups are applied once every part is back
-            self._scoring[ref] = (groups, (refs, rows))
+            self._scoring[ref] = (groups, (refs, rows, used))
 
     def _on_scored(self, ref, groups: list[TrajectoryGroup], parts) -> None:
         import ray
 
-        refs, rows = parts
+        refs, rows, used = parts
         if any(r in self._scoring for r in refs):
             return  # other parts of this batch are still being scored
         try:
             batches = ray.get(refs)
         except ray.exceptions.RayActorError as error:
             log.warning("reward worker died (%s); re-scoring %d groups", type(error).__name__, len(groups))
-            self.metrics.worker_restarts.labels(role="reward").inc()
+            for index in sorted(set(used)):
+                self._recover_rewarder(index)
             self._score(groups)
             return
         n = sum(len(g.trajectories) for g in groups)
@@ -392,7 +468,7 @@ class Driver:
             if failure is not None:
                 self.metrics.parse_failures.labels(reason=failure).inc()
         for group in groups:
-            self.buffer.put.remote(group)
+            self._putting[self.buffer.put.remote(group)] = group.group_id
 
     # ------------------------------------------------------------------ learning
     def _collect_batch(self) -> list[TrajectoryGroup]:
@@ -433,6 +509,9 @@ class Driver:
                          self.step + 1, take)
                 batch.extend(self._pool[:take])
                 del self._pool[:take]
+        # Issue order, not arrival order: with seeded sampling a run (and a resumed run) then repeats its
+        # reward means and learner updates exactly.
+        batch.sort(key=lambda g: int(g.group_id.rsplit("#", 1)[1]))
         return batch
 
     def _settle_buffer_drops(self) -> None:
@@ -520,6 +599,19 @@ class Driver:
         return time.perf_counter() - start
 
     def _send_weights(self, workers: list[_Worker]) -> None:
+        import ray
+
+        try:
+            self._deliver(workers)
+        except ray.exceptions.RayActorError as error:
+            # A worker died since its last call (no call of ours saw it): wait for Ray to restart it, then
+            # deliver again (a receiver ignores a version it already holds).
+            log.warning("weight sync failed (%s); waiting for restarted workers", type(error).__name__)
+            for worker in workers:
+                self._recover_rollout_worker(worker)
+            self._deliver(workers)
+
+    def _deliver(self, workers: list[_Worker]) -> None:
         sender = WeightSender(self.weight_sync)
         sender.connect([w.handle for w in workers])
         report = sender.sync(self._buckets)
@@ -557,6 +649,12 @@ class Driver:
             "curriculum": self.curriculum.state_dict(),
             "sampler": self.sampler.state_dict(),
         }
+        leftover = self.out / "checkpoints" / step_dir_name(self.step)
+        if leftover.is_dir() and not is_complete(leftover):
+            # A crash between its rename and its COMPLETE marker left it; resume skipped it, and the learner
+            # refuses to write over an existing step directory.
+            log.warning("removing the incomplete checkpoint %s before writing step %d again", leftover, self.step)
+            shutil.rmtree(leftover)
         path = self.learner.save_checkpoint(self.out / "checkpoints", extra_state=extra)
         log.info("checkpoint %s", path)
         return path
@@ -646,6 +744,16 @@ class Driver:
             ray.kill(rewarder)
         if hasattr(self, "learner"):
             self.learner.shutdown()
+
+
+def _pid_call(handle):
+    """A call returning the actor's process id (a restart gives a new one). The function is defined in
+    here so cloudpickle ships it by value: the actor need not import this module (and torch with it)."""
+
+    def process_id(actor) -> int:
+        return os.getpid()
+
+    return handle.__ray_call__.remote(process_id)
 
 
 def _actor_env() -> dict[str, str]:

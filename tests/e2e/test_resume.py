@@ -1,0 +1,181 @@
+"""Resume after SIGKILL: a run killed right after a complete checkpoint continues where it stood.
+
+Run A trains ``STEPS`` steps uninterrupted (``refocus train`` in a subprocess, a checkpoint every
+step). Run B is the same config, same seeds, in its own output directory; it is killed with SIGKILL
+(its whole process group: the driver and the local Ray it started) as soon as its step-``KILL_AFTER``
+checkpoint carries the COMPLETE marker. A partial ``step_<KILL_AFTER + 1>`` directory (no marker, as a
+crash between the rename and the marker leaves it) is planted next to it. Then ``Driver(config,
+resume=True)`` continues run B in this process.
+
+Asserted: the partial directory is skipped (the resumed run restores step KILL_AFTER, later writes a
+complete step KILL_AFTER + 1 over it); the restored step, weights version, issue counter, curriculum
+(stage and plateau-detector state) and sampler position equal run A's checkpoint at that step; the
+resumed run's first step is KILL_AFTER + 1, and its prompt groups (ids "<row id>#<issue>") are
+exactly run A's step KILL_AFTER + 1 groups.
+
+Why that comparison is exact: the prompt stream depends only on the sampler state and the curriculum
+stage, both checkpointed, as long as dynamic sampling is off (its refills depend on the rewards the
+samples happened to get) — so ``train.dynamic_sampling=false`` here. ``rollout.sampling.seed`` makes
+runs A and B sample the same completions, and the driver trains a step's groups in issue order (not
+the order they arrive in), so their checkpoints agree exactly up to the kill (checked too).
+After the resume the rollout workers are new processes whose per-call seeds start over, so
+completions, rewards and learner states after step KILL_AFTER + 1's draw are not compared.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.config import load_run_config, shipped_configs
+from deploy.driver import EVENTS_FILE, Driver
+from learner.checkpoint import COMPLETE_MARKER, TRAINER_STATE_FILE, latest_complete, step_dir_name
+
+pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
+
+STEPS = 4
+KILL_AFTER = 3  # tiny-cpu leaves stage 1 after at most 3 steps: the restored curriculum is in stage 2
+SAMPLING_SEED = 1234
+RUN_TIMEOUT_S = 400
+TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
+
+
+def _overrides(*, model: Path, data: Path, out: Path) -> list[str]:
+    return [
+        f"model.path={model}", f"data.path={data}", f"train.output_dir={out}", "train.mode=sync",
+        f"train.steps={STEPS}", "train.checkpoint_every=1", "train.dynamic_sampling=false", "train.eval_at_end=false",
+        f"rollout.sampling.seed={SAMPLING_SEED}", "rewards.custom_reward=rewards.examples:brevity",
+        *[f"curriculum.stages.{i}.reward_weights.custom=1.0" for i in range(3)],
+    ]
+
+
+def _train_command(overrides: list[str]) -> list[str]:
+    command = [sys.executable, "-m", "deploy.cli", "train", str(TINY_CPU)]
+    for item in overrides:
+        command += ["--set", item]
+    return command
+
+
+def _extra_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
+
+
+def _events(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / EVENTS_FILE).read_text().splitlines()]
+
+
+def _session_pids(session: int) -> list[int]:
+    """Live processes of the session ``session`` (run B's driver leads it; its Ray processes inherit it,
+    though Ray workers move to process groups of their own)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                state, _, _, sid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:4]
+            except (OSError, ValueError):
+                continue
+            if int(sid) == session and state != "Z":  # a zombie has exited, only its parent has not reaped it
+                pids.append(int(entry.name))
+    return pids
+
+
+def _wait_session_gone(session: int, *, timeout_s: float = 30.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while (pids := _session_pids(session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return pids
+
+
+def _kill_when_complete(process: subprocess.Popen, checkpoints: Path, *, step: int) -> Path:
+    """SIGKILL run B's process group as soon as ``checkpoints/step_<step>`` is COMPLETE; returns it."""
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    target = checkpoints / step_dir_name(step)
+    while not (target / COMPLETE_MARKER).is_file():
+        assert process.poll() is None, f"run B exited ({process.returncode}) before its step-{step} checkpoint"
+        assert time.monotonic() < deadline, f"no complete step-{step} checkpoint after {RUN_TIMEOUT_S} s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+    # Ray processes that left the process group but not the session go the same way.
+    for pid in _session_pids(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:  # it exited meanwhile
+            pass
+    return target
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("data")
+    synthesize(out_dir=out, seed=0, n=60)
+    return out
+
+
+def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    import ray
+
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    done = subprocess.run(_train_command(_overrides(model=tiny_model_dir, data=data_dir, out=run_a)),
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a_events = {e["step"]: e for e in _events(run_a)}
+    a_state = _extra_state(run_a / "checkpoints" / step_dir_name(KILL_AFTER))
+
+    with (tmp_path / "b.log").open("w") as log_file:
+        process = subprocess.Popen(_train_command(_overrides(model=tiny_model_dir, data=data_dir, out=run_b)),
+                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            killed_at = _kill_when_complete(process, run_b / "checkpoints", step=KILL_AFTER)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == -signal.SIGKILL
+    assert not _wait_session_gone(process.pid)
+    # Same config, same seeds: B agrees with A up to the kill.
+    assert _extra_state(killed_at) == a_state
+
+    # A crash between a checkpoint's rename and its COMPLETE marker leaves this: it must be skipped.
+    partial = run_b / "checkpoints" / step_dir_name(KILL_AFTER + 1)
+    if partial.exists():  # B got that far before the kill landed: make it partial
+        (partial / COMPLETE_MARKER).unlink()
+    else:
+        shutil.copytree(killed_at, partial, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
+    assert latest_complete(run_b / "checkpoints") == killed_at
+    events_before = len(_events(run_b))
+
+    config = load_run_config(TINY_CPU, _overrides(model=tiny_model_dir, data=data_dir, out=run_b))
+    driver = Driver(config, resume=True)
+    try:
+        driver.setup()
+        # Nothing of step KILL_AFTER + 1 had reached the buffer's spill (else its groups would come back too).
+        assert not driver.ledger.issued, f"run B was killed after step-{KILL_AFTER + 1} groups were buffered"
+        restored = {"step": driver.step, "version": driver.version, "issue_counter": driver._issue_counter,
+                    "curriculum": driver.curriculum.state_dict(), "sampler": driver.sampler.state_dict()}
+        summary = driver.run()
+    finally:
+        driver.shutdown()
+        ray.shutdown()
+
+    assert a_state["step"] == a_state["version"] == KILL_AFTER
+    assert json.loads(json.dumps(restored)) == a_state
+    assert restored["curriculum"]["stage"] == 1  # the restored curriculum had advanced: a real comparison
+    resumed = _events(run_b)[events_before:]
+    assert [e["step"] for e in resumed] == list(range(KILL_AFTER + 1, STEPS + 1))
+    assert summary.steps == STEPS and summary.version == STEPS
+    first, expected = resumed[0], a_events[KILL_AFTER + 1]
+    assert sorted(g.split("#")[0] for g in first["group_ids"]) == sorted(g.split("#")[0] for g in expected["group_ids"])
+    assert sorted(first["group_ids"]) == sorted(expected["group_ids"])
+    assert first["stage"] == expected["stage"] == 1
+    # The resumed run wrote its own complete step KILL_AFTER + 1 where the partial one was.
+    assert (partial / COMPLETE_MARKER).is_file()
+    assert json.loads((partial / TRAINER_STATE_FILE).read_text())["step"] == KILL_AFTER + 1
+    assert latest_complete(run_b / "checkpoints").name == step_dir_name(STEPS)
