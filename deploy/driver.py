@@ -205,7 +205,8 @@ class Driver:
         name = f"rollout-{index}"
         handle = (
             ray.remote(RolloutActor)
-            .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts)
+            .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
+                     runtime_env={"env_vars": _actor_env()})  # also when joining a cluster (refocus submit)
             .remote(config=self.config.rollout, model_path=str(self.model_path), worker_id=name)
         )
         worker = _Worker(name=name, handle=handle)
@@ -302,6 +303,9 @@ class Driver:
                   "rollout_workers": len(self._active()), "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
         for reason in wanted["advance_stage"]:
+            if self.curriculum.is_last_stage:  # a client's request must never crash the run
+                log.warning("stage advance requested (%s) but the curriculum is in its last stage", reason)
+                continue
             transition = self.curriculum.force_advance(reason)
             log.info("curriculum: stage forced to %s (%s)", transition.to_name, reason)
             self.metrics.curriculum_transitions.inc()
