@@ -201,7 +201,10 @@ def refocus(*args: str, env: dict, timeout: float = 120) -> subprocess.Completed
 
 @pytest.fixture
 def cluster():
-    root = Path(tempfile.mkdtemp(prefix="rj", dir=REPO / ".tmp"))
+    # Ray's unix sockets live under this root and a socket path may not exceed 107 bytes: a checkout
+    # under a deep temp path (CI's fresh clones) pushes them over, and the head never comes up. A short
+    # root in the system temp dir, removed below, keeps them short.
+    root = Path(tempfile.mkdtemp(prefix="rj", dir="/tmp"))
     cluster = LocalCluster(root)
     try:
         cluster.wait_ready()
