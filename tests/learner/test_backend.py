@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -257,17 +255,6 @@ def test_recompute_old_logprobs_starts_at_ratio_one(model_dir, batch, backend, a
 
 # ---------------------------------------------------------------- two ranks, Ray actors
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # a session-wide cluster from elsewhere: use it, leave it running
-        yield ray
-        return
-    os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / "ray"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -5,9 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -193,17 +191,6 @@ def test_checkpoint_is_a_loadable_hf_model_directory(model_dir, batches, tmp_pat
 
 # ---------------------------------------------------------------- resume in a new group of processes
 
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():  # a session-wide cluster from elsewhere: use it, leave it running
-        yield ray
-        return
-    os.environ.setdefault("RAY_TMPDIR", str(Path(tempfile.gettempdir()) / "ray"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
 
 
 @pytest.mark.slow
