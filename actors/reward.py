@@ -1,12 +1,14 @@
 """RewardWorker: scores batches of completions with ``rewards`` and counts what went wrong.
 
 A plain class (no ray import here): the driver wraps it with ``ray.remote(RewardWorker)``, tests use
-it directly. Through Ray, call ``score_request`` with a ``ScoreRequest`` and large batches: the
-per-call overhead of an actor is fixed, the scoring cost per completion is ~15 microseconds.
+it directly. Through Ray, call ``score_request`` with a ``ScoreRequest`` (built by
+``ScoreRequest.from_rows``) and large batches: the per-call overhead of an actor is fixed, the scoring
+cost per completion is ~15 microseconds. Requests and results cross the actor boundary by column
+(an Arrow string array, numpy arrays): a few buffers to copy instead of ~10k Python objects to pickle.
 
 Boxes of a trajectory's final answer are read in the configured frame of the FULL image
 (``RewardConfig.frame``); zoom crops do not change the frame of the answer. Pass explicit
-``FrameSpec``s to ``score`` where that is not so.
+``FrameSpec``s to ``score`` (or ``ScoreRequest.from_rows``) where that is not so.
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
+import numpy as np
+import pyarrow as pa
+
 from actors.types import Target, TrajectoryGroup
 from rewards.components import COMPONENTS, CUSTOM
 from rewards.compose import RewardBatch, parse_all, paused_gc, score_parsed
 from rewards.config import RewardConfig
 from rewards.custom import load_custom_reward
-from rewards.frames import FrameSpec
+from rewards.frames import FRAME_KINDS, FrameSpec
 from rewards.parse import ParseFailure, ParsedCompletion
+from rewards.types import GroundTruth
 
 logger = logging.getLogger(__name__)
 
@@ -38,23 +44,214 @@ STAT_TOTAL = "reward/total"  # mean weighted total
 PARSE_FAILURE_STATS = {reason.value: f"reward/parse_failure/{reason.value}" for reason in ParseFailure}
 COMPONENT_STATS = {name: f"reward/{name}" for name in COMPONENTS}  # mean of each component
 
+# Codes of ``RewardColumns.failures`` / ``strict_violations``: index into this table (0: none). Both
+# ends of a call run this same module, so the table itself never travels.
+REASON_CODES: tuple[str | None, ...] = (None, *(reason.value for reason in ParseFailure))
+_CODE_OF_REASON = {reason: code for code, reason in enumerate(REASON_CODES)}
+
+
+@dataclass
+class TargetColumns:
+    """Distinct ground truths of a request, by column (the samples of a group share one target)."""
+
+    present: np.ndarray  # bool [t]
+    category: np.ndarray  # int32 [t]: index into ``categories``, -1 for None
+    categories: list[str]  # the distinct category names
+    width: np.ndarray  # int64 [t], original pixels
+    height: np.ndarray  # int64 [t]
+    box_offsets: np.ndarray  # int64 [t + 1]: target k's boxes are boxes[box_offsets[k]:box_offsets[k + 1]]
+    boxes: np.ndarray  # float64 [b, 4]: [x1, y1, x2, y2] in original pixels
+
+    @classmethod
+    def of(cls, targets: Sequence[GroundTruth]) -> TargetColumns:
+        """Columns of ``targets`` (in order); raises ValueError for a box that is not 4 numbers."""
+        names: dict[str, int] = {}
+        category = [-1 if t.category is None else names.setdefault(t.category, len(names)) for t in targets]
+        flat = [box for t in targets for box in t.boxes]
+        try:
+            boxes = np.array(flat, dtype=np.float64) if flat else np.zeros((0, 4))
+        except ValueError as err:  # ragged lists
+            raise ValueError(f"target boxes must be [x1, y1, x2, y2] lists of numbers: {err}") from None
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"target boxes must be [x1, y1, x2, y2] lists, got an array of shape {boxes.shape}")
+        counts = np.fromiter((len(t.boxes) for t in targets), dtype=np.int64, count=len(targets))
+        return cls(
+            present=np.array([t.present for t in targets], dtype=bool),
+            category=np.array(category, dtype=np.int32),
+            categories=list(names),
+            width=np.array([t.width for t in targets], dtype=np.int64),
+            height=np.array([t.height for t in targets], dtype=np.int64),
+            box_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+            boxes=boxes,
+        )
+
+    def to_targets(self) -> list[Target]:
+        """One ``Target`` per column entry (boxes as float lists)."""
+        boxes, offsets = self.boxes.tolist(), self.box_offsets.tolist()
+        names = [*self.categories, None]  # category -1 picks the None at the end
+        categories = [names[c] for c in self.category.tolist()]
+        split = [boxes[start:end] for start, end in zip(offsets, offsets[1:])]
+        # Positional arguments through map (a third cheaper than keyword calls; this runs on the actor's
+        # thread), in the field order of actors.types.Target, which the round-trip tests pin.
+        return list(map(Target, self.present.tolist(), categories, split, self.width.tolist(), self.height.tolist()))
+
+
+@dataclass
+class FrameColumns:
+    """Explicit answer frames of a request's rows, by column.
+
+    Missing values are NaN: an int input size is exact in float64, and a crop is never NaN
+    (``FrameSpec`` rejects one, since NaN fails its x2 > x1 check).
+    """
+
+    kind: np.ndarray  # int8 [n]: index into FRAME_KINDS, -1 where the row has no frame (config frame)
+    input_size: np.ndarray  # float64 [n, 2]: input_width, input_height; NaN for None
+    crop: np.ndarray  # float64 [n, 4]: crop in original pixels; NaN for None
+
+    @classmethod
+    def of(cls, frames: Sequence[FrameSpec | None]) -> FrameColumns:
+        n, code = len(frames), {kind: k for k, kind in enumerate(FRAME_KINDS)}
+        kind = np.full(n, -1, dtype=np.int8)
+        input_size = np.full((n, 2), np.nan)
+        crop = np.full((n, 4), np.nan)
+        for i, frame in enumerate(frames):
+            if frame is None:
+                continue
+            kind[i] = code[frame.kind]
+            input_size[i] = [math.nan if v is None else v for v in (frame.input_width, frame.input_height)]
+            if frame.crop is not None:
+                crop[i] = frame.crop
+        return cls(kind=kind, input_size=input_size, crop=crop)
+
+    def to_frames(self) -> list[FrameSpec | None]:
+        """The frames back: ``FrameSpec`` per row, None where the row had none."""
+        out: list[FrameSpec | None] = []
+        for k, size, crop in zip(self.kind.tolist(), self.input_size.tolist(), self.crop.tolist()):
+            if k < 0:
+                out.append(None)
+                continue
+            width, height = (None if math.isnan(v) else int(v) for v in size)
+            box = None if math.isnan(crop[0]) else tuple(crop)
+            out.append(FrameSpec(kind=FRAME_KINDS[k], input_width=width, input_height=height, crop=box))  # type: ignore[arg-type]
+        return out
+
 
 @dataclass
 class ScoreRequest:
-    """One batch for ``RewardWorker.score_request``: the arguments of ``score`` as a single object.
+    """One batch for ``RewardWorker.score_request``: the arguments of ``score``, by column.
 
-    Why one object: Ray encodes call arguments with msgpack first, calling back into Python for
-    every element it cannot encode (each Target) and pickling those afterwards; a single dataclass
-    is one callback and one C-speed pickle pass, which also writes a target shared by a group's
-    samples once. Measured here for 8192 completions with 2048 targets: 13.9 ms to serialise as
-    two list arguments, 5.5 ms as one request.
+    Build it with ``from_rows``. Why columns: Ray pickles call arguments, and unpickling ~10k objects
+    (8192 str completions, 2048 Target dataclasses and their box lists) on the actor's thread was
+    measured here at 22 ms per 8192-completion batch for a round trip with an idle actor (a 120 ms
+    scoring job); as an Arrow string array plus numpy columns, 7 ms. Arrow arrays and numpy arrays
+    travel as out-of-band buffers; strings are rebuilt by ``to_pylist`` (cheaper than unpickling them).
     """
 
-    completions: list[str]
-    targets: list[Target]
+    completions: pa.Array  # large_string [n]; large_binary of surrogate-passing UTF-8 if a text is not valid Unicode
+    target_index: np.ndarray  # int64 [n]: row -> entry of ``targets``
+    targets: TargetColumns  # distinct targets
     weights: dict[str, float]
-    frames: list[FrameSpec | None] | None = None  # None: RewardConfig.frame for every row
-    num_tokens: list[int] | None = None  # completion lengths, for the overlong penalty
+    frames: FrameColumns | None = None  # None: RewardConfig.frame for every row
+    num_tokens: np.ndarray | None = None  # int64 [n]: completion lengths, for the overlong penalty
+
+    @classmethod
+    def from_rows(
+        cls,
+        completions: Sequence[str],
+        targets: Sequence[GroundTruth],
+        *,
+        weights: Mapping[str, float],
+        frames: Sequence[FrameSpec | None] | None = None,
+        num_tokens: Sequence[int] | None = None,
+    ) -> ScoreRequest:
+        """The request for ``score``'s arguments (row i: completion i, targets[i], ...).
+
+        Targets are stored once per distinct object (a group's samples share one). Frames that are all
+        None are dropped (the config frame applies). Raises ValueError for mismatched lengths or
+        non-integer token counts.
+        """
+        n = len(completions)
+        for name, values in (("targets", targets), ("frames", frames), ("num_tokens", num_tokens)):
+            if values is not None and len(values) != n:
+                raise ValueError(f"{name} has {len(values)} rows for {n} completions")
+        by_id = {id(t): t for t in targets}  # first-seen order; every target is alive, so ids are unique
+        position = {key: k for k, key in enumerate(by_id)}
+        counts = None
+        if num_tokens is not None:
+            counts = np.asarray(num_tokens, dtype=np.int64 if n == 0 else None)
+            if counts.dtype.kind not in "iu":
+                raise ValueError(f"num_tokens must be integers, got dtype {counts.dtype}")
+            counts = counts.astype(np.int64)
+        return cls(
+            completions=_text_array(completions),
+            target_index=np.fromiter(map(position.__getitem__, map(id, targets)), dtype=np.int64, count=n),
+            targets=TargetColumns.of(list(by_id.values())),
+            weights=dict(weights),
+            frames=FrameColumns.of(frames) if frames is not None and any(f is not None for f in frames) else None,
+            num_tokens=counts,
+        )
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+    def completion_texts(self) -> list[str]:
+        if pa.types.is_large_binary(self.completions.type):
+            return [b.decode("utf-8", "surrogatepass") for b in self.completions.to_pylist()]
+        return self.completions.to_pylist()
+
+    def target_rows(self) -> list[Target]:
+        """The target of every row (rows of a group share one object, as sent)."""
+        distinct = self.targets.to_targets()
+        return [distinct[k] for k in self.target_index.tolist()]
+
+    def frame_rows(self) -> list[FrameSpec | None] | None:
+        return self.frames.to_frames() if self.frames is not None else None
+
+    def token_counts(self) -> list[int] | None:
+        return self.num_tokens.tolist() if self.num_tokens is not None else None
+
+
+def _text_array(texts: Sequence[str]) -> pa.Array:
+    """Texts as an Arrow large_string array, or (only if some text holds a lone surrogate, which UTF-8
+    cannot encode but a Python str and pickle can) as large_binary of surrogate-passing UTF-8."""
+    try:
+        return pa.array(texts, type=pa.large_string())
+    except UnicodeEncodeError:
+        return pa.array([t.encode("utf-8", "surrogatepass") for t in texts], type=pa.large_binary())
+
+
+@dataclass
+class RewardColumns:
+    """A ``RewardBatch`` as numpy columns: what ``score_request`` returns through Ray (a few buffers
+    instead of ~60k floats and strings). ``to_batch()`` gives the ``RewardBatch`` back exactly."""
+
+    totals: np.ndarray  # float64 [n]
+    components: dict[str, np.ndarray]  # component name -> float64 [n]
+    failures: np.ndarray  # int8 [n]: index into REASON_CODES (0: an answer was extracted)
+    strict_violations: np.ndarray  # int8 [n]: index into REASON_CODES (0: strict completion)
+
+    @classmethod
+    def of(cls, batch: RewardBatch) -> RewardColumns:
+        n = len(batch)
+        return cls(
+            totals=np.array(batch.totals, dtype=np.float64),
+            components={name: np.array(values, dtype=np.float64) for name, values in batch.components.items()},
+            failures=np.fromiter(map(_CODE_OF_REASON.__getitem__, batch.failures), dtype=np.int8, count=n),
+            strict_violations=np.fromiter(
+                map(_CODE_OF_REASON.__getitem__, batch.strict_violations), dtype=np.int8, count=n
+            ),
+        )
+
+    def __len__(self) -> int:
+        return len(self.totals)
+
+    def to_batch(self) -> RewardBatch:
+        return RewardBatch(
+            totals=self.totals.tolist(),
+            components={name: values.tolist() for name, values in self.components.items()},
+            failures=[REASON_CODES[c] for c in self.failures.tolist()],
+            strict_violations=[REASON_CODES[c] for c in self.strict_violations.tolist()],
+        )
 
 
 class RewardWorker:
@@ -97,15 +294,18 @@ class RewardWorker:
         self._record(out, time.perf_counter() - start, time.thread_time() - start_cpu)
         return out
 
-    def score_request(self, request: ScoreRequest) -> RewardBatch:
-        """``score`` with its arguments in one object (the cheap way to call it through Ray)."""
-        return self.score(
-            request.completions,
-            request.targets,
-            weights=request.weights,
-            frames=request.frames,
-            num_tokens=request.num_tokens,
-        )
+    def score_request(self, request: ScoreRequest) -> RewardColumns:
+        """``score`` with its arguments and result by column (the cheap way to call it through Ray);
+        ``merge_batches`` turns results back into a ``RewardBatch``."""
+        with paused_gc():  # unpacking builds thousands of small objects; see paused_gc for why
+            batch = self.score(
+                request.completion_texts(),
+                request.target_rows(),
+                weights=request.weights,
+                frames=request.frame_rows(),
+                num_tokens=request.token_counts(),
+            )
+            return RewardColumns.of(batch)
 
     def score_groups(
         self, groups: Sequence[TrajectoryGroup], *, stage_weights: Mapping[int, Mapping[str, float]]
@@ -192,60 +392,75 @@ def apply_rewards(groups: Sequence[TrajectoryGroup], batch: RewardBatch) -> None
 
 
 def requests_for_groups(
-    groups: Sequence[TrajectoryGroup], *, stage_weights: Mapping[int, Mapping[str, float]]
+    groups: Sequence[TrajectoryGroup],
+    *,
+    stage_weights: Mapping[int, Mapping[str, float]],
+    frames: Sequence[FrameSpec | None] | None = None,
 ) -> list[tuple[list[int], ScoreRequest]]:
     """What to send to reward actors for these groups: per curriculum stage present, the rows it
     covers (indices into the trajectories taken group after group) and a ``ScoreRequest``.
 
-    Only texts, targets and token counts travel: measured here for 2048 groups x 4 trajectories
-    with 20 kB images and 300-token completions, Ray serialises the groups themselves in 240 ms
-    (81 MB), the requests in 5 ms (3.5 MB). Token counts are the model-generated tokens
+    frames: per trajectory (same order), the frame of its final answer, None for the config frame.
+    Only texts, targets, token counts and frames travel: measured here for 2048 groups x 4
+    trajectories with 20 kB images and 300-token completions, Ray serialises the groups themselves
+    in 240 ms (81 MB), the requests in 5 ms (3.5 MB). Token counts are the model-generated tokens
     (loss_mask == 1), used when RewardConfig.overlong is set. Driver use::
 
-        parts = requests_for_groups(groups, stage_weights=w)
+        parts = requests_for_groups(groups, stage_weights=w, frames=frames)
         batches = ray.get([actor.score_request.remote(request) for _, request in parts])
         apply_rewards(groups, merge_batches([(rows, b) for (rows, _), b in zip(parts, batches)], total=n))
     """
     missing = sorted({g.stage for g in groups} - set(stage_weights))
     if missing:
         raise ValueError(f"no reward weights for curriculum stage(s) {missing}")
-    by_stage: dict[int, tuple[list[int], ScoreRequest]] = {}
+    n = sum(len(g.trajectories) for g in groups)
+    if frames is not None and len(frames) != n:
+        raise ValueError(f"frames has {len(frames)} rows for {n} trajectories")
+    # Per stage: rows, completion texts, targets (one object per group, shared by its samples), token counts.
+    by_stage: dict[int, tuple[list[int], list[str], list[Target], list[int]]] = {}
     row = 0
     for group in groups:
-        if group.stage not in by_stage:
-            by_stage[group.stage] = [], ScoreRequest([], [], dict(stage_weights[group.stage]), num_tokens=[])
-        rows, request = by_stage[group.stage]
+        rows, texts, targets, tokens = by_stage.setdefault(group.stage, ([], [], [], []))
         for traj in group.trajectories:
             rows.append(row)
-            request.completions.append(traj.completion_text)
-            request.targets.append(group.prompt.target)
-            request.num_tokens.append(sum(traj.loss_mask))  # type: ignore[union-attr]
+            texts.append(traj.completion_text)
+            targets.append(group.prompt.target)
+            tokens.append(sum(traj.loss_mask))
             row += 1
-    return [by_stage[stage] for stage in sorted(by_stage)]
+    return [
+        (rows, ScoreRequest.from_rows(
+            texts, targets, weights=stage_weights[stage], num_tokens=tokens,
+            frames=[frames[i] for i in rows] if frames is not None else None,
+        ))
+        for stage, (rows, texts, targets, tokens) in sorted(by_stage.items())
+    ]
 
 
-def merge_batches(parts: Sequence[tuple[Sequence[int], RewardBatch]], *, total: int) -> RewardBatch:
-    """One batch in row order from per-request batches and the rows each covered."""
+def merge_batches(parts: Sequence[tuple[Sequence[int], RewardColumns]], *, total: int) -> RewardBatch:
+    """One batch in row order from ``score_request`` results and the rows each covered.
+
+    Components missing from a part (none in practice: every request computes the same set) are 0.0
+    on its rows. Raises ValueError when the parts do not cover ``total`` rows.
+    """
     if len(parts) == 1 and list(parts[0][0]) == list(range(total)):
-        return parts[0][1]
-    names = sorted({name for _, batch in parts for name in batch.components})
-    merged = RewardBatch(
-        totals=[0.0] * total,
-        components={name: [0.0] * total for name in names},
-        failures=[None] * total,
-        strict_violations=[None] * total,
-    )
-    covered = 0
-    for rows, batch in parts:
-        covered += len(rows)
-        for k, i in enumerate(rows):
-            merged.totals[i] = batch.totals[k]
-            merged.failures[i] = batch.failures[k]
-            merged.strict_violations[i] = batch.strict_violations[k]
-        for name, values in batch.components.items():
-            column = merged.components[name]
-            for k, i in enumerate(rows):
-                column[i] = values[k]
+        return parts[0][1].to_batch()
+    covered = sum(len(rows) for rows, _ in parts)
     if covered != total:
         raise ValueError(f"the parts cover {covered} rows of {total}")
-    return merged
+    names = sorted({name for _, columns in parts for name in columns.components})
+    merged = RewardColumns(
+        totals=np.zeros(total),
+        components={name: np.zeros(total) for name in names},
+        failures=np.zeros(total, dtype=np.int8),
+        strict_violations=np.zeros(total, dtype=np.int8),
+    )
+    for rows, columns in parts:
+        if len(rows) != len(columns):
+            raise ValueError(f"a part has {len(columns)} results for {len(rows)} rows")
+        index = np.asarray(rows, dtype=np.int64)
+        merged.totals[index] = columns.totals
+        merged.failures[index] = columns.failures
+        merged.strict_violations[index] = columns.strict_violations
+        for name, values in columns.components.items():
+            merged.components[name][index] = values
+    return merged.to_batch()

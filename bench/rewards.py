@@ -11,13 +11,15 @@ conversion is part of the measured work.
 plain: ``rewards.compose.score_batch`` in this process, batch by batch.
 worker: the same batches sent to one ``ray.remote(RewardWorker)`` actor (``score_request``) with
 every call of a pass in flight at once (how a driver keeps its reward actor busy); the time
-includes sending completions and targets and receiving the rewards.
+includes building each columnar ``ScoreRequest`` (``from_rows``), sending it, receiving the
+``RewardColumns`` and turning them back into the ``RewardBatch`` that plain returns.
 worker_sequential: the same, one call at a time, so transport never overlaps scoring (the
 pessimistic figure). The three alternate pass by pass, in rotating order; each is repeated
 ``--repeats`` times and its best pass is reported.
 Also reported: the actor's own scoring time (a worker pass minus it is transport), and CPU-time
-rates of plain scoring and of the actor's scoring, which hold still when other jobs load the
-machine (wall-clock ratios on a shared 2-core box move by +-15% from run to run).
+rates of plain scoring, of the actor's scoring and of a whole worker pass (driver and actor
+processes, all threads), which hold still when other jobs load the machine (wall-clock ratios on a
+shared 2-core box move by +-15% from run to run, more under heavy load).
 
     python -m bench.rewards [--completions 65536] [--batch-size 8192] [--repeats 5]
     (``python bench/rewards.py`` works too)
@@ -148,26 +150,37 @@ def main() -> None:
         def plain_pass() -> list:
             return [score_batch(c, t, config=config, weights=weights) for c, t in batches]
 
+        def request(completions: list[str], targets: list[Target]) -> ScoreRequest:
+            return ScoreRequest.from_rows(completions, targets, weights=weights)
+
         def worker_pass() -> list:  # every call in flight at once, as a driver keeps its actor busy
-            return ray.get([actor.score_request.remote(ScoreRequest(c, t, weights)) for c, t in batches])
+            refs = [actor.score_request.remote(request(c, t)) for c, t in batches]
+            # Each result is unpacked as it arrives (as the driver does), while the actor scores the next.
+            return [ray.get(ref).to_batch() for ref in refs]
 
         def worker_sequential_pass() -> list:  # one call at a time: transport never overlaps scoring
-            return [ray.get(actor.score_request.remote(ScoreRequest(c, t, weights))) for c, t in batches]
+            return [ray.get(actor.score_request.remote(request(c, t))).to_batch() for c, t in batches]
+
+        def actor_process_cpu() -> float:  # every thread of the actor's process, Ray's own included
+            return ray.get(actor.__ray_call__.remote(lambda _: time.process_time()))
 
         sides = {"plain": plain_pass, "worker": worker_pass, "worker_sequential": worker_sequential_pass}
-        names = (*sides, "inside_actor", "plain_cpu", "inside_actor_cpu")
+        names = (*sides, "inside_actor", "plain_cpu", "inside_actor_cpu", "worker_cpu", "worker_sequential_cpu")
         seconds: dict[str, list[float]] = {name: [] for name in names}
         results: dict[str, list] = {}
         for rep in range(args.repeats):
             # Rotate the order every pass so no side always follows the same neighbour on a shared machine.
             order = list(sides)[rep % 3 :] + list(sides)[: rep % 3]
             for name in order:
-                start, start_cpu = time.perf_counter(), time.thread_time()
+                start_actor_cpu = actor_process_cpu() if name != "plain" else 0.0
+                start, start_cpu, start_process_cpu = time.perf_counter(), time.thread_time(), time.process_time()
                 results[name] = sides[name]()
                 seconds[name].append(time.perf_counter() - start)
                 if name == "plain":
                     seconds["plain_cpu"].append(time.thread_time() - start_cpu)
                 else:  # time the actor spent scoring in that pass; the rest was transport
+                    driver_cpu = time.process_time() - start_process_cpu
+                    seconds[f"{name}_cpu"].append(driver_cpu + actor_process_cpu() - start_actor_cpu)
                     stats = ray.get(actor.stats.remote(reset=True))
                     seconds["inside_actor"].append(stats[STAT_SECONDS])
                     seconds["inside_actor_cpu"].append(stats[STAT_CPU_SECONDS])
@@ -196,6 +209,11 @@ def main() -> None:
                 # CPU time instead of wall time: what the scoring costs, whatever else runs on the machine.
                 "plain_cpu_completions_per_s": round(rate["plain_cpu"]),
                 "inside_actor_cpu_completions_per_s": round(rate["inside_actor_cpu"]),
+                # The whole CPU cost of a worker pass: driver and actor processes, every thread (Ray's
+                # transport threads too), against plain scoring's; steadier than the wall-clock ratio.
+                "worker_cpu_completions_per_s": round(rate["worker_cpu"]),
+                "ratio_cpu": round(rate["worker_cpu"] / rate["plain_cpu"], 3),
+                "worker_sequential_cpu_completions_per_s": round(rate["worker_sequential_cpu"]),
                 "task_shares": dict(zip(TASKS, TASK_SHARES)),
                 "seconds_per_pass": {name: [round(v, 3) for v in values] for name, values in seconds.items()},
                 "parse_failures_per_pass": failures,

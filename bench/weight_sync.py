@@ -123,10 +123,12 @@ def main() -> None:
 
     import ray
 
-    from models.build import build_model
+    from models.build import RECIPES, build_model
+
+    RANDOM_SMALL = RECIPES["small"].model_copy(update={"warm_start": None})  # weights' values do not matter here
 
     with tempfile.TemporaryDirectory(dir=REPO / ".tmp") as tmp:
-        model_dir = args.model_dir or str(build_model(size="small", out_dir=Path(tmp) / "small"))
+        model_dir = args.model_dir or str(build_model(size="small", out_dir=Path(tmp) / "small", recipe=RANDOM_SMALL))
         policy = load_model(model_dir)
         bucket_bytes = int(args.bucket_mib * 2**20)
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

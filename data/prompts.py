@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Frame = Literal["original", "input", "norm1000"]
 FRAMES: tuple[str, ...] = ("original", "input", "norm1000")
@@ -46,6 +46,17 @@ class PromptConfig(BaseModel):
     allow_zoom: bool = Field(
         default=False, description="describe the <zoom>[box]</zoom> tool call that ends a turn",
     )
+    system: Literal["full", "brief"] = Field(
+        default="full",
+        description="full: role, grammar, frame and focus hints (for models that read instructions); brief: "
+        "two sentences, for small models trained on this task (~25 tokens instead of ~250 in every sequence)",
+    )
+
+    @model_validator(mode="after")
+    def _brief_alone(self) -> PromptConfig:
+        if self.system == "brief" and (self.n_demos or self.allow_zoom):
+            raise ValueError("system: brief carries no demonstrations and no zoom tool (set n_demos 0, allow_zoom false)")
+        return self
 
 
 def question_for(task: str, *, category: str | None = None, phrase: str | None = None,
@@ -111,6 +122,13 @@ def _frame_sentence(frame: str, frame_w: int, frame_h: int) -> str:
             f"pixels high, x grows to the right and y downwards from the top-left corner (0, 0).")
 
 
+def brief_system_prompt(*, frame: str, frame_w: int, frame_h: int) -> str:
+    """The two-sentence system message of ``PromptConfig.system == "brief"``: task, grammar and frame."""
+    where = "0-1000 normalised" if frame == "norm1000" else f"pixels of the {frame_w}x{frame_h} image"
+    return (f"Find the animal hidden by camouflage. Reply <think>…</think><answer>JSON</answer> with boxes "
+            f"[x1, y1, x2, y2] in {where}.")
+
+
 def system_prompt(*, frame: str, frame_w: int, frame_h: int, n_demos: int = 0, allow_zoom: bool = False) -> str:
     """The system message text: role, answer grammar, coordinate frame, tool, demonstrations."""
     parts = [
@@ -143,8 +161,11 @@ def build_messages(*, question: str, task: str, width: int, height: int, config:
     if task not in ("camo", "classify", "detect", "ground"):
         raise ValueError(f"task: unknown {task!r} (expected camo, classify, detect or ground)")
     frame_w, frame_h = frame_size(config.frame, width=width, height=height, input_size=input_size)
-    system = system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h,
-                           n_demos=config.n_demos, allow_zoom=config.allow_zoom)
+    if config.system == "brief":
+        system = brief_system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h)
+    else:
+        system = system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h,
+                               n_demos=config.n_demos, allow_zoom=config.allow_zoom)
     return [
         {"role": "system", "content": system},
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
@@ -157,13 +178,21 @@ def answer_json(*, present: bool, category: str | None, boxes: Sequence[Sequence
                        "boxes": [list(b) for b in boxes] if present else []})
 
 
-def target_completion(row: dict[str, Any], *, frame: str, input_size: tuple[int, int] | None = None) -> str:
-    """The ideal completion for a data set row: short refocus-style think, then the exact answer.
+def target_completion(row: dict[str, Any], *, frame: str, input_size: tuple[int, int] | None = None,
+                      think: Literal["refocus", "brief"] = "refocus") -> str:
+    """The ideal completion for a data set row: a think, then the exact answer.
 
-    Boxes are converted from original pixels into ``frame`` and rounded to integers.
+    ``think`` "refocus": a short Visual-Refocus trace (overview, focus boxes, summary); "brief": only
+    the category (or "none"), so a small model decides what it sees before it writes boxes, at a
+    fraction of the tokens. Boxes are converted from original pixels into ``frame`` and rounded.
     """
     boxes = [box_to_frame(b, frame=frame, width=row["width"], height=row["height"], input_size=input_size)
              for b in row["boxes"]]
+    if think == "brief":
+        answer = answer_json(present=bool(row["present"]), category=row["category"], boxes=boxes)
+        return f"<think>{row['category'] if row['present'] and row['category'] else 'none'}</think><answer>{answer}</answer>"
+    if think != "refocus":
+        raise ValueError(f"think: expected refocus or brief, got {think!r}")
     overview = "Overview: a textured scene; I look for an outline that breaks its pattern."
     name = row["category"] or "animal"
     if not row["present"]:

@@ -25,14 +25,24 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionErro
 
 
 def cmd_model_build(args) -> int:
-    from models.build import build_model
+    from models.build import RECIPES, build_model
 
-    path = build_model(size=args.size, out_dir=args.out, seed=args.seed)
+    recipe = RECIPES[args.size]
+    if args.warm_start_steps is not None:
+        if args.warm_start_steps < 0:
+            raise ValueError(f"--warm-start-steps: must be >= 0, got {args.warm_start_steps}")
+        warm_start = None
+        if args.warm_start_steps:
+            from models.warmstart import WarmStartConfig
+
+            warm_start = (recipe.warm_start or WarmStartConfig()).model_copy(update={"steps": args.warm_start_steps})
+        recipe = recipe.model_copy(update={"warm_start": warm_start})
+    path = build_model(size=args.size, out_dir=args.out, seed=args.seed, recipe=recipe)
     print(path)
     return 0
 
 
-def _progress_bar(description: str):
+def _progress_bar(description: str, unit: str = "img"):
     """A ``progress(done, total)`` callback drawing a tqdm bar on stderr."""
     from tqdm import tqdm
 
@@ -41,7 +51,7 @@ def _progress_bar(description: str):
     def progress(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=description, unit="img")
+            bar = tqdm(total=total, desc=description, unit=unit)
         bar.update(done - bar.n)
         if done >= total:
             bar.close()
@@ -91,24 +101,36 @@ def cmd_rewards_score(args) -> int:
     return 0
 
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "small-cpu.yaml"  # the main job on the embedded default
 
 
 def cmd_train(args) -> int:
     from deploy.config import load_run_config
-    from deploy.driver import Driver
+    from deploy.pipeline import run_pipeline
 
     config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
-    driver = Driver(config, resume=args.resume)
-    try:
-        summary = driver.run()
-    finally:
-        driver.shutdown()
+    summary = run_pipeline(config, resume=args.resume, progress=_progress_bar)
+    print(json.dumps(summary, indent=2, default=str))
+    if "eval_json" in summary:
+        from deploy.evaluate import ALL_TASKS
+        from deploy.report import metrics_table
+
+        result = json.loads(Path(summary["eval_json"]).read_text())
+        print("\n".join(metrics_table(result, task=ALL_TASKS, short=True)))
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from deploy.config import load_run_config
+    from deploy.sft import run_sft
+
+    config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
+    if config.sft is None:
+        raise ValueError("sft: the config has no sft section (add one, or --set sft.steps=N)")
+    out = Path(args.out) if args.out else Path(config.train.output_dir) / "sft"
+    summary = run_sft(config, out_dir=out, init_from=args.init_from, resume=args.resume,
+                      progress=_progress_bar("sft", unit="step"))
     print(json.dumps(summary.__dict__, indent=2, default=str))
-    if config.train.eval_at_end:
-        out = Path(config.train.output_dir)
-        _evaluate_and_report(config, model_path=summary.checkpoint, data=config.data.path, splits=None,
-                             limit=config.train.eval_limit, out=out / "eval", run_dir=out)
     return 0
 
 
@@ -129,13 +151,12 @@ def cmd_eval(args) -> int:
 
 
 def _evaluate_and_report(config, *, model_path, data, splits, limit, out, run_dir) -> None:
-    from deploy.evaluate import ALL_TASKS, evaluate
-    from deploy.report import metrics_table, write_report
+    from deploy.evaluate import ALL_TASKS
+    from deploy.pipeline import evaluate_and_report
+    from deploy.report import metrics_table
 
-    result = evaluate(model_path=model_path, data_dir=data, splits=splits or config.data.eval_splits,
-                      config=config, limit=limit, progress=_progress_bar("eval"))
-    files = write_report(result=result, out_dir=out, run_dir=run_dir,
-                         stage_names=[stage.name for stage in config.curriculum.stages])
+    result, files = evaluate_and_report(config, model_path=model_path, data=data, splits=splits, limit=limit,
+                                        out=out, run_dir=run_dir, progress=_progress_bar("eval"))
     print(files.eval_json)
     print("\n".join(metrics_table(result, task=ALL_TASKS, short=True)))
     print(files.report_md)
@@ -257,8 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="build the embedded default model").add_subparsers(
         dest="model_command", required=True, metavar="ACTION"
     )
-    p = model.add_parser("build", help="write a random-initialised Qwen2.5-VL checkpoint directory")
+    p = model.add_parser("build", help="write a Qwen2.5-VL checkpoint directory (small: vision tower warm-started)")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny ≈1.2M params, small ≈10M")
+    p.add_argument("--warm-start-steps", type=int, help="perception warm-start steps (0: random vision tower; "
+                   "default: the size's recipe, 240 for small, none for tiny)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model_build)
@@ -295,12 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rewards_score)
 
     p = sub.add_parser(
-        "train", help="run a training job (default: the embedded tiny-cpu config on a local Ray)",
-        description="Runs the driver: rollouts, rewards, buffer, learner, weight sync, checkpoints, /metrics.",
+        "train", help="the main job: model, data, SFT, RL with the curriculum, evaluation and report",
+        description="Builds the model and data if missing, runs SFT (if the config has an sft section), then the "
+        "RL driver (rollouts, rewards, buffer, learner, weight sync, checkpoints, /metrics), then evaluates the "
+        "final checkpoint and writes the report. Default config: the embedded small-cpu learning run.",
     )
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "sft", help="supervised warm start (cross-entropy on target answers) with the run's learner backend",
+        description="Trains on the config's training rows as the rollout would prompt them; writes "
+        "OUT/checkpoints/step_N (model directories RL and eval start from), sft_events.jsonl, sft_summary.json.",
+    )
+    _add_config_args(p)
+    p.add_argument("--out", help="output directory (default: TRAIN.OUTPUT_DIR/sft)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT's last complete checkpoint")
+    p.add_argument("--init-from", help="start from this SFT checkpoint's full state (e.g. the SFT control)")
+    p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on test splits; writes eval.json, report.md and PNGs",
@@ -310,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="model directory (e.g. RUN/checkpoints/step_N) or builtin:tiny")
     p.add_argument("--data", required=True, help="directory of <split>.parquet files")
-    p.add_argument("--config", help="run config YAML (default: the built-in tiny-cpu config)")
+    p.add_argument("--config", help="run config YAML (default: deploy/configs/small-cpu.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override, repeatable")
     p.add_argument("--run-dir", help="training run directory: adds its reward curves from events.jsonl")
     p.add_argument("--out", help="output directory (default: RUN_DIR/eval/<checkpoint name>, or ./eval/<name>)")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from actors.config import RolloutConfig
 from curriculum.config import CurriculumConfig
 from deploy.config_loading import load_config
+from deploy.sft import SFTConfig
 from learner.config import LearnerConfig
 from models.config import ModelConfig
 from rewards.components import COMPONENTS as REWARD_COMPONENTS
@@ -37,6 +38,8 @@ class DataConfig(BaseModel):
     synth_seed: int = Field(0, ge=0, description="seed of the synthetic set")
     synth_n: int = Field(600, ge=10, le=10_000_000, description="synthetic images in all splits")
     train_split: str = Field("train", description="split name (file stem) used for training")
+    train_limit: int | None = Field(
+        None, ge=1, description="train (SFT and RL) on only the first N valid rows: the few-shot setting")
     eval_splits: list[str] = Field(
         default_factory=lambda: ["test_easy", "test_hard"], description="splits evaluated at the end"
     )
@@ -87,6 +90,9 @@ class TrainConfig(BaseModel):
     output_dir: str = Field("runs/default", description="checkpoints, metrics log and reports")
     eval_at_end: bool = Field(True, description="`refocus train`: evaluate the final checkpoint and write a report")
     eval_limit: int | None = Field(32, ge=1, description="rows per split evaluated at the end (None: all)")
+    eval_modes: list[Literal["greedy", "sampled"]] = Field(
+        default_factory=lambda: ["greedy", "sampled"], min_length=1,
+        description="evaluation modes at the end: greedy (temperature 0) and/or sampled (the rollout's sampling)")
     run_name: str = Field(
         "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
         description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",
@@ -116,6 +122,7 @@ class RunConfig(BaseModel):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    sft: SFTConfig | None = Field(None, description="supervised warm start before RL (`refocus train` runs it first)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
@@ -146,6 +153,10 @@ class RunConfig(BaseModel):
                 f"train.prompts_per_step ({self.train.prompts_per_step}) must divide evenly across "
                 f"cluster.rollout_workers ({self.cluster.rollout_workers})"
             )
+        if self.sft is not None and self.sft.batch_samples % (self.learner.world_size * self.sft.micro_batch_samples):
+            raise ValueError(
+                f"sft.batch_samples ({self.sft.batch_samples}) must be divisible by learner.world_size × "
+                f"sft.micro_batch_samples ({self.learner.world_size} × {self.sft.micro_batch_samples})")
         for index, stage in enumerate(self.curriculum.stages):
             unknown = set(stage.reward_weights) - set(REWARD_COMPONENTS)
             if unknown:

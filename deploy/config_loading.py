@@ -2,6 +2,9 @@
 
 No eval and no silent rewriting: override values are parsed as YAML scalars/lists (``1e-6`` → float,
 ``[1, 2]`` → list, ``null`` → None), then the whole document is validated once.
+
+A YAML file may start from another one with ``base: other.yaml`` (a path relative to the file): its
+mappings are merged key by key over the base's, lists and scalars replace the base's values.
 """
 
 from __future__ import annotations
@@ -67,21 +70,44 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
     return "\n".join(lines)
 
 
+BASE_KEY = "base"
+
+
+def _load_document(path: Path, *, seen: tuple[Path, ...]) -> dict:
+    """The YAML mapping of ``path`` merged over its ``base`` chain."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base chain loops ({' -> '.join(str(p) for p in seen)})")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    document = loaded or {}
+    base = document.pop(BASE_KEY, None)
+    if base is None:
+        return document
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a YAML file path, got {base!r}")
+    return _merged(_load_document(path.parent / base, seen=(*seen, path.resolve())), document)
+
+
+def _merged(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
 def load_config(model: type[M], path: str | Path | None = None, overrides: list[str] | None = None) -> M:
     """Load ``path`` (YAML; None = all defaults), apply ``overrides``, validate into ``model``."""
     document: dict = {}
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        document = loaded or {}
+        document = _load_document(Path(path), seen=())
     document = apply_overrides(document, overrides or [])
     try:
         return model.model_validate(document)

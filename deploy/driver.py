@@ -52,7 +52,8 @@ from curriculum.sampler import PromptSampler
 from deploy.config import RunConfig
 from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
-from deploy.training_data import TrainingData, load_training_data
+from deploy.training_data import TrainingData, prepare_training_data
+from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
 from learner.checkpoint import is_complete, latest_complete, step_dir_name
 from models.config import resolve_model_path
@@ -123,6 +124,7 @@ class Driver:
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
         self.model_path = resolve_model_path(cfg.model)
+        log.info("policy model: %s", self.model_path)
         self.limits = self._image_limits()
         self.data = self._load_data()
         for reason, count in self.data.bad_rows.items():
@@ -133,7 +135,7 @@ class Driver:
                 ray.init(address=cfg.cluster.address)
             else:
                 ray.init(num_cpus=cfg.cluster.num_cpus, include_dashboard=False,
-                         runtime_env={"env_vars": _actor_env()})
+                         runtime_env={"env_vars": actor_env()})
         self._started = True
         if cfg.metrics.enabled:
             self.metrics_port = self.metrics.serve(host=cfg.metrics.host, port=cfg.metrics.port)
@@ -146,7 +148,7 @@ class Driver:
         from deploy.learner_group import LearnerGroup
 
         self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
-                                    env_vars=_actor_env())
+                                    env_vars=actor_env())
         self.rewarders = [self._start_reward_worker() for _ in range(cfg.cluster.reward_workers)]
         self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
         self.workers = [self._start_rollout_worker(i) for i in range(cfg.cluster.rollout_workers)]
@@ -189,14 +191,7 @@ class Driver:
         return limits
 
     def _load_data(self) -> TrainingData:
-        cfg = self.config.data
-        split_file = Path(cfg.path) / f"{cfg.train_split}.parquet"
-        if not split_file.exists() and cfg.synth:
-            from data.synth import synthesize
-
-            log.info("generating the synthetic data set in %s (%d images)", cfg.path, cfg.synth_n)
-            synthesize(out_dir=cfg.path, seed=cfg.synth_seed, n=cfg.synth_n)
-        return load_training_data(split_file, max_bad_fraction=cfg.max_bad_fraction)
+        return prepare_training_data(self.config.data)
 
     def _start_rollout_worker(self, index: int) -> _Worker:
         import ray
@@ -206,7 +201,7 @@ class Driver:
         handle = (
             ray.remote(RolloutActor)
             .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
-                     runtime_env={"env_vars": _actor_env()})  # also when joining a cluster (refocus submit)
+                     runtime_env={"env_vars": actor_env()})  # also when joining a cluster (refocus submit)
             .remote(config=self.config.rollout, model_path=str(self.model_path), worker_id=name)
         )
         worker = _Worker(name=name, handle=handle)
@@ -439,12 +434,9 @@ class Driver:
 
     def _score(self, groups: list[TrajectoryGroup]) -> None:
         """Send only texts, targets and frames (not images) to a reward worker."""
-        parts = requests_for_groups(groups, stage_weights=self.stage_weights)
-        frames = self._frames(groups)
+        parts = requests_for_groups(groups, stage_weights=self.stage_weights, frames=self._frames(groups))
         refs, rows, used = [], [], []
         for row_list, request in parts:  # one request per curriculum stage present
-            if any(frames[i] is not None for i in row_list):
-                request.frames = [frames[i] for i in row_list]
             used.append(next(self._next_rewarder))
             refs.append(self.rewarders[used[-1]].score_request.remote(request))
             rows.append(row_list)
@@ -758,13 +750,3 @@ def _pid_call(handle):
         return os.getpid()
 
     return handle.__ray_call__.remote(process_id)
-
-
-def _actor_env() -> dict[str, str]:
-    """Environment every actor needs: vLLM in-process, DeepSpeed on CPU where there is no GPU, caches."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0")}
-    for var in ("HF_HOME", "HF_HUB_OFFLINE", "VLLM_CACHE_ROOT", "TORCH_EXTENSIONS_DIR", "TRITON_CACHE_DIR",
-                "DS_ACCELERATOR", "TMPDIR"):
-        if var in os.environ:
-            env[var] = os.environ[var]
-    return env

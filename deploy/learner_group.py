@@ -116,6 +116,10 @@ class LearnerGroup:
             batch = self.collate(batch)
         return self._all("step", shards=self.split(batch))[0]
 
+    def sft_step(self, batch: LearnerBatch) -> dict[str, float]:
+        """One supervised (cross-entropy) optimiser step on a global batch; rank 0's global statistics."""
+        return self._all("sft_step", shards=self.split(batch))[0]
+
     def logprobs(self, batch: LearnerBatch) -> torch.Tensor:
         """[B, L] current-policy log-probs of a global batch (each rank scores its shard)."""
         pieces = self._all("logprobs", shards=self.split(batch))

@@ -59,8 +59,23 @@ def _reason(problem: str) -> str:
     return problem.split(":", 1)[0].split("[", 1)[0].strip() or "row"
 
 
-def load_training_data(path: str | Path, *, max_bad_fraction: float) -> TrainingData:
-    """Read a Parquet split, keeping valid rows (clamped) and counting the rest by field."""
+def prepare_training_data(config) -> TrainingData:
+    """The training split of a run's ``DataConfig``: synthesised first when missing (and ``synth`` is on),
+    then read; with ``train_limit`` only its first valid rows are kept (the few-shot setting)."""
+    split_file = Path(config.path) / f"{config.train_split}.parquet"
+    if not split_file.exists() and config.synth:
+        from data.synth import synthesize
+
+        log.info("generating the synthetic data set in %s (%d images)", config.path, config.synth_n)
+        synthesize(out_dir=config.path, seed=config.synth_seed, n=config.synth_n)
+    return load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit)
+
+
+def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int | None = None) -> TrainingData:
+    """Read a Parquet split, keeping valid rows (clamped) and counting the rest by field.
+
+    ``limit``: keep only the first ``limit`` valid rows (file order); bad rows are still counted in full.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data: no Parquet file at {path}")
@@ -77,7 +92,8 @@ def load_training_data(path: str | Path, *, max_bad_fraction: float) -> Training
                 bad[_reason(problems[0])] += 1
                 log.warning("skipping row %r: %s", row.get("id") if isinstance(row, dict) else None, "; ".join(problems))
                 continue
-            rows[row["id"]] = clamp_row(row)
+            if limit is None or len(rows) < limit:
+                rows[row["id"]] = clamp_row(row)
     except (OSError, ValueError) as e:  # pyarrow raises these for unreadable files or wrong column types
         raise BadDatasetError(f"data: cannot read {path}: {e}") from e
     n_bad = sum(bad.values())

@@ -36,7 +36,7 @@ from learner.config import LearnerConfig
 from learner.export import DEFAULT_BUCKET_BYTES, WeightBucket, export_weights, greedy_completion, save_hf_directory
 from learner.forward import sequence_logprobs
 from learner.loss import (APPROX_KL, CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_POLICY, LOSS_TOTAL,
-                          NUM_TOKENS, RATIO_MAX, RATIO_MEAN, grpo_loss)
+                          NUM_TOKENS, RATIO_MAX, RATIO_MEAN, SFT_NLL, grpo_loss, sft_loss)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,34 @@ class Learner:
             STEP_SECONDS: seconds, TOKENS_PER_SECOND: tokens / seconds,
         })
         return result
+
+    def sft_step(self, batch: LearnerBatch) -> dict[str, float]:
+        """One supervised optimiser step: cross-entropy on the batch's ``completion_mask`` tokens (collective).
+
+        The same backend, micro-batching, global token normaliser and schedule as ``step``; advantages
+        and old log-probs are ignored. Returns the global mean NLL per token, grad norm, lr, tokens,
+        samples and wall time.
+        """
+        start = time.perf_counter()
+        counts = torch.tensor([batch.num_loss_tokens, batch.num_samples], dtype=torch.float64)
+        tokens, samples = self.backend.all_reduce(counts).tolist()
+        if tokens == 0:
+            raise ValueError("the global batch has no trained tokens (every completion_mask is 0)")
+        lr = self.backend.lr
+        self.model.train()
+        nll_sum = 0.0
+        for m in batch.micro_batches(self.config.micro_batch_samples):
+            m = m.to(self.device)
+            logprobs, _ = self._logprobs(self.backend.policy, m, grad=True)
+            loss, stats = sft_loss(logprobs, m.completion_mask, num_tokens=tokens)
+            self.backend.accumulate(loss)
+            nll_sum += float(stats[SFT_NLL]) * float(stats[NUM_TOKENS])
+        grad_norm = self.backend.apply()
+        self.version += 1
+        nll = float(self.backend.all_reduce(torch.tensor([nll_sum], dtype=torch.float64))[0]) / tokens
+        seconds = time.perf_counter() - start
+        return {SFT_NLL: nll, LOSS_TOTAL: nll, STEP: float(self.version), GRAD_NORM: grad_norm, LR: lr,
+                TOKENS: tokens, SAMPLES: samples, STEP_SECONDS: seconds, TOKENS_PER_SECOND: tokens / seconds}
 
     def _old_and_reference_logprobs(self, micro: list[LearnerBatch]) -> tuple[list, list]:
         """Per micro-batch: the ratio's denominator and (with KL) the reference policy's log-probs."""

@@ -161,3 +161,27 @@ def _stats(*, ratio, log_ratio, adv, weight, pg_tok, kl_tok, entropy, eps_low, e
     if entropy is not None:
         stats[ENTROPY] = masked_mean(entropy)
     return {name: value.detach() for name, value in stats.items()}
+
+
+SFT_NLL = "loss/sft_nll"  # mean negative log-likelihood per trained token (the SFT loss itself)
+
+
+def sft_loss(logprobs: Tensor, mask: Tensor, *, num_tokens: float | Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy of supervised fine-tuning: the negative log-likelihood of the target tokens.
+
+    loss = -sum_bt logprobs * mask / num_tokens
+
+    Args:
+        logprobs: [B, T] log-probs of the target tokens under the model being trained (with grad).
+        mask: [B, T] bool or 0/1 float; 1 on the tokens that are trained on (the answer tokens).
+        num_tokens: normaliser; default: unmasked tokens of this batch. A batch split over ranks and
+            micro-batches passes the GLOBAL count, so the pieces' losses sum to the whole batch's.
+    """
+    if logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)} and mask {tuple(mask.shape)} differ")
+    weight = mask.to(logprobs.dtype)
+    local_tokens = weight.sum()
+    norm = local_tokens.clamp(min=1.0) if num_tokens is None else torch.as_tensor(num_tokens, dtype=logprobs.dtype)
+    loss = -(logprobs * weight).sum() / norm
+    return loss, {LOSS_TOTAL: loss.detach(), SFT_NLL: (-(logprobs.detach() * weight).sum() / local_tokens.clamp(min=1.0)),
+                  NUM_TOKENS: local_tokens.detach()}

@@ -182,9 +182,7 @@ def _score(groups, *, rewards: RewardWorker, frame: str, limits: ImageLimits, zo
                                                         limits=limits, zoom_pixels=zoom_pixels)
               for g in groups for t in g.trajectories]
     parts = []
-    for rows, request in requests_for_groups(groups, stage_weights=STAGE_WEIGHTS):
-        if any(frames[i] is not None for i in rows):
-            request.frames = [frames[i] for i in rows]
+    for rows, request in requests_for_groups(groups, stage_weights=STAGE_WEIGHTS, frames=frames):
         parts.append((rows, rewards.score_request(request)))
     batch = merge_batches(parts, total=sum(len(g.trajectories) for g in groups))
     apply_rewards(groups, batch)

@@ -1,18 +1,26 @@
-"""actors.reward.RewardWorker: plain use, failure counts, custom rewards, groups, and under real Ray."""
+"""actors.reward.RewardWorker: plain use, failure counts, custom rewards, groups, columnar requests and
+results, and under real Ray."""
 
 from __future__ import annotations
 
+import pickle
 import textwrap
 
+import numpy as np
+import pyarrow as pa
 import pytest
 
 from actors.reward import (
     COMPONENT_STATS,
     PARSE_FAILURE_STATS,
+    REASON_CODES,
+    STAT_CPU_SECONDS,
     STAT_CUSTOM_ERRORS,
     STAT_SCORED,
+    STAT_SECONDS,
     STAT_STRICT_VIOLATIONS,
     STAT_TOTAL,
+    RewardColumns,
     RewardWorker,
     ScoreRequest,
     apply_rewards,
@@ -22,6 +30,7 @@ from actors.reward import (
 from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup
 from rewards.compose import score_batch
 from rewards.config import RewardConfig
+from rewards.frames import FrameSpec
 
 GOOD = '<think>bark</think><answer>{"present": true, "category": "moth", "boxes": [[10, 10, 50, 50]]}</answer>'
 NONE = '<think>plain sand</think><answer>{"present": false, "category": null, "boxes": []}</answer>'
@@ -142,8 +151,9 @@ def test_requests_for_groups_carry_only_what_scoring_needs():
     parts = requests_for_groups(groups, stage_weights=stage_weights)
     assert [rows for rows, _ in parts] == [[2], [0, 1, 3]]  # stage 1 first; rows in trajectory order
     stage_two = parts[1][1]
-    assert stage_two.completions == [GOOD, NONE, ""] and stage_two.targets == [MOTH, MOTH, EMPTY]
-    assert stage_two.weights == {"format": 1.0} and stage_two.num_tokens == [90, 90, 90]
+    assert stage_two.completion_texts() == [GOOD, NONE, ""] and stage_two.target_rows() == [MOTH, MOTH, EMPTY]
+    assert stage_two.weights == {"format": 1.0} and stage_two.token_counts() == [90, 90, 90]
+    assert stage_two.frames is None  # no frames given: the config frame
     # Driver-style: score each request separately, merge back into trajectory order.
     worker = RewardWorker(CONFIG)
     merged = merge_batches([(rows, worker.score_request(request)) for rows, request in parts], total=4)
@@ -151,6 +161,111 @@ def test_requests_for_groups_carry_only_what_scoring_needs():
     assert merged.totals == [1.0, 1.0, pytest.approx(2 / 3), 0.0]
     with pytest.raises(ValueError, match="cover 3 rows of 4"):
         merge_batches([(rows, worker.score_request(request)) for rows, request in parts[1:]], total=4)
+
+
+OVERLONG_CONFIG = RewardConfig(frame={"kind": "original"}, overlong={"l_max": 100, "l_cache": 20})
+RICH_WEIGHTS = {**WEIGHTS, "overlong": 1.0}
+UNICODE = GOOD.replace("bark", "Rinde 🦋 树皮 e\u0301") + "\n"  # emoji, CJK, a combining accent, after the tags
+SURROGATE = GOOD.replace("bark", "bad \ud800 byte")  # a lone surrogate: valid in a str, not in UTF-8
+
+
+def _rich_batch():
+    """Rows covering what a request carries: malformed and non-ASCII texts, absent targets, several
+    boxes, explicit frames (crop, norm1000, input) next to config-frame rows, token counts."""
+    moth = Target(present=True, category="moth", boxes=[[10, 10, 50, 60]], width=100, height=100)
+    crabs = Target(present=True, category="crab", boxes=[[0, 0, 10, 10], [20, 20, 30, 30]], width=100, height=100)
+    empty = Target(present=False, category=None, boxes=[], width=640, height=480)
+    completions = ["", "<think>no answer yet", GOOD, UNICODE, GOOD, GOOD, GOOD, NONE, DETECT, DETECT[:-20], "{'x'"]
+    targets = [moth, moth, moth, moth, moth, moth, moth, empty, crabs, crabs, empty]
+    frames = [None, None, None, None,
+              FrameSpec(kind="norm1000"),
+              FrameSpec(kind="input", input_width=50, input_height=50),
+              FrameSpec(kind="input", input_width=100, input_height=100, crop=(0.0, 0.0, 50.0, 50.0)),
+              None, None, FrameSpec(kind="original", crop=(1.5, 2.5, 90.0, 95.0)), None]
+    num_tokens = [0, 5, 85, 90, 10, 100, 120, 1, 80, 95, 7]
+    return completions, targets, frames, num_tokens
+
+
+def _round_trip(obj):
+    """Pickle as Ray does: protocol 5, buffers out of band."""
+    buffers: list = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return pickle.loads(data, buffers=buffers)
+
+
+def test_columnar_request_carries_the_rows_exactly():
+    completions, targets, frames, num_tokens = _rich_batch()
+    request = _round_trip(
+        ScoreRequest.from_rows(completions, targets, weights=RICH_WEIGHTS, frames=frames, num_tokens=num_tokens)
+    )
+    assert len(request) == 11 and request.completions.type == pa.large_string()
+    assert request.completion_texts() == completions
+    assert request.target_rows() == targets  # int boxes come back as equal floats
+    assert request.frame_rows() == frames and request.token_counts() == num_tokens
+    # Three distinct target objects, stored once each; rows of one object share its copy.
+    assert request.target_index.tolist() == [0, 0, 0, 0, 0, 0, 0, 1, 2, 2, 1]
+    assert request.targets.categories == ["moth", "crab"] and request.targets.category.tolist() == [0, -1, 1]
+    assert request.targets.box_offsets.tolist() == [0, 1, 1, 3]
+    rows = request.target_rows()
+    assert rows[0] is rows[6] and rows[8] is rows[9]
+
+
+def test_columnar_request_scores_exactly_as_plain_functions():
+    completions, targets, frames, num_tokens = _rich_batch()
+    plain_worker, columnar_worker = RewardWorker(OVERLONG_CONFIG), RewardWorker(OVERLONG_CONFIG)
+    plain = plain_worker.score(completions, targets, weights=RICH_WEIGHTS, frames=frames, num_tokens=num_tokens)
+    request = ScoreRequest.from_rows(completions, targets, weights=RICH_WEIGHTS, frames=frames, num_tokens=num_tokens)
+    result = _round_trip(columnar_worker.score_request(_round_trip(request)))
+    assert isinstance(result, RewardColumns) and result.to_batch() == plain
+    timings = {STAT_SECONDS, STAT_CPU_SECONDS}
+    counts = [{k: v for k, v in w.stats().items() if k not in timings} for w in (plain_worker, columnar_worker)]
+    assert counts[0] == counts[1] and counts[0][PARSE_FAILURE_STATS["no_answer_tag"]] == 2
+    # The frames were applied: box [10,10,50,50] in a 50x50 input frame is [20,20,100,100] in the
+    # original; against [10,10,50,60]: intersection 30*40 = 1200, union 6400 + 2000 - 1200 = 7200.
+    assert plain[5].components["iou"] == pytest.approx(1 / 6)
+    assert plain[3].components["overlong"] == pytest.approx(-0.5)  # 90 tokens on the ramp 80..100
+    assert [plain[i].failure for i in (0, 1, 10)] == ["empty", "no_answer_tag", "no_answer_tag"]
+    assert REASON_CODES[result.failures[0]] == "empty" and result.failures[2] == 0
+
+
+def test_columnar_request_keeps_texts_that_utf8_cannot_encode():
+    completions = [GOOD, SURROGATE, ""]
+    request = _round_trip(ScoreRequest.from_rows(completions, [MOTH] * 3, weights=WEIGHTS))
+    assert request.completions.type == pa.large_binary()  # the fallback layout
+    assert request.completion_texts() == completions
+    worker = RewardWorker(CONFIG)
+    assert worker.score_request(request).to_batch() == score_batch(completions, [MOTH] * 3, config=CONFIG,
+                                                                   weights=WEIGHTS)
+
+
+def test_columnar_request_drops_all_none_frames_and_rejects_bad_rows():
+    assert ScoreRequest.from_rows([GOOD, NONE], [MOTH, EMPTY], weights=WEIGHTS, frames=[None, None]).frames is None
+    empty = ScoreRequest.from_rows([], [], weights=WEIGHTS, num_tokens=[])
+    assert len(empty) == 0 and RewardWorker(CONFIG).score_request(empty).to_batch() == score_batch(
+        [], [], config=CONFIG, weights=WEIGHTS)
+    with pytest.raises(ValueError, match="targets has 1 rows for 2 completions"):
+        ScoreRequest.from_rows([GOOD, NONE], [MOTH], weights=WEIGHTS)
+    with pytest.raises(ValueError, match="num_tokens must be integers"):
+        ScoreRequest.from_rows([GOOD], [MOTH], weights=WEIGHTS, num_tokens=[3.5])
+    bad_box = Target(present=True, category="moth", boxes=[[1, 2, 3]], width=10, height=10)
+    with pytest.raises(ValueError, match="target boxes"):
+        ScoreRequest.from_rows([GOOD], [bad_box], weights=WEIGHTS)
+
+
+def test_merge_batches_puts_columns_back_in_row_order():
+    worker = RewardWorker(CONFIG)
+    completions, targets = _batch()
+    whole = worker.score(completions, targets, weights=WEIGHTS)
+    odd, even = [1, 3, 5], [0, 2, 4]
+    parts = [
+        (rows, worker.score_request(ScoreRequest.from_rows([completions[i] for i in rows],
+                                                           [targets[i] for i in rows], weights=WEIGHTS)))
+        for rows in (odd, even)
+    ]
+    assert merge_batches(parts, total=6) == whole
+    assert merge_batches([(range(6), RewardColumns.of(whole))], total=6) == whole  # the one-part path
+    with pytest.raises(ValueError, match="3 results for 2 rows"):
+        merge_batches([(odd[:2], parts[0][1]), ([0, 2, 4, 5], parts[1][1])], total=6)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +282,20 @@ def test_worker_under_ray_matches_plain_functions(ray_session):
     completions, targets = _batch(n_repeats=50)
     plain = score_batch(completions, targets, config=CONFIG, weights=WEIGHTS)
     assert ray.get(actor.score.remote(completions, targets, weights=WEIGHTS)) == plain
-    assert ray.get(actor.score_request.remote(ScoreRequest(completions, targets, WEIGHTS))) == plain
+    request = ScoreRequest.from_rows(completions, targets, weights=WEIGHTS)
+    assert ray.get(actor.score_request.remote(request)).to_batch() == plain
     stats = ray.get(actor.stats.remote())
     assert stats[STAT_SCORED] == 600 and stats[PARSE_FAILURE_STATS["empty"]] == 100
+    ray.kill(actor)
+
+
+def test_columnar_request_through_ray_matches_plain_functions(ray_session):
+    """Frames, token counts and non-ASCII texts through Ray's own serialisation (Arrow, numpy buffers)."""
+    ray = ray_session
+    actor = ray.remote(RewardWorker).remote(OVERLONG_CONFIG)
+    completions, targets, frames, num_tokens = _rich_batch()
+    plain = score_batch(completions, targets, config=OVERLONG_CONFIG, weights=RICH_WEIGHTS, frames=frames,
+                        num_tokens=num_tokens)
+    request = ScoreRequest.from_rows(completions, targets, weights=RICH_WEIGHTS, frames=frames, num_tokens=num_tokens)
+    assert ray.get(actor.score_request.remote(request)).to_batch() == plain
     ray.kill(actor)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from deploy.config import RunConfig, load_run_config, shipped_configs
+from deploy.config import CONFIG_DIR, RunConfig, load_run_config, shipped_configs
 from deploy.config_loading import ConfigError, apply_overrides
 
 
@@ -91,3 +91,22 @@ def test_cli_reports_a_bad_config_in_one_line_without_traceback():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "learner.lr" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_config_can_start_from_a_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 7\n  prompts_per_step: 2\nlearner:\n  global_batch_samples: 8\n"
+                                        "cluster:\n  rollout_workers: 1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  steps: 9\n")
+    config = load_run_config(tmp_path / "child.yaml")
+    assert config.train.steps == 9 and config.train.prompts_per_step == 2  # merged key by key
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ValueError, match="loops"):
+        load_run_config(tmp_path / "loop.yaml")
+
+
+def test_the_fewshot_config_is_the_main_job_on_500_images():
+    main = load_run_config(CONFIG_DIR / "small-cpu.yaml")
+    fewshot = load_run_config(CONFIG_DIR / "fewshot-cpu.yaml")
+    assert fewshot.data.train_limit == 500 and main.data.train_limit is None
+    assert fewshot.sft == main.sft and fewshot.learner == main.learner and fewshot.curriculum == main.curriculum
+    assert fewshot.train.output_dir != main.train.output_dir

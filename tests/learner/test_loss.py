@@ -159,3 +159,36 @@ def test_shape_mismatch_names_the_tensor():
         grpo_loss(logprobs, old, adv[:1], mask)
     with pytest.raises(ValueError, match="mask"):
         grpo_loss(logprobs, old, adv, mask[:, :2])
+
+
+# ---------------------------------------------------------------- SFT cross-entropy
+
+
+def test_sft_loss_hand_computed():
+    from learner.loss import SFT_NLL, sft_loss
+
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -1.5]])
+    mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
+    loss, stats = sft_loss(logprobs, mask)
+    assert loss.item() == pytest.approx((2.0 + 3.0 + 0.5) / 3)
+    assert stats[SFT_NLL].item() == pytest.approx(5.5 / 3) and stats[L.NUM_TOKENS].item() == 3
+    # A global normaliser: the two rows as separate pieces sum to the whole batch's loss.
+    first, _ = sft_loss(logprobs[:1], mask[:1], num_tokens=3)
+    second, _ = sft_loss(logprobs[1:], mask[1:], num_tokens=3)
+    assert (first + second).item() == pytest.approx(loss.item())
+
+
+def test_sft_loss_gradient_is_minus_mask_over_tokens():
+    from learner.loss import sft_loss
+
+    logprobs = torch.zeros(2, 2, requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    sft_loss(logprobs, mask)[0].backward()
+    torch.testing.assert_close(logprobs.grad, -mask / 3)
+
+
+def test_sft_loss_rejects_mismatched_shapes():
+    from learner.loss import sft_loss
+
+    with pytest.raises(ValueError, match="differ"):
+        sft_loss(torch.zeros(2, 3), torch.ones(2, 2))

@@ -1,0 +1,142 @@
+"""Does RL beat SFT? The main job on the embedded default, against SFT and an SFT control, full and few-shot.
+
+For each setting (full: ``deploy/configs/small-cpu.yaml``; few-shot: ``deploy/configs/fewshot-cpu.yaml``,
+the same with 500 labelled training images for SFT and RL alike):
+
+    main job    ``deploy.pipeline.run_pipeline``: SFT, then RL with the curriculum, then evaluation
+    sft         the SFT checkpoint RL started from, evaluated the same way
+    sft_control SFT continued from that checkpoint for as long as RL trained (wall time), so RL is not
+                credited for mere extra training
+
+Every model is evaluated greedily on the held-out test_easy and test_hard splits (``train.eval_limit``
+rows each). Prints ONE JSON object::
+
+    {"sft": {"easy": M, "hard": M}, "sft_control": {...}, "rl": {...},
+     "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...}}
+
+M holds format_validity, presence_accuracy, category_accuracy, miou (and ap50, distinct_answers, rows).
+``target`` checks the issue's bar: RL's hard mIoU >= max(sft, sft_control) + 0.05 in either setting, with
+format validity >= 0.98 and presence accuracy >= 0.90. The model build (warm start included) happens
+once and is timed separately (``model_build_s``).
+
+    python -m bench.learning [--out runs/bench-learning] [--skip-fewshot] [--set KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+if not __package__:  # run as a script: do not let bench/ shadow the top-level packages
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
+from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT, M_FORMAT,  # noqa: E402
+                             M_MIOU, M_PRESENCE, M_ROWS)
+
+log = logging.getLogger("bench.learning")
+
+MIOU_MARGIN = 0.05
+MIN_FORMAT = 0.98
+MIN_PRESENCE = 0.90
+SPLITS = {"easy": "test_easy", "hard": "test_hard"}
+# eval.json key → the benchmark's name for it.
+FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_CATEGORY: "category_accuracy",
+          M_MIOU: "miou", M_AP50: "ap50", M_DISTINCT: "distinct_answers", M_ROWS: "rows"}
+
+
+def summarise(eval_json: str | Path) -> dict:
+    """{"easy": M, "hard": M} from an eval.json (greedy mode, all tasks)."""
+    result = json.loads(Path(eval_json).read_text())
+    out = {}
+    for name, split in SPLITS.items():
+        table = result["splits"][split]["modes"][GREEDY][ALL_TASKS]
+        out[name] = {FIELDS[key]: table.get(key) for key in FIELDS}
+    return out
+
+
+def baseline(eval_json: str | Path) -> dict:
+    result = json.loads(Path(eval_json).read_text())
+    return {name: {"fixed_box_miou": result["splits"][split]["baseline"][ALL_TASKS][B_FIXED_BOX_MIOU]}
+            for name, split in SPLITS.items()}
+
+
+def run_setting(config, *, out: Path) -> dict:
+    """Main job, SFT eval and SFT control of one setting; returns their summaries and wall times."""
+    from deploy.pipeline import evaluate_and_report, run_pipeline
+    from deploy.sft import run_sft
+
+    config = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(out)})})
+    pipeline = run_pipeline(config, resume=True)
+    rl_seconds = pipeline["stages"]["rl"]["wall_s"]
+    sft_checkpoint = pipeline["sft_checkpoint"]
+
+    control_config = config.model_copy(update={"sft": config.sft.model_copy(
+        update={"max_seconds": rl_seconds, "steps": config.sft.steps * 100})})
+    began = time.perf_counter()
+    control = run_sft(control_config, out_dir=out / "sft_control", init_from=sft_checkpoint)
+    control_seconds = time.perf_counter() - began
+
+    evals = {"rl": pipeline["eval_json"]}
+    for name, checkpoint in (("sft", sft_checkpoint), ("sft_control", control.checkpoint)):
+        _, files = evaluate_and_report(config, model_path=checkpoint, data=config.data.path, splits=None,
+                                       limit=config.train.eval_limit, out=out / "eval" / name, run_dir=None)
+        evals[name] = str(files.eval_json)
+    result = {name: summarise(path) for name, path in evals.items()}
+    result["baseline"] = baseline(evals["sft"])
+    result["wall_s"] = {**{k: v["wall_s"] for k, v in pipeline["stages"].items()},
+                        "sft_control": round(control_seconds, 1), "sft_control_steps": control.steps}
+    result["report"] = pipeline.get("report")
+    return result
+
+
+def target_check(setting: dict) -> dict:
+    best_sft = max(setting["sft"]["hard"]["miou"], setting["sft_control"]["hard"]["miou"])
+    rl = setting["rl"]
+    fmt = min(rl["easy"]["format_validity"], rl["hard"]["format_validity"])
+    presence = min(rl["easy"]["presence_accuracy"], rl["hard"]["presence_accuracy"])
+    return {"rl_hard_miou": rl["hard"]["miou"], "best_sft_hard_miou": best_sft,
+            "margin": round(rl["hard"]["miou"] - best_sft, 4), "format_validity_min": fmt,
+            "presence_accuracy_min": presence,
+            "met": rl["hard"]["miou"] >= best_sft + MIOU_MARGIN and fmt >= MIN_FORMAT and presence >= MIN_PRESENCE}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench-learning", help="working directory (resumable)")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"))
+    parser.add_argument("--fewshot-config", default=str(CONFIG_DIR / "fewshot-cpu.yaml"))
+    parser.add_argument("--skip-fewshot", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both settings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from models.config import resolve_model_path
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    full_config = load_run_config(args.config, args.set)
+    began = time.perf_counter()
+    resolve_model_path(full_config.model)  # the warm-started default, built once for both settings
+    report: dict = {"model_build_s": round(time.perf_counter() - began, 1)}
+    full = run_setting(full_config, out=out / "full")
+    report.update({name: full[name] for name in ("sft", "sft_control", "rl", "baseline")})
+    report["full_wall_s"] = full["wall_s"]
+    report["target"] = {"full": target_check(full)}
+    if not args.skip_fewshot:
+        fewshot = run_setting(load_run_config(args.fewshot_config, args.set), out=out / "fewshot")
+        report["fewshot"] = {name: fewshot[name] for name in ("sft", "sft_control", "rl")}
+        report["fewshot_wall_s"] = fewshot["wall_s"]
+        report["target"]["fewshot"] = target_check(fewshot)
+    report["target"]["met"] = any(t["met"] for t in report["target"].values() if isinstance(t, dict))
+    report["wall_s"] = round(time.perf_counter() - start, 1)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

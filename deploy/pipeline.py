@@ -1,0 +1,110 @@
+"""The main job (``refocus train``): model → data → SFT → RL with the curriculum → evaluation and report.
+
+Each stage reuses what an earlier run already made: the builtin model and the synthetic data are
+built once (``models.config.resolve_model_path``, ``deploy.training_data.prepare_training_data``), a
+finished SFT (its summary names its checkpoint) is not run again, and ``resume`` continues an
+interrupted SFT or RL from its last complete checkpoint. RL starts from SFT's last checkpoint, which
+is a plain model directory, so the RL driver treats it like any ``model.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+SFT_DIR = "sft"
+EVAL_DIR = "eval"
+PIPELINE_SUMMARY_FILE = "pipeline_summary.json"
+
+
+def finished_sft(out_dir: Path, *, steps: int) -> str | None:
+    """The checkpoint of an SFT under ``out_dir`` that already ran all ``steps``, else None."""
+    from deploy.sft import SFT_SUMMARY_FILE
+
+    summary_file = out_dir / SFT_SUMMARY_FILE
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("steps") == steps and Path(summary.get("checkpoint", "")).is_dir():
+        return summary["checkpoint"]
+    return None
+
+
+def run_pipeline(config, *, resume: bool = False,
+                 progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict:
+    """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
+    ``<train.output_dir>/pipeline_summary.json``). ``progress(stage)`` gives a ``(done, total)`` callback."""
+    from deploy.driver import Driver
+    from deploy.sft import run_sft
+    from deploy.training_data import prepare_training_data
+    from models.config import resolve_model_path
+
+    out = Path(config.train.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    summary: dict = {"stages": {}}
+
+    def timed(stage: str, began: float, **fields) -> None:
+        summary["stages"][stage] = {"wall_s": round(time.perf_counter() - began, 1), **fields}
+        log.info("pipeline: %s done in %.0f s", stage, summary["stages"][stage]["wall_s"])
+
+    began = time.perf_counter()
+    model_path = str(resolve_model_path(config.model))
+    timed("model", began, path=model_path)
+    began = time.perf_counter()
+    data = prepare_training_data(config.data)
+    timed("data", began, rows=len(data.rows), bad_rows=dict(data.bad_rows))
+
+    rl_config = config
+    if config.sft is not None:
+        began = time.perf_counter()
+        sft_out = out / SFT_DIR
+        checkpoint = finished_sft(sft_out, steps=config.sft.steps)
+        if checkpoint is None:
+            result = run_sft(config, out_dir=sft_out, resume=resume,
+                             progress=progress("sft") if progress else None)
+            checkpoint = result.checkpoint
+        else:
+            log.info("pipeline: SFT already finished (%s)", checkpoint)
+        timed("sft", began, checkpoint=checkpoint)
+        # RL starts from SFT's weights: one model per run, that model.
+        rl_config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
+        summary["sft_checkpoint"] = checkpoint
+
+    began = time.perf_counter()
+    driver = Driver(rl_config, resume=resume)
+    try:
+        rl = driver.run()
+    finally:
+        driver.shutdown()
+    timed("rl", began, checkpoint=rl.checkpoint, steps=rl.steps, stage=rl.stage)
+    summary["rl_checkpoint"] = rl.checkpoint
+
+    if config.train.eval_at_end:
+        began = time.perf_counter()
+        _, files = evaluate_and_report(rl_config, model_path=rl.checkpoint, data=config.data.path, splits=None,
+                                    limit=config.train.eval_limit, out=out / EVAL_DIR, run_dir=out,
+                                    progress=progress("eval") if progress else None)
+        timed("eval", began, eval_json=str(files.eval_json), report=str(files.report_md))
+        summary["eval_json"], summary["report"] = str(files.eval_json), str(files.report_md)
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    (out / PIPELINE_SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def evaluate_and_report(config, *, model_path, data, splits, limit, out, run_dir, progress=None):
+    """Evaluate ``model_path`` on ``splits`` of ``data`` and write eval.json + report.md; returns
+    (``EvalResult``, ``ReportFiles``)."""
+    from deploy.evaluate import evaluate
+    from deploy.report import write_report
+
+    result = evaluate(model_path=model_path, data_dir=data, splits=splits or config.data.eval_splits,
+                      config=config, limit=limit, progress=progress, modes=config.train.eval_modes)
+    files = write_report(result=result, out_dir=out, run_dir=run_dir,
+                         stage_names=[stage.name for stage in config.curriculum.stages])
+    return result, files

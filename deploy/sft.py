@@ -1,0 +1,201 @@
+"""Supervised warm start (``refocus sft``): cross-entropy on target answers, on the RL learner's backend.
+
+Each training row becomes one sequence exactly as the rollout would show it to the model: the prompt
+token ids come from the rollout's own ``ZoomEnv.reset`` (same chat template, system message, image
+pads and coordinate frame), the completion is ``data.prompts.target_completion`` (brief or refocus
+think, then the exact answer) followed by the end-of-turn token, and only the completion tokens are
+trained on. The learner is the same ``LearnerGroup`` of ZeRO-3 ranks the RL loop uses, so checkpoints
+have the same format and RL starts from SFT's last one as from any model directory.
+
+A run goes through the training rows in shuffled epochs; with ``easy_first`` the first epoch shows
+the easy rows before the hard ones. ``max_seconds`` stops early on wall time: the "SFT control" of
+the learning benchmark continues SFT from a checkpoint for as long as RL trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
+
+SFT_EVENTS_FILE = "sft_events.jsonl"  # one JSON object per SFT step
+SFT_SUMMARY_FILE = "sft_summary.json"
+
+
+class SFTConfig(BaseModel):
+    """The supervised warm start of a run (``RunConfig.sft``; absent: RL starts from ``model.path``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(300, ge=1, description="optimiser steps (each on batch_samples rows)")
+    batch_samples: int = Field(32, ge=1, description="rows per optimiser step, all ranks together")
+    micro_batch_samples: int = Field(16, ge=1, description="rows per forward/backward on one rank")
+    lr: float = Field(5e-4, gt=0.0, le=1.0, description="AdamW lr after warm-up (constant: a control can continue it)")
+    warmup_steps: int = Field(20, ge=0, description="steps of linear lr warm-up")
+    weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    think: Literal["brief", "refocus"] = Field(
+        "brief", description="target think: brief (the category) or refocus (overview, focus boxes, summary)")
+    easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
+    max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
+    log_every: int = Field(10, ge=1, description="steps between progress lines")
+    seed: int = Field(0, ge=0, description="shuffling seed")
+
+    @model_validator(mode="after")
+    def _check(self) -> SFTConfig:
+        if self.batch_samples % self.micro_batch_samples:
+            raise ValueError(f"batch_samples ({self.batch_samples}) must be divisible by micro_batch_samples "
+                             f"({self.micro_batch_samples})")
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        return self
+
+
+@dataclass
+class SFTSummary:
+    steps: int
+    checkpoint: str  # the last checkpoint: a model directory RL (or eval) can start from
+    wall_s: float
+    nll: float  # mean NLL per token over the last log_every steps
+    rows: int  # training rows available
+    events_path: str
+
+
+def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
+    """The run's learner config with SFT's batch geometry and optimiser (same backend, ranks, ZeRO stage)."""
+    return learner.model_copy(update=dict(
+        model_path=model_path, global_batch_samples=sft.batch_samples, micro_batch_samples=sft.micro_batch_samples,
+        lr=sft.lr, warmup_steps=sft.warmup_steps, schedule="constant", max_steps=max(sft.steps, sft.warmup_steps, 1),
+        weight_decay=sft.weight_decay, kl_coef=0.0, old_logprobs="behaviour",
+    ))
+
+
+def row_order(rows: dict[str, dict], *, seed: int, easy_first: bool) -> Iterator[str]:
+    """Row ids forever, epoch after epoch, each epoch shuffled; the first epoch easy before hard."""
+    rng = random.Random(seed)
+    ids = sorted(rows)
+    epoch = 0
+    while True:
+        order = list(ids)
+        rng.shuffle(order)
+        if easy_first and epoch == 0:
+            order.sort(key=lambda i: rows[i]["difficulty"] != "easy")  # stable: shuffled within each level
+        yield from order
+        epoch += 1
+
+
+class SupervisedBatches:
+    """Training rows → ``TrajectoryGroup``s of one target trajectory each (what ``collate`` takes)."""
+
+    def __init__(self, *, data, rollout_config, processor, think: str):
+        from actors.env import ZoomEnv
+
+        self.data = data
+        self.env = ZoomEnv(config=rollout_config.env, prompt=rollout_config.prompt, processor=processor)
+        self.frame = rollout_config.prompt.frame
+        self.tokenizer = processor.tokenizer
+        self.end_ids = self.tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]
+        self.think = think
+
+    def group(self, row_id: str, *, issue: int):
+        from actors.types import Trajectory, TrajectoryGroup
+        from data.prompts import target_completion
+
+        prompt = self.data.prompt_group(row_id, issue=issue, stage=0)
+        prompt_ids, episode = self.env.reset(prompt)
+        row = self.data.rows[row_id]
+        text = target_completion(row, frame=self.frame, think=self.think,
+                                 input_size=self.env.limits.input_size(row["width"], row["height"]))
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.end_ids
+        trajectory = Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
+                                behaviour_logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids), completion_text=text)
+        return TrajectoryGroup(prompt=prompt, trajectories=[trajectory], policy_version=0, worker_id="sft")
+
+
+def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None, resume: bool = False,
+            progress: Callable[[int, int], None] | None = None) -> SFTSummary:
+    """Supervised fine-tuning of ``config.model`` on ``config.data``'s training rows (``config.sft``).
+
+    Writes ``<out_dir>/checkpoints/step_N`` (learner checkpoints, each also a model directory),
+    ``sft_events.jsonl`` and ``sft_summary.json``. ``init_from``: start from that checkpoint's full state
+    (weights, optimiser, step) and write to ``out_dir`` (the SFT control); ``resume``: continue from
+    ``out_dir``'s last complete checkpoint. Starts a local Ray when none is running.
+    """
+    import ray
+
+    from deploy.learner_group import LearnerGroup
+    from deploy.training_data import prepare_training_data
+    from deploy.worker_env import actor_env
+    from learner.batch import collate
+    from learner.checkpoint import latest_complete
+    from learner.loss import SFT_NLL
+    from models.config import resolve_model_path
+    from models.processor import load_processor
+
+    sft: SFTConfig = config.sft
+    if sft is None:
+        raise ValueError("sft: the config has no sft section")
+    out = Path(out_dir)
+    ckpt_root = out / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    model_path = str(resolve_model_path(config.model))
+    data = prepare_training_data(config.data)
+    processor = load_processor(model_path)
+    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think)
+    if not ray.is_initialized():
+        ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": actor_env()})
+    learner = LearnerGroup(sft_learner_config(config.learner, sft, model_path=model_path),
+                           image_processor=processor.image_processor,
+                           pad_token_id=processor.tokenizer.pad_token_id, env_vars=actor_env())
+    start_from = Path(init_from) if init_from else (latest_complete(ckpt_root) if resume else None)
+    step = 0
+    if start_from is not None:
+        step = int(learner.load_checkpoint(start_from).get("sft_step", 0))
+        log.info("SFT continues from %s at step %d", start_from, step)
+    order = row_order(data.rows, seed=sft.seed, easy_first=sft.easy_first)
+    for _ in range(step * sft.batch_samples):  # the rows earlier steps consumed (exact resume)
+        next(order)
+
+    start, first_step = time.perf_counter(), step
+    recent: list[float] = []
+    checkpoint = str(start_from) if start_from else None
+    end_step = sft.steps
+    try:
+        with (out / SFT_EVENTS_FILE).open("a") as events:
+            while step < end_step:
+                if sft.max_seconds is not None and time.perf_counter() - start >= sft.max_seconds:
+                    log.info("SFT stops on max_seconds (%.0f s) after step %d", sft.max_seconds, step)
+                    break
+                groups = [batches.group(next(order), issue=step) for _ in range(sft.batch_samples)]
+                batch = collate(groups, image_processor=processor.image_processor,
+                                pad_token_id=processor.tokenizer.pad_token_id, advantages=[[0.0]] * len(groups))
+                stats = learner.sft_step(batch)
+                step += 1
+                recent = (recent + [stats[SFT_NLL]])[-sft.log_every:]
+                events.write(json.dumps({"step": step, "wall_s": time.perf_counter() - start, **stats}) + "\n")
+                events.flush()
+                if progress is not None:
+                    progress(step, end_step)
+                if step % sft.log_every == 0 or step == end_step:
+                    elapsed = time.perf_counter() - start
+                    log.info("sft step %d/%d  nll %.4f  lr %.2e  %.1f s/step", step, end_step,
+                             sum(recent) / len(recent), stats["learner/lr"], elapsed / (step - first_step))
+            if step > first_step:
+                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
+    finally:
+        learner.shutdown()
+    if checkpoint is None:
+        raise ValueError("SFT made no step (max_seconds too small?) and had no checkpoint to start from")
+    summary = SFTSummary(steps=step, checkpoint=checkpoint, wall_s=time.perf_counter() - start,
+                         nll=sum(recent) / len(recent) if recent else float("nan"), rows=len(data.rows),
+                         events_path=str(out / SFT_EVENTS_FILE))
+    (out / SFT_SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,220 @@
+"""Perception warm start: teach the vision tower of a freshly built model to see, before any text.
+
+A small VLM trained from scratch by SFT alone learns the box prior and ignores the image (measured:
+one answer for every image, below the best fixed box; ARCHITECTURE.md §9). So the builder first trains
+the vision tower (patch embedding, blocks and merger) with a DENSE objective on its output grid — the
+very embeddings the language model later reads at the ``<|image_pad|>`` positions — through a linear
+head that is dropped afterwards. For every merged cell (one image token) the head predicts:
+
+    objectness   share of the cell covered by an animal's body mask           BCE on a soft target
+    category     the animal's category, on cells the body covers (>= 30 %)    cross-entropy
+    box edges    (cx - x1, cy - y1, x2 - cx, y2 - cy) / side, on cells whose   L1
+                 centre lies inside a box (FCOS-style: every token knows its object's extent)
+
+Each step renders fresh synthetic images (``data.synth.generate_sample``), never a fixed set, so the
+tower cannot memorise; the difficulty knob ramps from the easy range to the whole range over the
+first ``easy_first_fraction`` of the steps (easy first). The language model is not touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+# Metric names of the warm start's progress records.
+WS_LOSS = "warmstart/loss"
+WS_OBJECTNESS = "warmstart/objectness_loss"
+WS_CATEGORY = "warmstart/category_loss"
+WS_BOX = "warmstart/box_loss"
+WS_CELL_ACCURACY = "warmstart/category_cell_accuracy"
+
+CATEGORY_COVERAGE = 0.3  # cells at least this covered by a body carry a category target
+
+
+class WarmStartConfig(BaseModel):
+    """How long and on what the vision tower is pre-trained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(1500, ge=1, description="optimiser steps, each on freshly generated images")
+    batch_images: int = Field(32, ge=1, le=1024, description="images per step")
+    lr: float = Field(1e-3, gt=0.0, le=1.0, description="peak AdamW lr (linear warm-up, cosine decay to 5 %)")
+    warmup_steps: int = Field(50, ge=0, description="steps of linear lr warm-up")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
+    easy_first_fraction: float = Field(
+        0.4, ge=0.0, le=1.0, description="share of the steps over which difficulty ramps from easy to all")
+    easy_range: tuple[float, float] = Field((0.2, 0.45), description="difficulty knob range of the first steps")
+    hard_high: float = Field(0.9, ge=0.0, le=1.0, description="top of the difficulty range once the ramp is over")
+    absent_fraction: float = Field(0.15, ge=0.0, le=1.0, description="share of images without an animal")
+    image_size: int = Field(112, ge=32, le=1024, description="side of the generated images (the data set's)")
+    box_weight: float = Field(2.0, ge=0.0, description="weight of the box-edge L1 loss")
+    category_weight: float = Field(1.0, ge=0.0, description="weight of the category cross-entropy")
+    seed: int = Field(0, ge=0, description="seed of the image stream and the head's initialisation")
+    log_every: int = Field(50, ge=1, description="steps between progress lines")
+
+
+class DenseHead(torch.nn.Module):
+    """Per-token objectness, category and box-edge predictions from the merger's output."""
+
+    def __init__(self, width: int, num_categories: int):
+        super().__init__()
+        self.num_categories = num_categories
+        self.linear = torch.nn.Linear(width, 1 + num_categories + 4)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """tokens [N, width] → objectness logits [N], category logits [N, C], box edges [N, 4] (>= 0)."""
+        out = self.linear(tokens)
+        return out[:, 0], out[:, 1 : 1 + self.num_categories], torch.nn.functional.softplus(out[:, -4:])
+
+
+def cell_targets(masks: list[np.ndarray], boxes: list[list[float]], category_index: int | None, *,
+                 image_size: int, grid: int) -> dict[str, np.ndarray]:
+    """Dense targets of one image on a ``grid`` × ``grid`` cell layout (row-major, like the merged tokens).
+
+    Returns objectness [G²] (body coverage in [0, 1]), category [G²] (index, -1 = no target),
+    box [G², 4] edge distances / image side and box_valid [G²] (cell centre inside a box).
+    """
+    cells = grid * grid
+    cell = image_size / grid
+    coverage = np.zeros((grid, grid), dtype=np.float32)
+    if masks:
+        union = np.logical_or.reduce(masks).astype(np.float32)
+        edges = np.round(np.arange(grid + 1) * cell).astype(int)
+        for r in range(grid):
+            for c in range(grid):
+                coverage[r, c] = union[edges[r] : edges[r + 1], edges[c] : edges[c + 1]].mean()
+    category = np.full(cells, -1, dtype=np.int64)
+    if category_index is not None:
+        category[coverage.reshape(-1) >= CATEGORY_COVERAGE] = category_index
+    centres = (np.arange(grid) + 0.5) * cell
+    cx, cy = np.meshgrid(centres, centres)  # [G, G], row = y
+    box = np.zeros((grid, grid, 4), dtype=np.float32)
+    valid = np.zeros((grid, grid), dtype=bool)
+    # Where boxes overlap, the smallest box wins (its edges are the better guess for that cell).
+    for x1, y1, x2, y2 in sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1])):
+        inside = (cx > x1) & (cx < x2) & (cy > y1) & (cy < y2)
+        box[inside] = np.stack([cx - x1, cy - y1, x2 - cx, y2 - cy], axis=-1)[inside] / image_size
+        valid |= inside
+    return {"objectness": coverage.reshape(-1), "category": category, "box": box.reshape(cells, 4),
+            "box_valid": valid.reshape(-1)}
+
+
+def difficulty_bounds(step: int, *, config: WarmStartConfig) -> tuple[float, float]:
+    """The difficulty interval images of ``step`` are drawn from: easy, widening linearly to all."""
+    ramp_steps = config.easy_first_fraction * config.steps
+    progress = 1.0 if ramp_steps <= 0 else min(1.0, step / ramp_steps)
+    low, high = config.easy_range
+    return low, high + (max(high, config.hard_high) - high) * progress
+
+
+def lr_at(step: int, *, config: WarmStartConfig) -> float:
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * (0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+class ImageStream:
+    """Fresh synthetic images with their dense targets, as model inputs."""
+
+    def __init__(self, *, config: WarmStartConfig, image_processor, grid: int):
+        from data.synth import CATEGORIES
+
+        self.config, self.image_processor, self.grid = config, image_processor, grid
+        self.categories = list(CATEGORIES)
+        self.rng = np.random.default_rng(config.seed)
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        from data.synth import generate_sample
+
+        low, high = difficulty_bounds(step, config=self.config)
+        images, targets = [], []
+        for _ in range(self.config.batch_images):
+            absent = self.rng.random() < self.config.absent_fraction
+            category = None if absent else self.categories[self.rng.integers(len(self.categories))]
+            sample = generate_sample(self.rng, image_size=self.config.image_size,
+                                     difficulty=float(self.rng.uniform(low, high)), category=category)
+            index = None if sample.category is None else self.categories.index(sample.category)
+            images.append(sample.image)
+            targets.append(cell_targets(sample.masks, sample.boxes, index, image_size=self.config.image_size,
+                                        grid=self.grid))
+        processed = self.image_processor(images=images, return_tensors="pt")
+        out = {key: torch.from_numpy(np.concatenate([t[key] for t in targets])) for key in targets[0]}
+        out["pixel_values"] = processed["pixel_values"]
+        out["image_grid_thw"] = processed["image_grid_thw"]
+        return out
+
+
+def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.Tensor], *,
+                 config: WarmStartConfig) -> dict[str, torch.Tensor]:
+    """The three losses of one batch; tokens [N, width] are the merger outputs of all its images."""
+    objectness, category, box = head(tokens)
+    losses = {WS_OBJECTNESS: torch.nn.functional.binary_cross_entropy_with_logits(objectness, batch["objectness"])}
+    labelled = batch["category"] >= 0
+    losses[WS_CATEGORY] = (torch.nn.functional.cross_entropy(category[labelled], batch["category"][labelled])
+                           if labelled.any() else tokens.sum() * 0.0)
+    valid = batch["box_valid"]
+    losses[WS_BOX] = ((box[valid] - batch["box"][valid]).abs().mean() if valid.any() else tokens.sum() * 0.0)
+    losses[WS_LOSS] = (losses[WS_OBJECTNESS] + config.category_weight * losses[WS_CATEGORY]
+                       + config.box_weight * losses[WS_BOX])
+    with torch.no_grad():
+        correct = (category[labelled].argmax(dim=-1) == batch["category"][labelled]).float()
+        losses[WS_CELL_ACCURACY] = correct.mean() if labelled.any() else torch.tensor(float("nan"))
+    return losses
+
+
+def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
+                      progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
+    """Train ``model``'s vision tower in place with the dense objective; returns the last step's losses.
+
+    ``model`` is a ``Qwen2_5_VLForConditionalGeneration``; only ``model.model.visual`` changes.
+    """
+    visual = model.model.visual
+    merge = visual.spatial_merge_size
+    patch = image_processor.patch_size
+    probe = image_processor(images=[np.zeros((config.image_size, config.image_size, 3), np.uint8)],
+                            return_tensors="pt")["image_grid_thw"][0]
+    if probe[1] != probe[2]:
+        raise ValueError(f"warm start expects square model inputs, got grid {probe.tolist()}")
+    grid = int(probe[1]) // merge
+    log.info("warm start: %d steps × %d images, %d×%d image tokens per image (input %d px, patch %d)",
+             config.steps, config.batch_images, grid, grid, int(probe[1]) * patch, patch)
+
+    torch.manual_seed(config.seed)
+    from data.synth import CATEGORIES
+
+    head = DenseHead(model.config.text_config.hidden_size, len(CATEGORIES))
+    params = list(visual.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    stream = ImageStream(config=config, image_processor=image_processor, grid=grid)
+    visual.train()
+    start, last = time.perf_counter(), {}
+    for step in range(config.steps):
+        batch = stream.batch(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config=config)
+        tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        losses = dense_losses(head, tokens, batch, config=config)
+        optimizer.zero_grad(set_to_none=True)
+        losses[WS_LOSS].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        last = {name: float(value.detach()) for name, value in losses.items()}
+        if progress is not None:
+            progress(step, last)
+        if step % config.log_every == 0 or step == config.steps - 1:
+            elapsed = time.perf_counter() - start
+            log.info("warm start step %d/%d (%.0f s, ~%.0f s left): loss %.3f objectness %.3f category %.3f "
+                     "box %.4f cell accuracy %.2f", step + 1, config.steps, elapsed,
+                     elapsed / (step + 1) * (config.steps - step - 1), last[WS_LOSS], last[WS_OBJECTNESS],
+                     last[WS_CATEGORY], last[WS_BOX], last[WS_CELL_ACCURACY])
+    visual.eval()
+    return last

@@ -1,0 +1,66 @@
+"""The perception warm start's pure parts (targets, schedules) and a few real steps on the tiny model."""
+
+import math
+
+import numpy as np
+import pytest
+
+from models.warmstart import (WS_BOX, WS_CATEGORY, WS_LOSS, WS_OBJECTNESS, WarmStartConfig, cell_targets,
+                              difficulty_bounds, lr_at)
+
+
+def test_cell_targets_hand_computed():
+    # An 8 px image on a 2×2 grid (4 px cells); the body covers the top-left cell fully and half of the
+    # top-right one; its box is [0, 0, 6, 4].
+    mask = np.zeros((8, 8), dtype=bool)
+    mask[0:4, 0:6] = True
+    t = cell_targets([mask], [[0.0, 0.0, 6.0, 4.0]], 3, image_size=8, grid=2)
+    np.testing.assert_allclose(t["objectness"], [1.0, 0.5, 0.0, 0.0])
+    np.testing.assert_array_equal(t["category"], [3, 3, -1, -1])  # coverage >= 0.3
+    # Cell centres (2, 2) and (6, 2): only (2, 2) lies strictly inside the box.
+    np.testing.assert_array_equal(t["box_valid"], [True, False, False, False])
+    np.testing.assert_allclose(t["box"][0], np.array([2 - 0, 2 - 0, 6 - 2, 4 - 2]) / 8)
+
+
+def test_cell_targets_of_an_empty_image_are_all_background():
+    t = cell_targets([], [], None, image_size=8, grid=2)
+    assert not t["objectness"].any() and (t["category"] == -1).all() and not t["box_valid"].any()
+
+
+def test_difficulty_ramps_from_easy_to_all():
+    config = WarmStartConfig(steps=100, easy_first_fraction=0.5, easy_range=(0.2, 0.4), hard_high=0.9)
+    assert difficulty_bounds(0, config=config) == (0.2, 0.4)
+    assert difficulty_bounds(25, config=config) == pytest.approx((0.2, 0.65))
+    assert difficulty_bounds(50, config=config) == pytest.approx((0.2, 0.9))
+    assert difficulty_bounds(99, config=config) == pytest.approx((0.2, 0.9))
+
+
+def test_lr_warms_up_then_decays_to_five_percent():
+    config = WarmStartConfig(steps=110, warmup_steps=10, lr=1e-3)
+    assert lr_at(0, config=config) == pytest.approx(1e-4)
+    assert lr_at(9, config=config) == pytest.approx(1e-3)
+    assert lr_at(10, config=config) == pytest.approx(1e-3)
+    assert lr_at(60, config=config) == pytest.approx(1e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * 0.5))))
+    assert lr_at(110, config=config) == pytest.approx(5e-5)
+
+
+def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    from models.warmstart import warm_start_vision
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir, backend="pil")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    history = []
+    config = WarmStartConfig(steps=16, batch_images=8, warmup_steps=2, lr=2e-3, log_every=100)
+    warm_start_vision(model, image_processor=processor, config=config, progress=lambda step, losses: history.append(losses))
+    assert len(history) == 16 and all(set(h) >= {WS_LOSS, WS_OBJECTNESS, WS_CATEGORY, WS_BOX} for h in history)
+    # Every step sees new images, so single losses are noisy; where objects are and how far their edges
+    # are is learnt first (category takes far longer).
+    for name in (WS_OBJECTNESS, WS_BOX):
+        assert np.mean([h[name] for h in history[-4:]]) < 0.8 * np.mean([h[name] for h in history[:4]]), name
+    for name, param in model.named_parameters():
+        changed = not torch.equal(param, before[name])
+        assert changed == (".visual." in f".{name}"), name
