@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 import textwrap
 
-import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -180,7 +179,7 @@ def _rich_batch():
     frames = [None, None, None, None,
               FrameSpec(kind="norm1000"),
               FrameSpec(kind="input", input_width=50, input_height=50),
-              FrameSpec(kind="input", input_width=100, input_height=100, crop=(0.0, 0.0, 50.0, 50.0)),
+              FrameSpec(kind="input", input_width=100, input_height=80, crop=(0.0, 0.0, 60.0, 50.0)),
               None, None, FrameSpec(kind="original", crop=(1.5, 2.5, 90.0, 95.0)), None]
     num_tokens = [0, 5, 85, 90, 10, 100, 120, 1, 80, 95, 7]
     return completions, targets, frames, num_tokens
