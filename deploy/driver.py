@@ -690,6 +690,9 @@ class Driver:
                     self._finish_step(batch, self._learn(batch), events)
             else:
                 self._run_async(events)
+        finished = self.out / "checkpoints" / step_dir_name(self.step)
+        if self.last_checkpoint is None and is_complete(finished):
+            self.last_checkpoint = str(finished.resolve())  # resumed a run that had already finished
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"step_{self.step}"):
             self.last_checkpoint = self._checkpoint()
         self._drain()

@@ -49,9 +49,9 @@ def run_pipeline(config, *, resume: bool = False,
     start = time.perf_counter()
     summary: dict = {"stages": {}}
 
-    def timed(stage: str, began: float, **fields) -> None:
-        summary["stages"][stage] = {"wall_s": round(time.perf_counter() - began, 1), **fields}
-        log.info("pipeline: %s done in %.0f s", stage, summary["stages"][stage]["wall_s"])
+    def timed(name: str, began: float, **fields) -> None:
+        summary["stages"][name] = {"wall_s": round(time.perf_counter() - began, 1), **fields}
+        log.info("pipeline: %s done in %.0f s", name, summary["stages"][name]["wall_s"])
 
     began = time.perf_counter()
     model_path = str(resolve_model_path(config.model))

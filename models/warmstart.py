@@ -8,6 +8,7 @@ head that is dropped afterwards. For every merged cell (one image token) the hea
 
     objectness   share of the cell covered by an animal's body mask           BCE on a soft target
     category     the animal's category, on cells the body covers (>= 30 %)    cross-entropy
+                 and once per image from its tokens pooled by body coverage    cross-entropy
     box edges    (cx - x1, cy - y1, x2 - cx, y2 - cy) / side, on cells whose   L1
                  centre lies inside a box (FCOS-style: every token knows its object's extent)
 
@@ -34,7 +35,14 @@ WS_LOSS = "warmstart/loss"
 WS_OBJECTNESS = "warmstart/objectness_loss"
 WS_CATEGORY = "warmstart/category_loss"
 WS_BOX = "warmstart/box_loss"
+WS_IMAGE_CATEGORY = "warmstart/image_category_loss"
 WS_CELL_ACCURACY = "warmstart/category_cell_accuracy"
+# Held-out diagnostics (fresh images of another seed, the whole difficulty range).
+WS_HELD_HIT = "warmstart/heldout_objectness_hit"  # the most object-like cell lies on the animal
+WS_HELD_HIT_CHANCE = "warmstart/heldout_objectness_hit_chance"  # the same for a cell drawn at random
+WS_HELD_CATEGORY = "warmstart/heldout_image_category_accuracy"  # pooled category prediction is right
+HELD_OUT_IMAGES = 128
+HIT_COVERAGE = 0.2  # a cell "lies on the animal" when the body covers at least this share of it
 
 CATEGORY_COVERAGE = 0.3  # cells at least this covered by a body carry a category target
 
@@ -58,7 +66,7 @@ class WarmStartConfig(BaseModel):
     box_weight: float = Field(2.0, ge=0.0, description="weight of the box-edge L1 loss")
     category_weight: float = Field(1.0, ge=0.0, description="weight of the category cross-entropy")
     seed: int = Field(0, ge=0, description="seed of the image stream and the head's initialisation")
-    log_every: int = Field(50, ge=1, description="steps between progress lines")
+    log_every: int = Field(25, ge=1, description="steps between progress lines")
 
 
 class DenseHead(torch.nn.Module):
@@ -73,6 +81,11 @@ class DenseHead(torch.nn.Module):
         """tokens [N, width] → objectness logits [N], category logits [N, C], box edges [N, 4] (>= 0)."""
         out = self.linear(tokens)
         return out[:, 0], out[:, 1 : 1 + self.num_categories], torch.nn.functional.softplus(out[:, -4:])
+
+    def category_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [..., width] → category logits [..., C] (the same weights as the per-cell prediction)."""
+        return torch.nn.functional.linear(tokens, self.linear.weight[1 : 1 + self.num_categories],
+                                          self.linear.bias[1 : 1 + self.num_categories])
 
 
 def cell_targets(masks: list[np.ndarray], boxes: list[list[float]], category_index: int | None, *,
@@ -136,7 +149,7 @@ class ImageStream:
         from data.synth import generate_sample
 
         low, high = difficulty_bounds(step, config=self.config)
-        images, targets = [], []
+        images, targets, indices = [], [], []
         for _ in range(self.config.batch_images):
             absent = self.rng.random() < self.config.absent_fraction
             category = None if absent else self.categories[self.rng.integers(len(self.categories))]
@@ -144,10 +157,12 @@ class ImageStream:
                                      difficulty=float(self.rng.uniform(low, high)), category=category)
             index = None if sample.category is None else self.categories.index(sample.category)
             images.append(sample.image)
+            indices.append(index)
             targets.append(cell_targets(sample.masks, sample.boxes, index, image_size=self.config.image_size,
                                         grid=self.grid))
         processed = self.image_processor(images=images, return_tensors="pt")
         out = {key: torch.from_numpy(np.concatenate([t[key] for t in targets])) for key in targets[0]}
+        out["image_category"] = torch.tensor([-1 if index is None else index for index in indices], dtype=torch.long)
         out["pixel_values"] = processed["pixel_values"]
         out["image_grid_thw"] = processed["image_grid_thw"]
         return out
@@ -161,9 +176,19 @@ def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.T
     labelled = batch["category"] >= 0
     losses[WS_CATEGORY] = (torch.nn.functional.cross_entropy(category[labelled], batch["category"][labelled])
                            if labelled.any() else tokens.sum() * 0.0)
+    # Per image: its tokens averaged with body-coverage weights, classified once. A cell alone sees only
+    # part of an animal; the pooled gradient reaches every token the animal covers at once.
+    images = batch["image_category"].shape[0]
+    coverage = batch["objectness"].view(images, -1)
+    pooled = (tokens.view(images, coverage.shape[1], -1) * coverage.unsqueeze(-1)).sum(1)
+    pooled = pooled / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+    has_category = batch["image_category"] >= 0
+    losses[WS_IMAGE_CATEGORY] = (torch.nn.functional.cross_entropy(head.category_logits(pooled[has_category]),
+                                                                     batch["image_category"][has_category])
+                                 if has_category.any() else tokens.sum() * 0.0)
     valid = batch["box_valid"]
     losses[WS_BOX] = ((box[valid] - batch["box"][valid]).abs().mean() if valid.any() else tokens.sum() * 0.0)
-    losses[WS_LOSS] = (losses[WS_OBJECTNESS] + config.category_weight * losses[WS_CATEGORY]
+    losses[WS_LOSS] = (losses[WS_OBJECTNESS] + config.category_weight * (losses[WS_CATEGORY] + losses[WS_IMAGE_CATEGORY])
                        + config.box_weight * losses[WS_BOX])
     with torch.no_grad():
         correct = (category[labelled].argmax(dim=-1) == batch["category"][labelled]).float()
@@ -171,9 +196,28 @@ def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.T
     return losses
 
 
+@torch.no_grad()
+def held_out_report(visual, head: DenseHead, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How well the tower sees on held-out images: objectness hit rate (vs chance) and image category accuracy."""
+    tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+    objectness, _, _ = head(tokens)
+    images = batch["image_category"].shape[0]
+    coverage = batch["objectness"].view(images, -1)
+    present = batch["image_category"] >= 0
+    on_animal = coverage >= HIT_COVERAGE
+    best = objectness.view(images, -1).argmax(dim=1)
+    hit = on_animal[torch.arange(images), best][present].float().mean()
+    chance = on_animal.float().mean(dim=1)[present].mean()
+    pooled = (tokens.view(images, coverage.shape[1], -1) * coverage.unsqueeze(-1)).sum(1)
+    pooled = pooled / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+    correct = head.category_logits(pooled[present]).argmax(dim=-1) == batch["image_category"][present]
+    return {WS_HELD_HIT: float(hit), WS_HELD_HIT_CHANCE: float(chance), WS_HELD_CATEGORY: float(correct.float().mean())}
+
+
 def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
                       progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
-    """Train ``model``'s vision tower in place with the dense objective; returns the last step's losses.
+    """Train ``model``'s vision tower in place with the dense objective; returns the last step's losses
+    and the last held-out diagnostics (``WS_HELD_*``).
 
     ``model`` is a ``Qwen2_5_VLForConditionalGeneration``; only ``model.model.visual`` changes.
     """
@@ -195,6 +239,9 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
     params = list(visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     stream = ImageStream(config=config, image_processor=image_processor, grid=grid)
+    held_config = config.model_copy(update={"seed": config.seed + 1, "batch_images": HELD_OUT_IMAGES,
+                                            "easy_first_fraction": 0.0})
+    held_out = ImageStream(config=held_config, image_processor=image_processor, grid=grid).batch(0)
     visual.train()
     start, last = time.perf_counter(), {}
     for step in range(config.steps):
@@ -211,10 +258,12 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
         if progress is not None:
             progress(step, last)
         if step % config.log_every == 0 or step == config.steps - 1:
+            last.update(held_out_report(visual, head, held_out))
             elapsed = time.perf_counter() - start
             log.info("warm start step %d/%d (%.0f s, ~%.0f s left): loss %.3f objectness %.3f category %.3f "
-                     "box %.4f cell accuracy %.2f", step + 1, config.steps, elapsed,
-                     elapsed / (step + 1) * (config.steps - step - 1), last[WS_LOSS], last[WS_OBJECTNESS],
-                     last[WS_CATEGORY], last[WS_BOX], last[WS_CELL_ACCURACY])
+                     "(image %.3f) box %.4f | held out: objectness hit %.2f (chance %.2f), category %.2f (chance %.2f)",
+                     step + 1, config.steps, elapsed, elapsed / (step + 1) * (config.steps - step - 1), last[WS_LOSS],
+                     last[WS_OBJECTNESS], last[WS_CATEGORY], last[WS_IMAGE_CATEGORY], last[WS_BOX], last[WS_HELD_HIT],
+                     last[WS_HELD_HIT_CHANCE], last[WS_HELD_CATEGORY], 1 / head.num_categories)
     visual.eval()
     return last
