@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -206,8 +207,9 @@ def eval_run(tiny_model_dir, tmp_path_factory):
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"step": 7, "sta')
 
     out = root / "out"
+    tiny_cpu = Path(__file__).resolve().parents[2] / "deploy" / "configs" / "tiny-cpu.yaml"
     code = main(["eval", str(tiny_model_dir), "--data", str(root / "data"), "--run-dir", str(run), "--out", str(out),
-                 "--limit", "6", "--set", "rollout.engine.backend=hf", "--set", "rollout.engine.cpu_threads=1",
+                 "--config", str(tiny_cpu), "--limit", "6", "--set", "rollout.engine.backend=hf", "--set", "rollout.engine.cpu_threads=1",
                  "--set", "rollout.sampling.max_tokens=24"])
     assert code == 0
     return out, root
