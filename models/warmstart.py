@@ -168,6 +168,12 @@ class ImageStream:
         return out
 
 
+def pool_by_coverage(tokens: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """Each image's tokens averaged with body-coverage weights: tokens [I·G², width], coverage [I, G²] → [I, width]."""
+    pooled = (tokens.view(*coverage.shape, -1) * coverage.unsqueeze(-1)).sum(1)
+    return pooled / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+
+
 def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.Tensor], *,
                  config: WarmStartConfig) -> dict[str, torch.Tensor]:
     """The three losses of one batch; tokens [N, width] are the merger outputs of all its images."""
@@ -179,9 +185,7 @@ def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.T
     # Per image: its tokens averaged with body-coverage weights, classified once. A cell alone sees only
     # part of an animal; the pooled gradient reaches every token the animal covers at once.
     images = batch["image_category"].shape[0]
-    coverage = batch["objectness"].view(images, -1)
-    pooled = (tokens.view(images, coverage.shape[1], -1) * coverage.unsqueeze(-1)).sum(1)
-    pooled = pooled / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+    pooled = pool_by_coverage(tokens, batch["objectness"].view(images, -1))
     has_category = batch["image_category"] >= 0
     losses[WS_IMAGE_CATEGORY] = (torch.nn.functional.cross_entropy(head.category_logits(pooled[has_category]),
                                                                      batch["image_category"][has_category])
@@ -208,8 +212,7 @@ def held_out_report(visual, head: DenseHead, batch: dict[str, torch.Tensor]) -> 
     best = objectness.view(images, -1).argmax(dim=1)
     hit = on_animal[torch.arange(images), best][present].float().mean()
     chance = on_animal.float().mean(dim=1)[present].mean()
-    pooled = (tokens.view(images, coverage.shape[1], -1) * coverage.unsqueeze(-1)).sum(1)
-    pooled = pooled / coverage.sum(1, keepdim=True).clamp(min=1e-6)
+    pooled = pool_by_coverage(tokens, coverage)
     correct = head.category_logits(pooled[present]).argmax(dim=-1) == batch["image_category"][present]
     return {WS_HELD_HIT: float(hit), WS_HELD_HIT_CHANCE: float(chance), WS_HELD_CATEGORY: float(correct.float().mean())}
 

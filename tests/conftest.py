@@ -54,3 +54,13 @@ def tiny_model_dir(tmp_path_factory):
     from models.build import build_model
 
     return build_model(size="tiny", out_dir=tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """A small synthetic data set (60 images, seed 0) that end-to-end runs read; never written to."""
+    from data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("data")
+    synthesize(out_dir=out, seed=0, n=60)
+    return out

@@ -221,15 +221,6 @@ def cluster():
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out_dir=out, seed=0, n=60)
-    return out
-
-
 @pytest.mark.e2e
 @pytest.mark.vllm
 def test_submit_scale_follow_and_stop_a_training_job(cluster, tiny_model_dir, data_dir, tmp_path):

@@ -149,15 +149,6 @@ def _restarts(port: int) -> dict[str, float]:
             if sample.name == WORKER_RESTARTS}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out_dir=out, seed=0, n=60)
-    return out
-
-
 def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir, tmp_path, caplog):
     import ray
 

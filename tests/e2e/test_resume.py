@@ -111,15 +111,6 @@ def _kill_when_complete(process: subprocess.Popen, checkpoints: Path, *, step: i
     return target
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out_dir=out, seed=0, n=60)
-    return out
-
-
 def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, data_dir, tmp_path):
     import ray
 

@@ -75,15 +75,6 @@ class ScalingDriver(Driver):
             assert advanced.returncode == 0, advanced.stderr
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out_dir=out, seed=0, n=60)
-    return out
-
-
 def test_scale_one_two_one_during_a_run_loses_nothing(tiny_model_dir, data_dir, tmp_path):
     import ray
 

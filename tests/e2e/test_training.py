@@ -60,15 +60,6 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from data.synth import synthesize
-
-    out = tmp_path_factory.mktemp("data")
-    synthesize(out_dir=out, seed=0, n=60)
-    return out
-
-
 def _run(mode, *, tiny_model_dir, data_dir, tmp_path):
     import ray
 

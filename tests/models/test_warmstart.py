@@ -64,3 +64,12 @@ def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_
     for name, param in model.named_parameters():
         changed = not torch.equal(param, before[name])
         assert changed == (".visual." in f".{name}"), name
+
+
+def test_pool_by_coverage_hand_computed():
+    torch = pytest.importorskip("torch")
+    from models.warmstart import pool_by_coverage
+
+    tokens = torch.tensor([[1.0], [3.0], [5.0], [7.0]])  # 2 images × 2 cells, width 1
+    coverage = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
+    torch.testing.assert_close(pool_by_coverage(tokens, coverage), torch.tensor([[1.0], [6.5]]))
