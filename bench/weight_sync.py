@@ -5,7 +5,7 @@ receivers have loaded them into their model and report the version) is compared 
 same bytes moved by the same mechanism without our layer: one ``ray.put`` of one flat numpy buffer
 that both actors ``ray.get`` (zero-copy), or one broadcast of one flat uint8 tensor over a gloo group
 of the same three processes, each triggered by one actor call per receiver. ``apply_s`` is the part of
-``sync_s`` the receivers spend in ``load_state_dict`` (a copy the raw transfer does not do).
+``sync_s`` the receivers spend in ``HFEngine.load_weights`` (a copy the raw transfer does not do).
 ``transport_s`` is a sync whose receivers skip the load (``transport_ratio``, per pair like ``ratio``):
 our layer's own overhead over the raw mechanism. Medians of ``--repeats`` runs after one warm-up,
 sync and raw timed alternately (so that load from other processes hits both alike); ``ratio`` is the
@@ -55,11 +55,13 @@ def load_model(model_dir: str) -> torch.nn.Module:
 
 
 class BenchWorker(WeightReceiverMixin):
-    """A rollout worker's weight-holding part: the real HF model, loaded with load_state_dict."""
+    """A rollout worker's weight-holding part: the real HF engine (``HFEngine.load_weights`` applies)."""
 
     def __init__(self, model_dir: str) -> None:
-        torch.set_num_threads(1)
-        self.model = load_model(model_dir)
+        from actors.config import EngineConfig
+        from actors.engines.hf import HFEngine
+
+        self.engine = HFEngine(EngineConfig(backend="hf", device="cpu", cpu_threads=1), model_path=model_dir)
         self.apply_seconds: list[float] = []
         self.raw_group: BroadcastGroup | None = None
         self.apply = True
@@ -71,11 +73,11 @@ class BenchWorker(WeightReceiverMixin):
         if not self.apply:
             return
         start = time.perf_counter()
-        self.model.load_state_dict(dict(named_tensors), strict=True)
+        self.engine.load_weights(named_tensors, version=version)
         self.apply_seconds.append(time.perf_counter() - start)
 
     def checksum(self) -> str:
-        return weights_checksum(self.model.state_dict().items())
+        return weights_checksum(self.engine.model.state_dict().items())
 
     def take_apply_seconds(self) -> list[float]:
         out, self.apply_seconds = self.apply_seconds, []

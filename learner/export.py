@@ -28,6 +28,10 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
+# Byte alignment of each tensor inside a bucket's flat buffer: the widest dtype a policy holds
+# (complex128) is 16 wide. actors.weights packs at the same alignment, so it sends a bucket laid out
+# like this as ONE chunk without copying it (it checks the layout; any other layout is copied).
+BUCKET_ALIGN = 16
 # Files of a model directory that hold weights: replaced by the export, never copied from the source.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -41,17 +45,29 @@ class WeightBucket:
     """A slice of one weights version: ``tensors`` are (state_dict name, CPU tensor) pairs.
 
     Buckets of one version arrive with index 0, 1, ... and exactly the last has ``is_last``; a
-    receiver applies the version only once it has them all.
+    receiver applies the version only once it has them all. ``flat``, when set, is a uint8 buffer
+    every tensor is a view of, in order, each at a BUCKET_ALIGN-aligned offset (``export_weights``
+    lays buckets out so): a transport can send it as one block without a copy.
     """
 
     version: int
     index: int
     is_last: bool
     tensors: list[tuple[str, torch.Tensor]]
+    flat: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self.tensors)
+
+    def __reduce__(self):
+        # Pickling a view of a tensor pickles its WHOLE storage: a flat bucket would cross Ray (the
+        # learner actors' export stream) once per tensor. Send the flat buffer once, as numpy (which
+        # Ray passes zero-copy), and rebuild the views from it.
+        if self.flat is None:
+            return (WeightBucket, (self.version, self.index, self.is_last, self.tensors))
+        layout = [(name, t.dtype, tuple(t.shape), t.data_ptr() - self.flat.data_ptr()) for name, t in self.tensors]
+        return (_flat_bucket, (self.version, self.index, self.is_last, layout, self.flat.numpy()))
 
 
 @dataclass
@@ -64,8 +80,9 @@ class _Entry:
 
     @property
     def num_bytes(self) -> int:
+        """Bytes it takes in a bucket: a copy per name (tied weights are sent under each name)."""
         base = self.sources[0]
-        return int(getattr(base, "ds_numel", base.numel())) * base.element_size()
+        return int(getattr(base, "ds_numel", base.numel())) * base.element_size() * len(self.names)
 
 
 def _unwrap(engine_or_model) -> torch.nn.Module:
@@ -142,14 +159,60 @@ def _plan(entries: list[_Entry], bucket_bytes: int) -> list[list[_Entry]]:
     return buckets
 
 
+def _flat_bucket(version: int, index: int, is_last: bool, layout: list, flat) -> WeightBucket:
+    """``WeightBucket.__reduce__``'s inverse: views of ``flat`` (a numpy uint8 array) at their offsets."""
+    import warnings
+
+    with warnings.catch_warnings():  # Ray hands back read-only arrays; the tensors are only read
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        flat = torch.from_numpy(flat)
+    tensors = [(name, _view(flat, offset, dtype, shape)) for name, dtype, shape, offset in layout]
+    return WeightBucket(version, index, is_last, tensors, flat=flat)
+
+
+def _view(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    size = int(torch.Size(shape).numel()) * dtype.itemsize
+    if size == 0:  # an empty slice has no address to view
+        return torch.empty(shape, dtype=dtype)
+    return flat[offset:offset + size].view(dtype).view(shape)
+
+
+def _aligned_offsets(sizes: list[int]) -> tuple[list[int], int]:
+    """Offsets of consecutive blocks of ``sizes`` bytes, each aligned to BUCKET_ALIGN, and the total."""
+    offsets, end = [], 0
+    for size in sizes:
+        offsets.append(end)
+        end += -(-size // BUCKET_ALIGN) * BUCKET_ALIGN
+    return offsets, end
+
+
 def _materialise(entry: _Entry) -> torch.Tensor:
-    """The full exported tensor of an entry (its sources are gathered), as a fresh CPU tensor."""
+    """The full exported tensor of an entry (its sources are gathered), where it lives (no copy if plain)."""
     base = entry.sources[0].detach()
     if entry.lora_scaling is None:
-        return base.to("cpu", copy=True)
+        return base
     lora_a, lora_b = (s.detach().float() for s in entry.sources[1:])
     merged = base.float() + entry.lora_scaling * (lora_b @ lora_a)
-    return merged.to(base.dtype).to("cpu", copy=True)
+    return merged.to(base.dtype)
+
+
+def _flat_copy(bucket: list[_Entry]) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """Copy a bucket's (gathered) tensors into one fresh CPU uint8 buffer: the buffer and the named views.
+
+    Tied names get a copy each, as ``state_dict()`` lists them (a receiver loads them by name).
+    """
+    named = []
+    for entry in bucket:
+        full = _materialise(entry)  # computed once for all names of tied weights
+        named.extend((name, full) for name in entry.names)
+    offsets, total = _aligned_offsets([t.numel() * t.element_size() for _, t in named])
+    flat = torch.empty(total, dtype=torch.uint8)
+    views = []
+    for (name, full), offset in zip(named, offsets):
+        view = _view(flat, offset, full.dtype, tuple(full.shape))
+        view.copy_(full)  # the one copy out of the model (a device-to-host copy on GPU)
+        views.append((name, view))
+    return flat, views
 
 
 def export_weights(engine_or_model, *, version: int, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> Iterator[WeightBucket]:
@@ -176,14 +239,12 @@ def export_weights(engine_or_model, *, version: int, bucket_bytes: int = DEFAULT
             import deepspeed
 
             gathered = deepspeed.zero.GatheredParameters(to_gather, modifier_rank=None)
-        tensors = []
         with gathered:
             if is_receiver:
-                for entry in bucket:
-                    full = _materialise(entry)  # one copy, shared by all names of tied weights
-                    tensors.extend((name, full) for name in entry.names)
+                flat, tensors = _flat_copy(bucket)
         if is_receiver:
-            yield WeightBucket(version=version, index=index, is_last=index == len(plan) - 1, tensors=tensors)
+            yield WeightBucket(version=version, index=index, is_last=index == len(plan) - 1, tensors=tensors,
+                               flat=flat)
 
 
 def assemble_state_dict(buckets: Iterable[WeightBucket]) -> tuple[int, dict[str, torch.Tensor]]:

@@ -73,6 +73,31 @@ def test_small_tensors_share_one_aligned_chunk():
     assert_identical(message_tensors(message), tensors)  # the scalar float32 at byte 48 views cleanly
 
 
+def _flat_bucket(tensors, *, gap: int = 0) -> WeightBucket:
+    """A bucket whose tensors view one uint8 buffer at 16-byte-aligned offsets (+ ``gap`` bytes each)."""
+    sizes = [t.numel() * t.element_size() for _, t in tensors]
+    offsets = [sum(-(-s // 16) * 16 + gap for s in sizes[:i]) for i in range(len(sizes))]
+    flat = torch.zeros(offsets[-1] + -(-sizes[-1] // 16) * 16, dtype=torch.uint8)
+    views = []
+    for (name, t), offset, size in zip(tensors, offsets, sizes):
+        view = torch.empty(t.shape, dtype=t.dtype) if size == 0 else flat[offset:offset + size].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        views.append((name, view))
+    return WeightBucket(0, 0, True, views, flat=flat)
+
+
+def test_a_flat_bucket_is_one_chunk_without_a_copy():
+    bucket = _flat_bucket(sample_tensors())
+    message = bucket_to_message(bucket)
+    assert all(message.manifest.packed) and len(message.chunks) == 1
+    assert message.chunks[0].ctypes.data == bucket.flat.data_ptr()  # the buffer itself goes to ray.put
+    assert_identical(message_tensors(message), sample_tensors())
+    # a buffer whose tensors do not sit at the packed offsets is not trusted: per-tensor chunks as usual
+    shifted = bucket_to_message(_flat_bucket(sample_tensors(), gap=16))
+    assert not any(shifted.manifest.packed) and len(shifted.chunks) == len(sample_tensors())
+    assert_identical(message_tensors(shifted), sample_tensors())
+
+
 def test_chunks_that_do_not_match_the_manifest_are_refused():
     manifest, chunks = pack_bucket(WeightBucket(0, 0, True, sample_tensors()), pack_below_bytes=0)
     with pytest.raises(ValueError, match="chunk sizes"):
