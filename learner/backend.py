@@ -217,8 +217,14 @@ class DeepSpeedBackend:
     """A DeepSpeed engine (ZeRO stage from the config) with torch AdamW and a LambdaLR schedule."""
 
     def __init__(self, config: LearnerConfig, *, rank: int, world_size: int):
+        import warnings
+
         import deepspeed
 
+        # DeepSpeed's ZeRO-3 calls these deprecated torch.distributed names on every step; the warning
+        # would print a line per step per rank and bury the progress lines.
+        warnings.filterwarnings("ignore", category=FutureWarning,
+                                message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
         if world_size != config.world_size:
             raise ValueError(f"world_size {world_size} differs from config.world_size {config.world_size}")
         self.config, self.rank, self.world_size = config, rank, world_size

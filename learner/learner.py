@@ -20,6 +20,7 @@ the loss of the whole batch, and 1 rank or N ranks produce the same update.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -68,6 +69,11 @@ class Learner:
         if config.model_path is None:
             raise ValueError("learner.model_path: not set (the driver sets it from the run's model)")
         self.config, self.rank, self.world_size = config, rank, world_size
+        cores = config.rank_cpu_cores(rank)
+        if cores is not None:  # before the backend starts its thread pools
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
+            log.info("learner rank %d pinned to CPUs %s", rank, cores)
         seed_everything(config.seed)
         self.backend = build_backend(config, rank=rank, world_size=world_size)
         self.device = self.backend.device
@@ -86,6 +92,7 @@ class Learner:
             "rank": self.rank, "world_size": self.world_size, "device": str(self.device), "version": self.version,
             "parameters": sum(int(getattr(p, "ds_numel", p.numel())) for p in params),
             "trainable_parameters": sum(int(getattr(p, "ds_numel", p.numel())) for p in params if p.requires_grad),
+            "cpu_affinity": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
         }
 
     # ---------------------------------------------------------------- training

@@ -50,6 +50,8 @@ class VLLMEngine(RolloutEngine):
         # Read by vLLM when the engine is built, so they are set here rather than by the caller.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(config.cpu_kv_cache_gib)
+        if config.cpu_cores is not None:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = config.cpu_cores
         from models.vllm_compat import install
 
         install()  # a no-op where torchvision works

@@ -56,6 +56,10 @@ INVALID = [
     (["metrics.port=70000"], "metrics.port"),
     (["train.buffer_capacity=2"], "train.buffer_capacity"),
     (["rewards.custom_reward=os.system('x')"], "custom_reward"),
+    (["learner.cpu_cores=1;2"], "learner.cpu_cores"),
+    (["learner.cpu_cores=3-1"], "runs backwards"),
+    (["learner.cpu_cores=0|1|2", "learner.world_size=2", "learner.global_batch_samples=16"], "3 lists for 2 ranks"),
+    (["rollout.engine.backend=hf", "rollout.engine.cpu_cores=0"], "cpu_cores"),
 ]
 
 
@@ -110,3 +114,14 @@ def test_the_fewshot_config_is_the_main_job_on_500_images():
     assert fewshot.data.train_limit == 500 and main.data.train_limit is None
     assert fewshot.sft == main.sft and fewshot.learner == main.learner and fewshot.curriculum == main.curriculum
     assert fewshot.train.output_dir != main.train.output_dir
+
+
+def test_cpu_core_lists_per_rank():
+    from learner.config import LearnerConfig, parse_cpu_list
+
+    assert parse_cpu_list("0,2-4,3") == [0, 2, 3, 4]
+    shared = LearnerConfig(cpu_cores="1", world_size=2, global_batch_samples=8)
+    assert shared.rank_cpu_cores(0) == shared.rank_cpu_cores(1) == [1]
+    split = LearnerConfig(cpu_cores="0-1|2-3", world_size=2, global_batch_samples=8)
+    assert (split.rank_cpu_cores(0), split.rank_cpu_cores(1)) == ([0, 1], [2, 3])
+    assert LearnerConfig().rank_cpu_cores(0) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -266,9 +267,12 @@ def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
     from deploy.learner_group import LearnerGroup
 
     groups = make_groups(model_dir)
-    group = LearnerGroup(config(model_dir, world_size=2), env_vars={"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR,
-                                                                     "DS_ACCELERATOR": "cpu"})
+    cores = sorted(os.sched_getaffinity(0))
+    pinned = f"{cores[0]}|{cores[-1]}"  # each rank on a core of its own (where there are two)
+    group = LearnerGroup(config(model_dir, world_size=2, cpu_cores=pinned),
+                         env_vars={"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "DS_ACCELERATOR": "cpu"})
     try:
+        assert [(r["cpu_affinity"], r["torch_threads"]) for r in group.ranks] == [([cores[0]], 1), ([cores[-1]], 1)]
         global_batch = group.collate(groups)  # advantages from the rewards, collated on the driver
         pieces = group.split(global_batch)
         assert [p.num_samples for p in pieces] == [4, 4]
