@@ -46,6 +46,9 @@ class SFTConfig(BaseModel):
         "brief", description="target think: brief (the category) or refocus (overview, focus boxes, summary)")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
+    num_cpus_per_rank: float | None = Field(
+        None, gt=0.0, description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); "
+        "nothing else runs beside SFT, and torch takes as many threads as the rank reserves")
     log_every: int = Field(10, ge=1, description="steps between progress lines")
     seed: int = Field(0, ge=0, description="shuffling seed")
 
@@ -75,6 +78,7 @@ def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
         model_path=model_path, global_batch_samples=sft.batch_samples, micro_batch_samples=sft.micro_batch_samples,
         lr=sft.lr, warmup_steps=sft.warmup_steps, schedule="constant", max_steps=max(sft.steps, sft.warmup_steps, 1),
         weight_decay=sft.weight_decay, kl_coef=0.0, old_logprobs="behaviour",
+        num_cpus_per_rank=sft.num_cpus_per_rank or learner.num_cpus_per_rank,
     ))
 
 

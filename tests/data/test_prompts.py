@@ -74,6 +74,13 @@ def test_zoom_tool_is_described_only_when_allowed():
     assert "<zoom>[x1, y1, x2, y2]</zoom>" in system
 
 
+def test_brief_prompt_without_the_question_is_the_image_alone():
+    config = PromptConfig(frame="original", system="brief", question="omit")
+    system, user = build_messages(question="Where is it?", task="camo", width=100, height=80, config=config)
+    assert user["content"] == [{"type": "image"}]
+    assert system["content"].startswith("Find the animal") and "pixels of the 100x80 image" in system["content"]
+
+
 def test_input_frame_needs_the_input_size_and_tasks_are_checked():
     with pytest.raises(ValueError, match="input_size"):
         build_messages(question="q", task="camo", width=100, height=80, config=PromptConfig(frame="input"))
