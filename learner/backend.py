@@ -88,11 +88,23 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: LearnerConfig) -> t
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(params, config: LearnerConfig) -> torch.optim.AdamW:
+def make_optimizer(model, config: LearnerConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: the vision tower's at ``vision_lr_scale`` × lr, the rest at lr."""
+    vision, rest = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (vision if _is_vision(name) else rest).append(param)
+    groups = [{"params": rest, "lr": config.lr}]
+    if vision:
+        groups.append({"params": vision, "lr": config.lr * config.vision_lr_scale})
     # foreach=False: the same per-tensor arithmetic whatever the grouping, so ZeRO's flat partitions and
     # the plain backend's tensors round identically.
-    return torch.optim.AdamW(params, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,
                              weight_decay=config.weight_decay, foreach=False)
+
+
+def _is_vision(name: str) -> bool:
+    return ".visual." in f".{name}"
 
 
 def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict:
@@ -167,7 +179,7 @@ def load_model(config: LearnerConfig, *, dtype: torch.dtype, zero3_config: dict 
         model = _apply_lora(model, config)
     if config.freeze_vision:
         for name, param in model.named_parameters():
-            if ".visual." in f".{name}":
+            if _is_vision(name):
                 param.requires_grad_(False)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -235,7 +247,7 @@ class DeepSpeedBackend:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         zero3 = ds_config if config.zero_stage == 3 else None
         model = load_model(config, dtype=dtype, zero3_config=zero3)
-        optimizer = make_optimizer(trainable_parameters(model), config)
+        optimizer = make_optimizer(model, config)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=lambda opt: make_scheduler(opt, config), config=ds_config)
         self.module = self.engine.module
@@ -327,7 +339,7 @@ class TorchBackend:
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.module = load_model(config, dtype=dtype).to(self.device)
         self.policy = self.module
-        self.optimizer = make_optimizer(trainable_parameters(self.module), config)
+        self.optimizer = make_optimizer(self.module, config)
         self.scheduler = make_scheduler(self.optimizer, config)
         self.reference = None
         if config.kl_coef > 0:

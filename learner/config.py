@@ -84,6 +84,10 @@ class LearnerConfig(BaseModel):
 
     bf16: Literal["auto"] | bool = Field(default="auto", description="bfloat16 weights and compute; auto: on for CUDA, off on CPU")
     freeze_vision: bool = Field(default=False, description="keep the vision tower's weights fixed")
+    vision_lr_scale: float = Field(
+        default=1.0, gt=0.0, le=1.0,
+        description="the vision tower's lr as a fraction of lr (its own AdamW group; schedule alike): a warm-"
+        "started tower can then move slowly while the language model learns to read it")
     lora: LoraSpec | None = Field(default=None, description="train low-rank adapters instead of all weights")
     gradient_checkpointing: bool = Field(default=False, description="recompute activations in backward to save memory")
     encode_images_once_per_group: bool = Field(

@@ -210,6 +210,20 @@ def test_zero_advantages_leave_weights_unchanged(model_dir):
         torch.testing.assert_close(shrunk[name], value * (1 - 1e-2 * 0.1), atol=1e-7, rtol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["deepspeed", "torch"])
+def test_vision_tower_has_its_own_scaled_lr(model_dir, backend):
+    """Zero advantages: AdamW's Adam term is 0, so each weight only decays, by exactly (1 - lr·wd) of
+    its group: lr·0.25 in the vision tower, lr elsewhere (hand-computed factors)."""
+    flat = make_batch(model_dir, advantages=[[0.0] * 4, [0.0] * 4])
+    learner = Learner(config(model_dir, backend=backend, weight_decay=0.1, lr=1e-2, vision_lr_scale=0.25))
+    before = weights(learner)
+    learner.step(flat)
+    after = weights(learner)
+    for name, value in before.items():
+        factor = 1 - 0.25e-2 * 0.1 if name.startswith("model.visual.") else 1 - 1e-2 * 0.1
+        torch.testing.assert_close(after[name], value * factor, atol=1e-7, rtol=1e-6, msg=name)
+
+
 def test_kl_to_the_initial_policy(model_dir, batch):
     """The reference is the initial policy: KL is exactly 0 before the first update, > 0 after it."""
     learner = Learner(config(model_dir, kl_coef=0.1, lr=1e-3))
