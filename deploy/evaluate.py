@@ -394,7 +394,8 @@ def evaluate(*, model_path: str | Path, data_dir: str | Path, splits: Sequence[s
     from actors.engines import build_engine
     from actors.rollout import RolloutWorker
 
-    engine = build_engine(config.rollout.engine, model_path=str(model_path))
+    # Evaluation runs alone: the training run's core binding (rollout.engine.cpu_cores) does not apply.
+    engine = build_engine(config.rollout.engine.model_copy(update={"cpu_cores": None}), model_path=str(model_path))
     result: dict = {"model_path": str(model_path), "data_dir": str(data_dir), "frame": config.rollout.prompt.frame,
                     "engine": config.rollout.engine.backend, "limit": limit,
                     "modes": {m: c.sampling.model_dump() for m, c in configs.items()}, "splits": {}}

@@ -79,6 +79,7 @@ def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
         lr=sft.lr, warmup_steps=sft.warmup_steps, schedule="constant", max_steps=max(sft.steps, sft.warmup_steps, 1),
         weight_decay=sft.weight_decay, kl_coef=0.0, old_logprobs="behaviour",
         num_cpus_per_rank=sft.num_cpus_per_rank or learner.num_cpus_per_rank,
+        cpu_cores=None,  # learner.cpu_cores keeps RL's learner off the rollout engines' cores; SFT runs alone
     ))
 
 

@@ -31,11 +31,13 @@ def test_sft_config_checks_batch_geometry():
 def test_sft_learner_takes_sfts_batch_optimiser_and_cpus():
     from learner.config import LearnerConfig
 
-    rl = LearnerConfig(lr=5e-5, global_batch_samples=64, micro_batch_samples=16, num_cpus_per_rank=1, kl_coef=0.1)
+    rl = LearnerConfig(lr=5e-5, global_batch_samples=64, micro_batch_samples=16, num_cpus_per_rank=1, kl_coef=0.1,
+                       cpu_cores="1")
     sft = SFTConfig(steps=50, batch_samples=32, micro_batch_samples=8, lr=5e-4, warmup_steps=5, num_cpus_per_rank=2)
     got = sft_learner_config(rl, sft, model_path="m")
     assert (got.lr, got.global_batch_samples, got.micro_batch_samples, got.max_steps) == (5e-4, 32, 8, 50)
     assert (got.num_cpus_per_rank, got.kl_coef, got.schedule, got.model_path) == (2, 0.0, "constant", "m")
+    assert got.cpu_cores is None  # RL's pinning is for sharing the node with rollout engines; SFT runs alone
     unset = sft.model_copy(update={"num_cpus_per_rank": None})
     assert sft_learner_config(rl, unset, model_path="m").num_cpus_per_rank == 1  # the RL learner's
 
