@@ -71,6 +71,9 @@ class Learner:
         self.config, self.rank, self.world_size = config, rank, world_size
         cores = config.rank_cpu_cores(rank)
         if cores is not None:  # before the backend starts its thread pools
+            available = sorted(os.sched_getaffinity(0))
+            if not set(cores) <= set(available):
+                raise ValueError(f"learner.cpu_cores: rank {rank} asks for CPUs {cores}, this process may use {available}")
             os.sched_setaffinity(0, cores)
             torch.set_num_threads(len(cores))
             log.info("learner rank %d pinned to CPUs %s", rank, cores)

