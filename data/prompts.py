@@ -55,7 +55,7 @@ class PromptConfig(BaseModel):
     question: Literal["row", "omit"] = Field(
         default="row",
         description="row: the user turn is the image and the row's question; omit: the image alone, for a model "
-        "trained from scratch on one task whose question never changes (~80 tokens fewer in every sequence)",
+        "trained from scratch on one task whose question never changes (55 tokens fewer per sequence, builtin tokenizer)",
     )
 
     @model_validator(mode="after")
