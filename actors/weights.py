@@ -116,7 +116,7 @@ class BucketManifest:
         """Size of every chunk, in order (what a receiver allocates)."""
         sizes = self.tensor_bytes()
         packed = [size for size, p in zip(sizes, self.packed) if p]
-        head = [_pack_offsets(packed)[1]] if packed else []
+        head = [packed_offsets(packed)[1]] if packed else []
         return head + [size for size, p in zip(sizes, self.packed) if not p]
 
 
@@ -174,7 +174,7 @@ def _from_raw(raw: torch.Tensor, *, dtype: torch.dtype, shape: Sequence[int]) ->
     return raw.view(dtype).reshape(tuple(shape))
 
 
-def _pack_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
+def packed_offsets(sizes: Sequence[int]) -> tuple[list[int], int]:
     """Byte offsets of tensors packed into one chunk, each aligned to PACK_ALIGN, and the chunk's size.
 
     Aligned because a uint8 slice can be viewed as a wider dtype only at a multiple of its width.
@@ -196,7 +196,7 @@ def _flat_chunk(bucket: BucketLike) -> torch.Tensor | None:
     if flat is None or flat.dtype != torch.uint8 or flat.dim() != 1 or not flat.is_contiguous():
         return None
     tensors = [t for _, t in bucket.tensors]
-    offsets, total = _pack_offsets([t.numel() * t.element_size() for t in tensors])
+    offsets, total = packed_offsets([t.numel() * t.element_size() for t in tensors])
     if total != flat.numel() or flat.device.type != "cpu":
         return None
     base = flat.data_ptr()
@@ -228,7 +228,7 @@ def pack_bucket(bucket: BucketLike, *, pack_below_bytes: int,
     small = [_raw_view(t) for t, p in zip(tensors, packed) if p]
     chunks = []
     if small:
-        offsets, total = _pack_offsets([r.numel() for r in small])
+        offsets, total = packed_offsets([r.numel() for r in small])
         head = torch.zeros(total, dtype=torch.uint8, device=small[0].device)
         for offset, raw in zip(offsets, small):
             head[offset:offset + raw.numel()] = raw
@@ -244,7 +244,7 @@ def unpack_chunks(manifest: BucketManifest, chunks: Sequence[torch.Tensor]) -> l
                          f"{[c.numel() for c in chunks]} do not match its manifest {manifest.chunk_bytes()}")
     sizes = manifest.tensor_bytes()
     rest = iter(chunks[1:] if any(manifest.packed) else chunks)
-    offsets = iter(_pack_offsets([n for n, p in zip(sizes, manifest.packed) if p])[0])
+    offsets = iter(packed_offsets([n for n, p in zip(sizes, manifest.packed) if p])[0])
     out = []
     for name, dtype, shape, size, packed in zip(manifest.names, manifest.dtypes, manifest.shapes, sizes,
                                                 manifest.packed):

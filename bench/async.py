@@ -58,28 +58,37 @@ MAX_STALENESS = 1
 SPLIT_PLACEMENT = ("cluster.rollout_workers=1", "rollout.engine.cpu_cores=0", "learner.cpu_cores=1")
 
 
-def run_once(*, model: str, mode: str, steps: int, data_dir: Path, out: Path, extra: list[str]) -> dict:
-    """One training run; its per-step rewards and trained-samples rate (see the module docstring)."""
-    import ray
+def tiny_cpu_config() -> Path:
+    from deploy.config import shipped_configs
 
-    from deploy.config import load_run_config, shipped_configs
-    from deploy.driver import EVENTS_FILE, Driver
+    return next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
 
+
+def model_overrides(model: str) -> list[str]:
+    """tiny-cpu overrides that run ``builtin:<model>``: the model, and its own image resize rule for the
+    reward frame and the zoom crops (the small model sees every image at 112 px). Builds it if missing."""
     from actors.env import ImageLimits
+    from deploy.config import load_run_config
     from models.config import resolve_model_path
     from models.processor import load_processor
 
-    tiny_cpu = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
-    shutil.rmtree(out, ignore_errors=True)
     model_args = [f"model.path=builtin:{model}", f"model.cache_dir={REPO / 'artifacts' / 'models'}"]
-    # Reward frame and zoom crops follow the model's own resize rule (the small model sees 112 px images).
-    images = ImageLimits.of(load_processor(str(resolve_model_path(load_run_config(tiny_cpu, model_args).model)))
-                            .image_processor)
-    config = load_run_config(tiny_cpu, [
-        *model_args, f"data.path={data_dir}",
-        f"rewards.frame.min_pixels={images.min_pixels}", f"rewards.frame.max_pixels={images.max_pixels}",
-        f"rollout.env.zoom_pixels={images.max_pixels}",
-        f"train.output_dir={out}", f"train.mode={mode}", f"train.steps={steps}",
+    model_dir = resolve_model_path(load_run_config(tiny_cpu_config(), model_args).model)
+    images = ImageLimits.of(load_processor(str(model_dir)).image_processor)
+    return [*model_args, f"rewards.frame.min_pixels={images.min_pixels}",
+            f"rewards.frame.max_pixels={images.max_pixels}", f"rollout.env.zoom_pixels={images.max_pixels}"]
+
+
+def run_once(*, model_args: list[str], mode: str, steps: int, data_dir: Path, out: Path, extra: list[str]) -> dict:
+    """One training run; its per-step rewards and trained-samples rate (see the module docstring)."""
+    import ray
+
+    from deploy.config import load_run_config
+    from deploy.driver import EVENTS_FILE, Driver
+
+    shutil.rmtree(out, ignore_errors=True)
+    config = load_run_config(tiny_cpu_config(), [
+        *model_args, f"data.path={data_dir}", f"train.output_dir={out}", f"train.mode={mode}", f"train.steps={steps}",
         f"train.max_staleness={MAX_STALENESS}", "train.checkpoint_every=0", "metrics.enabled=false",
         "rollout.sampling.seed=0", "rewards.custom_reward=rewards.examples:brevity",
         *[f"curriculum.stages.{i}.reward_weights.custom=1.0" for i in range(3)], *extra,
@@ -162,7 +171,8 @@ def main() -> None:
     started = time.perf_counter()
     for model in args.models.split(","):
         extra = [f"rollout.sampling.max_tokens={args.max_tokens}", *args.set]
-        runs[model] = {mode: run_once(model=model, mode=mode, steps=args.steps, data_dir=data_dir,
+        overrides = model_overrides(model)  # once per model (it may build the model)
+        runs[model] = {mode: run_once(model_args=overrides, mode=mode, steps=args.steps, data_dir=data_dir,
                                       out=out / f"{model}-{mode}", extra=[*SPLIT_PLACEMENT, *extra])
                        for mode in MODES}
         sync, asynchronous = runs[model]["sync"], runs[model]["async"]
@@ -180,7 +190,7 @@ def main() -> None:
         if args.shared_baseline:
             # Sync with tiny-cpu's own placement (2 rollout workers, nothing pinned): on one 2-core box the
             # best a sync run does with both cores for each phase in turn; async is compared with it too.
-            shared = run_once(model=model, mode="sync", steps=args.steps, data_dir=data_dir,
+            shared = run_once(model_args=overrides, mode="sync", steps=args.steps, data_dir=data_dir,
                               out=out / f"{model}-sync-shared", extra=extra)
             report["models"][model]["sync_shared_samples_per_s"] = round(shared["samples_per_s"], 2)
             report["models"][model]["async_vs_sync_shared"] = round(

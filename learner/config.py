@@ -4,18 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-def parse_cpu_list(spec: str) -> list[int]:
-    """'0,2-4' → [0, 2, 3, 4] (the Linux cpu-list format, as taskset and vLLM take it)."""
-    cores: list[int] = []
-    for part in spec.split(","):
-        low, _, high = part.partition("-")
-        if high and int(high) < int(low):
-            raise ValueError(f"cpu list {spec!r}: range {part!r} runs backwards")
-        cores += range(int(low), int(high or low) + 1)
-    return sorted(set(cores))
+from actors.config import CpuLists, parse_cpu_list
 
 
 class LoraSpec(BaseModel):
@@ -94,17 +85,12 @@ class LearnerConfig(BaseModel):
         default=True, description="run the vision tower once per unique image, not once per sample")
     log_entropy: bool = Field(default=False, description="also report the policy's token entropy (one more softmax pass)")
     seed: int = Field(default=0, ge=0, description="seed of python, numpy and torch RNGs on every rank")
-    cpu_cores: str | None = Field(
-        default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*$",
+    cpu_cores: CpuLists | None = Field(
+        default=None,
         description="CPU training: logical CPU ids each rank is pinned to, with as many torch threads, e.g. '1' or "
         "'0-3|4-7' (one list per rank, '|' between; one list for all ranks); None: no pinning. Keeps the "
         "learner off the cores rollout engines are bound to (EngineConfig.cpu_cores) when both share a node",
     )
-
-    @field_validator("cpu_cores", mode="before")
-    @classmethod
-    def _one_core_id(cls, value):
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value  # YAML/CLI `1`
 
     def rank_cpu_cores(self, rank: int) -> list[int] | None:
         """The logical CPU ids ``rank`` is pinned to (``cpu_cores``), or None."""
@@ -128,10 +114,8 @@ class LearnerConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
         if self.backend == "torch" and self.world_size != 1:
             raise ValueError(f"backend 'torch' runs one process; world_size must be 1, got {self.world_size}")
-        if self.cpu_cores is not None:
-            lists = [parse_cpu_list(spec) for spec in self.cpu_cores.split("|")]  # raises on a backwards range
-            if len(lists) not in (1, self.world_size):
-                raise ValueError(f"cpu_cores: {len(lists)} lists for {self.world_size} ranks (give one, or one per rank)")
+        if self.cpu_cores is not None and (lists := self.cpu_cores.count("|") + 1) not in (1, self.world_size):
+            raise ValueError(f"cpu_cores: {lists} lists for {self.world_size} ranks (give one, or one per rank)")
         if self.device == "cpu" and self.bf16 is True:
             raise ValueError("bf16: true needs device cuda (or auto on a GPU machine); CPU training runs in float32")
         return self

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import torch
 
+from actors.weights import packed_offsets
+
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKET_BYTES = 256 * 2**20
-# Byte alignment of each tensor inside a bucket's flat buffer: the widest dtype a policy holds
-# (complex128) is 16 wide. actors.weights packs at the same alignment, so it sends a bucket laid out
-# like this as ONE chunk without copying it (it checks the layout; any other layout is copied).
-BUCKET_ALIGN = 16
 # Files of a model directory that hold weights: replaced by the export, never copied from the source.
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -46,8 +44,8 @@ class WeightBucket:
 
     Buckets of one version arrive with index 0, 1, ... and exactly the last has ``is_last``; a
     receiver applies the version only once it has them all. ``flat``, when set, is a uint8 buffer
-    every tensor is a view of, in order, each at a BUCKET_ALIGN-aligned offset (``export_weights``
-    lays buckets out so): a transport can send it as one block without a copy.
+    every tensor is a view of, in order, at ``actors.weights.packed_offsets`` (``export_weights`` lays
+    buckets out so): a transport sends it as one block without a copy.
     """
 
     version: int
@@ -177,15 +175,6 @@ def _view(flat: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int,
     return flat[offset:offset + size].view(dtype).view(shape)
 
 
-def _aligned_offsets(sizes: list[int]) -> tuple[list[int], int]:
-    """Offsets of consecutive blocks of ``sizes`` bytes, each aligned to BUCKET_ALIGN, and the total."""
-    offsets, end = [], 0
-    for size in sizes:
-        offsets.append(end)
-        end += -(-size // BUCKET_ALIGN) * BUCKET_ALIGN
-    return offsets, end
-
-
 def _materialise(entry: _Entry) -> torch.Tensor:
     """The full exported tensor of an entry (its sources are gathered), where it lives (no copy if plain)."""
     base = entry.sources[0].detach()
@@ -205,7 +194,8 @@ def _flat_copy(bucket: list[_Entry]) -> tuple[torch.Tensor, list[tuple[str, torc
     for entry in bucket:
         full = _materialise(entry)  # computed once for all names of tied weights
         named.extend((name, full) for name in entry.names)
-    offsets, total = _aligned_offsets([t.numel() * t.element_size() for _, t in named])
+    # The weight transports' packed layout (actors.weights), so they send the buffer itself as one chunk.
+    offsets, total = packed_offsets([t.numel() * t.element_size() for _, t in named])
     flat = torch.empty(total, dtype=torch.uint8)
     views = []
     for (name, full), offset in zip(named, offsets):

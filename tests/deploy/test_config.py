@@ -117,7 +117,8 @@ def test_the_fewshot_config_is_the_main_job_on_500_images():
 
 
 def test_cpu_core_lists_per_rank():
-    from learner.config import LearnerConfig, parse_cpu_list
+    from actors.config import parse_cpu_list
+    from learner.config import LearnerConfig
 
     assert parse_cpu_list("0,2-4,3") == [0, 2, 3, 4]
     shared = LearnerConfig(cpu_cores="1", world_size=2, global_batch_samples=8)
