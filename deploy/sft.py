@@ -49,6 +49,10 @@ class SFTConfig(BaseModel):
     num_cpus_per_rank: float | None = Field(
         None, gt=0.0, description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); "
         "nothing else runs beside SFT, and torch takes as many threads as the rank reserves")
+    freeze_vision: bool | None = Field(
+        None, description="keep the vision tower fixed during SFT (None: learner.freeze_vision, as RL)")
+    vision_lr_scale: float | None = Field(
+        None, gt=0.0, le=1.0, description="the tower's lr as a fraction of SFT's lr (None: learner.vision_lr_scale)")
     log_every: int = Field(10, ge=1, description="steps between progress lines")
     seed: int = Field(0, ge=0, description="shuffling seed")
 
@@ -79,6 +83,8 @@ def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
         lr=sft.lr, warmup_steps=sft.warmup_steps, schedule="constant", max_steps=max(sft.steps, sft.warmup_steps, 1),
         weight_decay=sft.weight_decay, kl_coef=0.0, old_logprobs="behaviour",
         num_cpus_per_rank=sft.num_cpus_per_rank or learner.num_cpus_per_rank,
+        freeze_vision=learner.freeze_vision if sft.freeze_vision is None else sft.freeze_vision,
+        vision_lr_scale=sft.vision_lr_scale or learner.vision_lr_scale,
         cpu_cores=None,  # learner.cpu_cores keeps RL's learner off the rollout engines' cores; SFT runs alone
     ))
 

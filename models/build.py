@@ -159,7 +159,9 @@ RECIPES: dict[str, BuildRecipe] = {
     # steps cost 2.7x as much. The vision tower is warm-started so the language model has something to
     # read (ARCHITECTURE.md §9). The warm start teaches WHERE only (objectness and box edges): with the
     # category objective added the tower learnt neither (held-out objectness hit 0.11-0.18 against chance
-    # 0.09 after 300 steps); without it, 0.63-0.66 after 200 steps. Categories are left to SFT.
+    # 0.09 after 300 steps); without it, 0.63-0.66 after 200 steps. Staged (category_start_fraction 0.25,
+    # weight 0.3, 900 steps) it did not learn categories either: held-out pooled category accuracy stayed at
+    # 0.19-0.20 (chance 0.14) while the objectness hit fell from 0.50 to 0.27-0.44. Categories are left to SFT.
     "small": BuildRecipe(min_pixels=112 * 112, max_pixels=112 * 112,
                          warm_start=WarmStartConfig(steps=900, box_weight=1.0, category_weight=0.0)),
 }

@@ -42,6 +42,18 @@ def test_sft_learner_takes_sfts_batch_optimiser_and_cpus():
     assert sft_learner_config(rl, unset, model_path="m").num_cpus_per_rank == 1  # the RL learner's
 
 
+def test_sft_can_train_the_tower_that_rl_keeps_frozen():
+    from learner.config import LearnerConfig
+
+    rl = LearnerConfig(freeze_vision=True, vision_lr_scale=1.0)
+    inherited = sft_learner_config(rl, SFTConfig(), model_path="m")
+    assert (inherited.freeze_vision, inherited.vision_lr_scale) == (True, 1.0)
+    own = sft_learner_config(rl, SFTConfig(freeze_vision=False, vision_lr_scale=0.1), model_path="m")
+    assert (own.freeze_vision, own.vision_lr_scale) == (False, 0.1)
+    with pytest.raises(ValueError, match="vision_lr_scale"):
+        SFTConfig(vision_lr_scale=0.0)
+
+
 @pytest.mark.parametrize("think", ["brief", "refocus"])
 def test_a_row_becomes_the_rollout_prompt_plus_the_target_answer(tiny_model_dir, tmp_path, think):
     from actors.env import ZoomEnv

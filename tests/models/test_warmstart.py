@@ -73,3 +73,40 @@ def test_pool_by_coverage_hand_computed():
     tokens = torch.tensor([[1.0], [3.0], [5.0], [7.0]])  # 2 images × 2 cells, width 1
     coverage = torch.tensor([[1.0, 0.0], [0.25, 0.75]])
     torch.testing.assert_close(pool_by_coverage(tokens, coverage), torch.tensor([[1.0], [6.5]]))
+
+
+def test_category_losses_join_after_the_configured_share_of_steps():
+    from models.warmstart import category_weight_at
+
+    config = WarmStartConfig(steps=100, category_weight=0.5, category_start_fraction=0.3)
+    assert [category_weight_at(s, config=config) for s in (0, 29, 30, 99)] == [0.0, 0.0, 0.5, 0.5]
+    assert category_weight_at(0, config=WarmStartConfig(category_weight=0.5)) == 0.5  # default: from the start
+
+
+def test_dense_loss_uses_the_scheduled_category_weight():
+    torch = pytest.importorskip("torch")
+    from models.warmstart import WS_IMAGE_CATEGORY, DenseHead, dense_losses
+
+    torch.manual_seed(0)
+    head = DenseHead(8, 3)
+    tokens = torch.randn(4, 8)  # one image, 2×2 cells
+    batch = {"objectness": torch.tensor([1.0, 0.5, 0.0, 0.0]), "category": torch.tensor([2, 2, -1, -1]),
+             "box": torch.rand(4, 4), "box_valid": torch.tensor([True, False, False, False]),
+             "image_category": torch.tensor([2])}
+    config = WarmStartConfig(category_weight=1.0, box_weight=2.0)
+    off = dense_losses(head, tokens, batch, config=config, category_weight=0.0)
+    on = dense_losses(head, tokens, batch, config=config)
+    expected_off = off[WS_OBJECTNESS] + 2.0 * off[WS_BOX]
+    torch.testing.assert_close(off[WS_LOSS], expected_off)
+    torch.testing.assert_close(on[WS_LOSS], expected_off + on[WS_CATEGORY] + on[WS_IMAGE_CATEGORY])
+
+
+def test_presence_auc_hand_computed():
+    torch = pytest.importorskip("torch")
+    from models.warmstart import presence_auc
+
+    scores = torch.tensor([0.9, 0.4, 0.4, 0.1])
+    present = torch.tensor([True, True, False, False])
+    # Pairs (present, absent): 0.9>0.4, 0.9>0.1, 0.4=0.4 (half), 0.4>0.1 → 3.5 / 4.
+    assert presence_auc(scores, present) == pytest.approx(0.875)
+    assert math.isnan(presence_auc(scores, torch.ones(4, dtype=torch.bool)))
