@@ -36,7 +36,7 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
 
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
 from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT, M_FORMAT,  # noqa: E402
-                             M_MIOU, M_PRESENCE, M_ROWS)
+                             M_MIOU, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
 
 log = logging.getLogger("bench.learning")
 
@@ -45,7 +45,8 @@ MIN_FORMAT = 0.98
 MIN_PRESENCE = 0.90
 SPLITS = {"easy": "test_easy", "hard": "test_hard"}
 # eval.json key → the benchmark's name for it.
-FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_CATEGORY: "category_accuracy",
+FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
+          M_CATEGORY: "category_accuracy",
           M_MIOU: "miou", M_AP50: "ap50", M_DISTINCT: "distinct_answers", M_ROWS: "rows"}
 
 

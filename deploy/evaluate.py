@@ -11,6 +11,11 @@ Metrics, per split, overall and per task (keys are the ``M_*`` constants):
 - format validity: share of samples following the strict grammar with clean JSON (``ParsedCompletion.strict``);
 - answer rate: share of samples an answer could be extracted from (the parse mode of the run);
 - presence accuracy: over all rows; an answer without a presence (or no answer) is wrong;
+- presence AUC: how well the model ranks rows with an animal above rows without, whatever its threshold:
+  the ROC AUC of each row's share of samples answering "present" against the truth (greedy, one sample
+  per row: the balanced accuracy). When presence accuracy is low but the AUC is high, the model can tell
+  and only answers "present" too often or too rarely (a calibration matter RL's rewards can move); when
+  the AUC is low, it cannot see the animal;
 - category accuracy: over present rows that HAVE a category (normalised match with the run's synonyms);
 - mIoU: over present rows. Each ground-truth box is paired with at most one predicted box by the
   one-to-one assignment maximising total IoU; a row's IoU is the mean over its ground-truth boxes of
@@ -46,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.stats import mannwhitneyu
 
 from actors.config import RolloutConfig
 from actors.env import answer_frame, boxes_to_original
@@ -69,6 +75,7 @@ M_SAMPLES = "samples"
 M_FORMAT = "format_valid"
 M_ANSWERED = "answer_rate"
 M_PRESENCE = "presence_acc"
+M_PRESENCE_AUC = "presence_auc"
 M_CATEGORY = "category_acc"
 M_MIOU = "miou"
 M_AP50 = "ap50"
@@ -76,8 +83,9 @@ M_TOKENS = "completion_tokens"
 M_ZOOMS = "zoom_turns"
 M_PRED_BOXES = "pred_boxes"
 M_DISTINCT = "distinct_answers"
-METRICS = (M_ROWS, M_SAMPLES, M_FORMAT, M_ANSWERED, M_PRESENCE, M_CATEGORY, M_MIOU, M_AP50, M_TOKENS, M_ZOOMS,
-           M_PRED_BOXES, M_DISTINCT)
+RUN_METRICS = (M_FORMAT, M_ANSWERED, M_PRESENCE, M_CATEGORY, M_MIOU, M_AP50, M_TOKENS, M_ZOOMS, M_PRED_BOXES,
+               M_DISTINCT)  # computed per run over the rows (one sample each), then averaged over the runs
+METRICS = (M_ROWS, M_SAMPLES, *RUN_METRICS, M_PRESENCE_AUC)
 # Keys of a baseline table (splits.<split>.baseline.all / .by_task.<task>).
 B_FIXED_BOX = "fixed_box"  # [x1, y1, x2, y2] as fractions of the image width / height
 B_FIXED_BOX_MIOU = "fixed_box_miou"
@@ -259,6 +267,7 @@ class SampleScore:
     present: bool | None = None
     category_text: str | None = None
     text: str = ""  # the completion, cut to EXAMPLE_TEXT_CHARS
+    target_present: bool | None = None  # the row's truth
 
 
 def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Target, config: RunConfig,
@@ -291,7 +300,8 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
         tokens=sum(trajectory.loss_mask), zooms=len(trajectory.zoom_boxes),
         key=answer_key(answer.present, answer.category, boxes) if answer else None,
         boxes=boxes, present=answer.present if answer else None,
-        category_text=answer.category if answer else None, text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS])
+        category_text=answer.category if answer else None, text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS],
+        target_present=target.present)
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -317,17 +327,35 @@ def _run_metrics(samples: Sequence[SampleScore]) -> dict:
     }
 
 
+def presence_auc(samples: Sequence[SampleScore]) -> float | None:
+    """ROC AUC (ties count half) of each row's share of samples answering "present" (no answer: not
+    present) for the rows' truth; None unless there are rows with and rows without an animal."""
+    said: dict[str, list[float]] = {}
+    truth: dict[str, bool] = {}
+    for s in samples:
+        said.setdefault(s.row_id, []).append(float(s.present is True))
+        truth[s.row_id] = bool(s.target_present)
+    with_animal = [float(np.mean(v)) for row, v in said.items() if truth[row]]
+    without = [float(np.mean(v)) for row, v in said.items() if not truth[row]]
+    if not with_animal or not without:
+        return None
+    # The Mann-Whitney U of the two groups (midranks for ties) over all pairs is exactly that AUC.
+    return float(mannwhitneyu(with_animal, without).statistic / (len(with_animal) * len(without)))
+
+
 def aggregate(samples: Sequence[SampleScore]) -> dict:
-    """Metrics table of a set of samples: each metric is computed per sample index (one run over the
-    rows) and averaged over the runs; a metric undefined in a run (e.g. no present rows) is None."""
+    """Metrics table of a set of samples: each RUN_METRICS entry is computed per sample index (one run
+    over the rows) and averaged over the runs; a metric undefined in a run (e.g. no present rows) is None.
+    The presence AUC ranks rows by all their samples at once."""
     runs: dict[int, list[SampleScore]] = {}
     for s in samples:
         runs.setdefault(s.sample_index, []).append(s)
     tables = [_run_metrics(run) for _, run in sorted(runs.items())]
     out: dict = {M_ROWS: len({s.row_id for s in samples}), M_SAMPLES: len(samples)}
-    for name in METRICS[2:]:
+    for name in RUN_METRICS:
         values = [t[name] for t in tables]
         out[name] = None if not values or any(v is None for v in values) else float(np.mean(values))
+    out[M_PRESENCE_AUC] = presence_auc(samples)
     return out
 
 

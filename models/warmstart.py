@@ -239,12 +239,12 @@ def held_out_report(visual, head: DenseHead, batch: dict[str, torch.Tensor]) -> 
 
 def presence_auc(scores: torch.Tensor, present: torch.Tensor) -> float:
     """ROC AUC of ``scores`` [I] for the labels ``present`` [I] (ties count half); NaN without both labels."""
-    pos, neg = scores[present], scores[~present]
+    from scipy.stats import mannwhitneyu
+
+    pos, neg = scores[present].double().numpy(), scores[~present].double().numpy()
     if len(pos) == 0 or len(neg) == 0:
         return float("nan")
-    greater = (pos[:, None] > neg[None, :]).float().mean()
-    ties = (pos[:, None] == neg[None, :]).float().mean()
-    return float(greater + 0.5 * ties)
+    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))  # U over all pairs = the AUC
 
 
 def warm_start_vision(model, *, image_processor, config: WarmStartConfig,

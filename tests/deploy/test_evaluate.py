@@ -20,6 +20,7 @@ from deploy.evaluate import (
     M_FORMAT,
     M_MIOU,
     M_PRESENCE,
+    M_PRESENCE_AUC,
     M_ROWS,
     M_SAMPLES,
     METRICS,
@@ -97,6 +98,22 @@ def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config)
     assert table[M_PRESENCE] == pytest.approx(0.75) and table[M_MIOU] == pytest.approx(0.75)
     assert table[M_DISTINCT] == pytest.approx((1 + 2) / 2)
     assert table[M_ROWS] == 2 and table[M_SAMPLES] == 4
+
+
+def test_presence_auc_ranks_rows_by_their_share_of_present_answers(original_frame_config):
+    animal = Target(present=True, category="moth", boxes=[[0, 0, 10, 10]], width=20, height=20)
+    empty = Target(present=False, category=None, boxes=[], width=20, height=20)
+    yes = {"present": True, "category": "moth", "boxes": [[0, 0, 10, 10]]}
+    no = {"present": False, "category": None, "boxes": []}
+    said = {"a": (animal, [yes, yes]), "b": (animal, [yes, no]), "c": (empty, [no, yes]), "d": (empty, [no, None])}
+    samples = [_score(original_frame_config, row_id=row, target=target, answer=answer, sample_index=i)
+               for row, (target, answers) in said.items() for i, answer in enumerate(answers)]
+    # Shares of "present": a 1, b 1/2 (animal); c 1/2, d 0 (none; no answer counts as not present).
+    # Pairs (animal, none): 1>1/2, 1>0, 1/2=1/2 (half), 1/2>0 -> 3.5 / 4.
+    assert aggregate(samples)[M_PRESENCE_AUC] == pytest.approx(0.875)
+    # One sample per row (greedy): the balanced accuracy; run 1 alone: b says no, c says yes -> (1/2 + 1/2) / 2.
+    assert aggregate([s for s in samples if s.sample_index == 1])[M_PRESENCE_AUC] == pytest.approx(0.5)
+    assert aggregate([s for s in samples if s.row_id in "ab"])[M_PRESENCE_AUC] is None  # no row without an animal
 
 
 def test_boxes_after_a_zoom_are_mapped_to_original_pixels(original_frame_config):
