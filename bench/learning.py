@@ -14,7 +14,8 @@ rows each). Prints ONE JSON object::
     {"sft": {"easy": M, "hard": M}, "sft_control": {...}, "rl": {...},
      "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...}}
 
-M holds format_validity, presence_accuracy, category_accuracy, miou (and ap50, distinct_answers, rows).
+M holds format_validity, presence_accuracy, category_accuracy, miou (and presence_auc, ap50,
+distinct_answers, rows).
 ``target`` checks the issue's bar: RL's hard mIoU >= max(sft, sft_control) + 0.05 in either setting, with
 format validity >= 0.98 and presence accuracy >= 0.90. The model build (warm start included) happens
 once and is timed separately (``model_build_s``).
