@@ -1,0 +1,113 @@
+"""Can a checkpoint tell images with an animal from images without, whatever its threshold?
+
+For a model trained with the brief think (``sft.think: brief``: ``<think>CATEGORY</think>`` or
+``<think>none</think>``), the first think token decides presence. One forward pass per held-out image
+(transformers, the run's prompt) gives P(first think token = the first token of "none"); ranking the
+images by it measures what the model sees, apart from where it puts its threshold:
+
+    auc                     ROC AUC of P("none") for "no animal" (0.5: cannot tell)
+    accuracy_at_half        presence accuracy when "none" is answered iff P("none") > 0.5
+    best_threshold_accuracy the best presence accuracy any threshold on P("none") reaches (fitted on the
+                            split itself: an upper bound for calibration alone)
+    majority_accuracy       the baseline of the same rows: always answer the majority class
+
+Prints ONE JSON object, {split: {...}} per checkpoint.
+
+    python -m bench.presence_ranking CHECKPOINT [CHECKPOINT ...] [--data artifacts/data/synth-small]
+        [--config deploy/configs/small-cpu.yaml] [--limit 250] [--splits test_easy test_hard]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: do not let bench/ shadow the top-level packages
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
+
+log = logging.getLogger("bench.presence_ranking")
+
+THINK_OPEN = "<think>"
+BATCH_IMAGES = 25
+
+
+def none_probabilities(checkpoint: str, rows: list[dict], *, prompt_config) -> list[float]:
+    """P(first think token = first token of "none") for each row's image, in row order."""
+    import torch
+    from PIL import Image
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from actors.env import ImageLimits
+    from data.prompts import build_messages
+    from models.processor import load_processor
+
+    processor = load_processor(checkpoint)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+    limits = ImageLimits.of(processor.image_processor)
+    none_id = processor.tokenizer("none", add_special_tokens=False)["input_ids"][0]
+    processor.tokenizer.padding_side = "left"  # every prompt's next token is then the last position
+    out: list[float] = []
+    for start in range(0, len(rows), BATCH_IMAGES):
+        texts, images = [], []
+        for row in rows[start : start + BATCH_IMAGES]:
+            image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            messages = build_messages(question=row["question"], task=row["task"], width=image.width,
+                                      height=image.height, config=prompt_config,
+                                      input_size=limits.input_size(image.width, image.height))
+            texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                         + THINK_OPEN)
+            images.append(image)
+        inputs = processor(text=texts, images=images, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = model(**inputs).logits[:, -1]
+        out += torch.softmax(logits.float(), dim=-1)[:, none_id].tolist()
+    return out
+
+
+def ranking(p_none: list[float], absent: list[bool]) -> dict:
+    """The figures of the module docstring for one split."""
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+
+    p, y = np.asarray(p_none), np.asarray(absent, dtype=bool)
+    thresholds = np.concatenate([[-1.0], np.unique(p)])  # "none" iff p > t; -1: always "none"
+    best = max(float(((p > t) == y).mean()) for t in thresholds)
+    auc = (float(mannwhitneyu(p[y], p[~y]).statistic / (y.sum() * (~y).sum()))
+           if y.any() and (~y).any() else None)
+    return {"rows": int(len(y)), "absent": int(y.sum()), "auc": auc,
+            "accuracy_at_half": float(((p > 0.5) == y).mean()), "best_threshold_accuracy": best,
+            "majority_accuracy": float(max(y.mean(), 1 - y.mean()))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+")
+    parser.add_argument("--data", default="artifacts/data/synth-small")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"), help="run config: its prompt")
+    parser.add_argument("--limit", type=int, default=250, help="first N valid rows of each split")
+    parser.add_argument("--splits", nargs="+", default=["test_easy", "test_hard"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from deploy.evaluate import load_split
+
+    config = load_run_config(args.config)
+    result: dict = {}
+    for checkpoint in args.checkpoints:
+        result[checkpoint] = {}
+        for split in args.splits:
+            rows = list(load_split(Path(args.data) / f"{split}.parquet", limit=args.limit).rows.values())
+            log.info("%s: %s, %d rows", checkpoint, split, len(rows))
+            p_none = none_probabilities(checkpoint, rows, prompt_config=config.rollout.prompt)
+            result[checkpoint][split] = ranking(p_none, [not row["present"] for row in rows])
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
