@@ -20,7 +20,6 @@ Prints ONE JSON object, {split: {...}} per checkpoint.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -37,26 +36,33 @@ THINK_OPEN = "<think>"
 BATCH_IMAGES = 25
 
 
-def none_probabilities(checkpoint: str, rows: list[dict], *, prompt_config) -> list[float]:
-    """P(first think token = first token of "none") for each row's image, in row order."""
-    import torch
-    from PIL import Image
+def none_probabilities(checkpoint: str, splits: dict[str, list[dict]], *, prompt_config) -> dict[str, list[float]]:
+    """P(first think token = first token of "none") for each row's image, per split, in row order (the
+    checkpoint is loaded once for all splits)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from actors.env import ImageLimits
-    from data.prompts import build_messages
     from models.processor import load_processor
 
     processor = load_processor(checkpoint)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor.tokenizer.padding_side = "left"  # every prompt's next token is then the last position
+    return {split: _split_probabilities(model, processor, rows, prompt_config=prompt_config)
+            for split, rows in splits.items()}
+
+
+def _split_probabilities(model, processor, rows: list[dict], *, prompt_config) -> list[float]:
+    import torch
+
+    from actors.env import ImageLimits, decode_image
+    from data.prompts import build_messages
+
     limits = ImageLimits.of(processor.image_processor)
     none_id = processor.tokenizer("none", add_special_tokens=False)["input_ids"][0]
-    processor.tokenizer.padding_side = "left"  # every prompt's next token is then the last position
     out: list[float] = []
     for start in range(0, len(rows), BATCH_IMAGES):
         texts, images = [], []
         for row in rows[start : start + BATCH_IMAGES]:
-            image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+            image = decode_image(row["image"])  # load_split kept only rows whose image decodes
             messages = build_messages(question=row["question"], task=row["task"], width=image.width,
                                       height=image.height, config=prompt_config,
                                       input_size=limits.input_size(image.width, image.height))
@@ -73,14 +79,13 @@ def none_probabilities(checkpoint: str, rows: list[dict], *, prompt_config) -> l
 def ranking(p_none: list[float], absent: list[bool]) -> dict:
     """The figures of the module docstring for one split."""
     import numpy as np
-    from scipy.stats import mannwhitneyu
+
+    from deploy.evaluate import roc_auc
 
     p, y = np.asarray(p_none), np.asarray(absent, dtype=bool)
     thresholds = np.concatenate([[-1.0], np.unique(p)])  # "none" iff p > t; -1: always "none"
     best = max(float(((p > t) == y).mean()) for t in thresholds)
-    auc = (float(mannwhitneyu(p[y], p[~y]).statistic / (y.sum() * (~y).sum()))
-           if y.any() and (~y).any() else None)
-    return {"rows": int(len(y)), "absent": int(y.sum()), "auc": auc,
+    return {"rows": int(len(y)), "absent": int(y.sum()), "auc": roc_auc(p[y], p[~y]),
             "accuracy_at_half": float(((p > 0.5) == y).mean()), "best_threshold_accuracy": best,
             "majority_accuracy": float(max(y.mean(), 1 - y.mean()))}
 
@@ -98,14 +103,14 @@ def main() -> None:
     from deploy.evaluate import load_split
 
     config = load_run_config(args.config)
+    splits = {split: list(load_split(Path(args.data) / f"{split}.parquet", limit=args.limit).rows.values())
+              for split in args.splits}
     result: dict = {}
     for checkpoint in args.checkpoints:
-        result[checkpoint] = {}
-        for split in args.splits:
-            rows = list(load_split(Path(args.data) / f"{split}.parquet", limit=args.limit).rows.values())
-            log.info("%s: %s, %d rows", checkpoint, split, len(rows))
-            p_none = none_probabilities(checkpoint, rows, prompt_config=config.rollout.prompt)
-            result[checkpoint][split] = ranking(p_none, [not row["present"] for row in rows])
+        log.info("%s: %s", checkpoint, {split: len(rows) for split, rows in splits.items()})
+        p_none = none_probabilities(checkpoint, splits, prompt_config=config.rollout.prompt)
+        result[checkpoint] = {split: ranking(p_none[split], [not row["present"] for row in rows])
+                              for split, rows in splits.items()}
     print(json.dumps(result))
 
 

@@ -327,6 +327,15 @@ def _run_metrics(samples: Sequence[SampleScore]) -> dict:
     }
 
 
+def roc_auc(positive: Sequence[float], negative: Sequence[float]) -> float | None:
+    """ROC AUC of scores for the positive class: the share of (positive, negative) pairs the positive one
+    scores higher, ties counting half; None unless both groups have members. That share is exactly the
+    Mann-Whitney U of the two groups (midranks for ties) over the number of pairs."""
+    if len(positive) == 0 or len(negative) == 0:
+        return None
+    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
+
+
 def presence_auc(samples: Sequence[SampleScore]) -> float | None:
     """ROC AUC (ties count half) of each row's share of samples answering "present" (no answer: not
     present) for the rows' truth; None unless there are rows with and rows without an animal."""
@@ -335,12 +344,8 @@ def presence_auc(samples: Sequence[SampleScore]) -> float | None:
     for s in samples:
         said.setdefault(s.row_id, []).append(float(s.present is True))
         truth[s.row_id] = bool(s.target_present)
-    with_animal = [float(np.mean(v)) for row, v in said.items() if truth[row]]
-    without = [float(np.mean(v)) for row, v in said.items() if not truth[row]]
-    if not with_animal or not without:
-        return None
-    # The Mann-Whitney U of the two groups (midranks for ties) over all pairs is exactly that AUC.
-    return float(mannwhitneyu(with_animal, without).statistic / (len(with_animal) * len(without)))
+    return roc_auc([float(np.mean(v)) for row, v in said.items() if truth[row]],
+                   [float(np.mean(v)) for row, v in said.items() if not truth[row]])
 
 
 def aggregate(samples: Sequence[SampleScore]) -> dict:

@@ -190,12 +190,9 @@ def category_weight_at(step: int, *, config: WarmStartConfig) -> float:
 
 
 def dense_losses(head: DenseHead, tokens: torch.Tensor, batch: dict[str, torch.Tensor], *,
-                 config: WarmStartConfig, category_weight: float | None = None) -> dict[str, torch.Tensor]:
+                 config: WarmStartConfig, category_weight: float) -> dict[str, torch.Tensor]:
     """The three losses of one batch; tokens [N, width] are the merger outputs of all its images.
-
-    ``category_weight`` overrides ``config.category_weight`` (the staged schedule passes its value)."""
-    if category_weight is None:
-        category_weight = config.category_weight
+    ``category_weight`` is this step's (``category_weight_at``)."""
     objectness, category, box = head(tokens)
     losses = {WS_OBJECTNESS: torch.nn.functional.binary_cross_entropy_with_logits(objectness, batch["objectness"])}
     labelled = batch["category"] >= 0
@@ -238,13 +235,12 @@ def held_out_report(visual, head: DenseHead, batch: dict[str, torch.Tensor]) -> 
 
 
 def presence_auc(scores: torch.Tensor, present: torch.Tensor) -> float:
-    """ROC AUC of ``scores`` [I] for the labels ``present`` [I] (ties count half); NaN without both labels."""
-    from scipy.stats import mannwhitneyu
+    """ROC AUC of ``scores`` [I] for the labels ``present`` [I] (the evaluation's ``roc_auc``); NaN without
+    both labels, so the diagnostics stay floats."""
+    from deploy.evaluate import roc_auc
 
-    pos, neg = scores[present].double().numpy(), scores[~present].double().numpy()
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    return float(mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg)))  # U over all pairs = the AUC
+    auc = roc_auc(scores[present].tolist(), scores[~present].tolist())
+    return float("nan") if auc is None else auc
 
 
 def warm_start_vision(model, *, image_processor, config: WarmStartConfig,

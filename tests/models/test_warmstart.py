@@ -85,7 +85,7 @@ def test_category_losses_join_after_the_configured_share_of_steps():
 
 def test_dense_loss_uses_the_scheduled_category_weight():
     torch = pytest.importorskip("torch")
-    from models.warmstart import WS_IMAGE_CATEGORY, DenseHead, dense_losses
+    from models.warmstart import WS_IMAGE_CATEGORY, DenseHead, category_weight_at, dense_losses
 
     torch.manual_seed(0)
     head = DenseHead(8, 3)
@@ -95,7 +95,7 @@ def test_dense_loss_uses_the_scheduled_category_weight():
              "image_category": torch.tensor([2])}
     config = WarmStartConfig(category_weight=1.0, box_weight=2.0)
     off = dense_losses(head, tokens, batch, config=config, category_weight=0.0)
-    on = dense_losses(head, tokens, batch, config=config)
+    on = dense_losses(head, tokens, batch, config=config, category_weight=category_weight_at(0, config=config))
     expected_off = off[WS_OBJECTNESS] + 2.0 * off[WS_BOX]
     torch.testing.assert_close(off[WS_LOSS], expected_off)
     torch.testing.assert_close(on[WS_LOSS], expected_off + on[WS_CATEGORY] + on[WS_IMAGE_CATEGORY])
