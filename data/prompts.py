@@ -25,6 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rewards.think import brief_think
+
 Frame = Literal["original", "input", "norm1000"]
 FRAMES: tuple[str, ...] = ("original", "input", "norm1000")
 NORM1000_SIZE = 1000
@@ -196,7 +198,7 @@ def target_completion(row: dict[str, Any], *, frame: str, input_size: tuple[int,
              for b in row["boxes"]]
     if think == "brief":
         answer = answer_json(present=bool(row["present"]), category=row["category"], boxes=boxes)
-        return f"<think>{row['category'] if row['present'] and row['category'] else 'none'}</think><answer>{answer}</answer>"
+        return f"<think>{brief_think(bool(row['present']), row['category'])}</think><answer>{answer}</answer>"
     if think != "refocus":
         raise ValueError(f"think: expected refocus or brief, got {think!r}")
     overview = "Overview: a textured scene; I look for an outline that breaks its pattern."

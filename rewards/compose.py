@@ -35,6 +35,7 @@ from rewards.iou import box_rewards_batch
 from rewards.overlong import overlong_penalty
 from rewards.parse import ParsedCompletion, parse_completion
 from rewards.presence import presence_reward
+from rewards.think import follows_brief_think
 from rewards.types import GroundTruth
 
 
@@ -100,10 +101,14 @@ def paused_gc() -> Iterator[None]:
 
 
 def parse_all(completions: Sequence[str], *, config: RewardConfig) -> list[ParsedCompletion]:
-    """Parse a batch under ``config``'s mode and bounds."""
+    """Parse a batch under ``config``'s mode, bounds and think rule."""
     lenient = config.parse_mode == "lenient"
     max_chars, max_boxes = config.max_chars, config.max_boxes
-    return [parse_completion(c, lenient=lenient, max_chars=max_chars, max_boxes=max_boxes) for c in completions]
+    parsed = [parse_completion(c, lenient=lenient, max_chars=max_chars, max_boxes=max_boxes) for c in completions]
+    if config.think_rule == "brief":
+        synonyms = config.synonym_index
+        parsed = [follows_brief_think(p, synonyms=synonyms) for p in parsed]
+    return parsed
 
 
 def score_batch(
@@ -186,6 +191,12 @@ def score_parsed(
         IOU: iou.tolist(),
         CONFIDENCE: confidence.tolist(),
     }
+    if config.no_object_credit == "presence":
+        # An empty image is a yes/no question: its presence reward already pays for the right answer.
+        for row, target in enumerate(targets):
+            if not target.present:
+                for name in (CATEGORY, IOU, CONFIDENCE):
+                    components[name][row] = 0.0
     if overlong is not None and num_tokens is not None:
         l_max, l_cache = overlong.l_max, overlong.l_cache
         components[OVERLONG] = [overlong_penalty(t, l_max=l_max, l_cache=l_cache) for t in num_tokens]

@@ -32,6 +32,17 @@ class RewardConfig(BaseModel):
     parse_mode: Literal["strict", "lenient"] = Field(
         "lenient", description="lenient: content rewards also read answers around grammar violations"
     )
+    think_rule: Literal["free", "brief"] = Field(
+        "free",
+        description="free: the think is not checked; brief: the think must be the answer's category (or "
+        "'none' for no animal) or the completion loses its answer (see rewards.think)",
+    )
+    no_object_credit: Literal["all", "presence"] = Field(
+        "all",
+        description="on an image without the object, a correct empty answer earns every component (all: "
+        "category and IoU score 1 too) or format and presence only (presence: category, IoU and confidence "
+        "score 0 there), so that the one decision is not paid three times",
+    )
     synonyms: dict[str, list[str]] = Field(
         default_factory=dict, description="category synonyms: {canonical name: [other names]}"
     )

@@ -61,6 +61,8 @@ class ParseFailure(str, Enum):
     BAD_BOX = "bad_box"  # a box is not 4 finite numbers (strict: also focus/zoom boxes)
     TOO_MANY_BOXES = "too_many_boxes"  # more than max_boxes boxes in the answer
     INTERNAL_ERROR = "internal_error"  # a bug in this parser (logged); the completion scores 0
+    # Not the parser's: set by rewards.think when RewardConfig.think_rule says the think must agree.
+    THINK_CONTRADICTS_ANSWER = "think_contradicts_answer"
 
 
 @dataclass(frozen=True, slots=True)

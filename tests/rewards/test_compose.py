@@ -143,3 +143,25 @@ def test_gc_pause_restores_the_previous_state():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+EMPTY_IMAGE = Target(present=False, category=None, boxes=[], width=100, height=100)
+SAYS_NONE = '<think>none</think><answer>{"present": false, "category": null, "boxes": []}</answer>'
+
+
+def test_no_object_credit():
+    """A right "none" on an empty image: all -> 1 (format) + 1 (presence) + 1 (category) + 2 * 1 (IoU)
+    + 1 (confidence) = 6; presence -> 1 + 1 = 2. A wrong answer there scores format alone either way, and
+    a present image is untouched: 1 + 1 + 1 + 2 * 0.5 (IoU of the 10x10 box with the 10x20 one) = 4."""
+    weights = {"format": 1.0, "presence": 1.0, "category": 1.0, "iou": 2.0, "confidence": 1.0}
+    rows = [SAYS_NONE, MOTH_10, MOTH_10]
+    targets = [EMPTY_IMAGE, EMPTY_IMAGE, TALL]
+    every = score_batch(rows, targets, config=RewardConfig(frame=ORIGINAL_FRAME), weights=weights)
+    once = score_batch(rows, targets, config=RewardConfig(frame=ORIGINAL_FRAME, no_object_credit="presence"),
+                       weights=weights)
+    assert every.totals == [6.0, 1.0, 4.0]  # the empty image's confidence is 1 as well
+    assert once.totals == [2.0, 1.0, 4.0]
+    assert once.components["category"] == [0.0, 0.0, 1.0]
+    assert once.components["iou"] == [0.0, 0.0, pytest.approx(0.5)]
+    with pytest.raises(ValueError, match="no_object_credit"):
+        RewardConfig(no_object_credit="none")
