@@ -1,7 +1,8 @@
 """Can a checkpoint tell images with an animal from images without, whatever its threshold?
 
-For a model trained with the brief think (``sft.think: brief``: ``<think>CATEGORY</think>`` or
-``<think>none</think>``), the first think token decides presence. One forward pass per held-out image
+For a model trained with the brief think (``sft.think: brief``: ``<think>present CATEGORY</think>`` or
+``<think>none</think>``; the grammar before it thought ``<think>CATEGORY</think>``), the first think
+token decides presence. One forward pass per held-out image
 (transformers, the run's prompt) gives P(first think token = the first token of "none"); ranking the
 images by it measures what the model sees, apart from where it puts its threshold:
 
@@ -55,9 +56,10 @@ def _split_probabilities(model, processor, rows: list[dict], *, prompt_config) -
 
     from actors.env import ImageLimits, decode_image
     from data.prompts import build_messages
+    from rewards.think import NO_ANIMAL
 
     limits = ImageLimits.of(processor.image_processor)
-    none_id = processor.tokenizer("none", add_special_tokens=False)["input_ids"][0]
+    none_id = processor.tokenizer(NO_ANIMAL, add_special_tokens=False)["input_ids"][0]
     out: list[float] = []
     for start in range(0, len(rows), BATCH_IMAGES):
         texts, images = [], []

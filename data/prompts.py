@@ -190,9 +190,9 @@ def target_completion(row: dict[str, Any], *, frame: str, input_size: tuple[int,
                       think: Literal["refocus", "brief"] = "refocus") -> str:
     """The ideal completion for a data set row: a think, then the exact answer.
 
-    ``think`` "refocus": a short Visual-Refocus trace (overview, focus boxes, summary); "brief": only
-    the category (or "none"), so a small model decides what it sees before it writes boxes, at a
-    fraction of the tokens. Boxes are converted from original pixels into ``frame`` and rounded.
+    ``think`` "refocus": a short Visual-Refocus trace (overview, focus boxes, summary); "brief": the
+    verdict and the category ("present moth", or "none"; see rewards.think), so a small model decides
+    what it sees before it writes boxes, at a fraction of the tokens. Boxes are converted from original pixels into ``frame`` and rounded.
     """
     boxes = [box_to_frame(b, frame=frame, width=row["width"], height=row["height"], input_size=input_size)
              for b in row["boxes"]]

@@ -109,7 +109,9 @@ def cmd_train(args) -> int:
     from deploy.pipeline import run_pipeline
 
     config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
-    summary = run_pipeline(config, resume=args.resume, progress=_progress_bar)
+    # The pipeline's stages with a bar: SFT counts optimiser steps, evaluation counts images.
+    summary = run_pipeline(config, resume=args.resume,
+                           progress=lambda stage: _progress_bar(stage, unit="step" if stage == "sft" else "img"))
     print(json.dumps(summary, indent=2, default=str))
     if "eval_json" in summary:
         from deploy.evaluate import ALL_TASKS

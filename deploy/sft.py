@@ -43,7 +43,8 @@ class SFTConfig(BaseModel):
     warmup_steps: int = Field(20, ge=0, description="steps of linear lr warm-up")
     weight_decay: float = Field(0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
     think: Literal["brief", "refocus"] = Field(
-        "brief", description="target think: brief (the category) or refocus (overview, focus boxes, summary)")
+        "brief", description="target think: brief (verdict, then category: 'present moth' or 'none') or "
+        "refocus (overview, focus boxes, summary)")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
     num_cpus_per_rank: float | None = Field(

@@ -8,7 +8,7 @@ from data.prompts import target_completion
 from rewards.compose import score_batch
 from rewards.config import RewardConfig
 from rewards.parse import ParseFailure, parse_completion
-from rewards.think import brief_think, follows_brief_think
+from rewards.think import brief_think, follows_brief_think, read_brief_think
 from rewards.types import Target
 
 MOTH = Target(present=True, category="moth", boxes=[[0, 0, 10, 10]], width=100, height=100)
@@ -22,22 +22,33 @@ def completion(think: str, answer: str) -> str:
     return f"<think>{think}</think><answer>{answer}</answer>"
 
 
-def test_brief_think_names_the_category_or_none():
-    assert brief_think(True, "moth") == "moth"
+def test_brief_think_gives_the_verdict_then_the_category():
+    assert brief_think(True, "moth") == "present moth"
+    assert brief_think(True, None) == "present"
     assert brief_think(False, None) == "none"
     assert brief_think(False, "moth") == "none"  # an answer saying absent thinks none, whatever it names
-    assert brief_think(True, None) == "none"  # present without a category: the SFT target's rule too
+
+
+@pytest.mark.parametrize(
+    ("think", "read"),
+    [("present moth", (True, "moth")), (" Present  Stick-Insects ", (True, "stick insect")), ("present", (True, "")),
+     ("none", (False, "")), ("None.", (False, "")), ("moth", None), ("none moth", None), ("", None)],
+)
+def test_read_brief_think(think, read):
+    assert read_brief_think(think) == read
 
 
 @pytest.mark.parametrize(
     ("think", "answer", "agrees"),
     [
-        ("moth", SAYS_MOTH, True),
-        (" Moths ", SAYS_MOTH, True),  # normalised: case, whitespace, plural
+        ("present moth", SAYS_MOTH, True),
+        (" present Moths ", SAYS_MOTH, True),  # normalised: case, whitespace, plural
         ("none", SAYS_NONE, True),
         ("none", SAYS_MOTH, False),  # thinks no animal, answers one
-        ("moth", SAYS_NONE, False),  # thinks moth, answers none
-        ("crab", SAYS_MOTH, False),  # another category
+        ("present moth", SAYS_NONE, False),  # thinks moth, answers none
+        ("present crab", SAYS_MOTH, False),  # another category
+        ("present", SAYS_MOTH, False),  # no category thought, one answered
+        ("moth", SAYS_MOTH, False),  # not a brief think (the verdict is missing)
         ("", SAYS_MOTH, False),
     ],
 )
@@ -54,7 +65,7 @@ def test_follows_brief_think(think, answer, agrees):
 
 def test_synonyms_agree():
     config = RewardConfig(synonyms={"moth": ["lepidopteran"]})
-    parsed = parse_completion(completion("lepidopteran", SAYS_MOTH))
+    parsed = parse_completion(completion("present lepidopteran", SAYS_MOTH))
     assert follows_brief_think(parsed, synonyms=config.synonym_index) is parsed
 
 
@@ -72,7 +83,7 @@ def test_sft_targets_follow_the_rule():
 
 
 def test_contradicting_the_think_never_pays():
-    """Present image: the think says none. Free: answering present anyway earns 1 + 1 + 1 + 2 * 1 = 5,
+    """Present image, the think says none. Free: answering present anyway earns 1 + 1 + 1 + 2 * 1 = 5,
     more than the answer that agrees with the think (format 1). Brief: the contradiction scores 0."""
     contradicting, agreeing = completion("none", SAYS_MOTH), completion("none", SAYS_NONE)
     free = RewardConfig(frame={"kind": "original"})
@@ -81,8 +92,8 @@ def test_contradicting_the_think_never_pays():
     result = score_batch([contradicting, agreeing], [MOTH] * 2, config=brief, weights=WEIGHTS)
     assert result.totals == [0.0, 1.0]
     assert result.failures == ["think_contradicts_answer", None]
-    # Absent image, think "moth", answer none: 1 + 1 + 1 + 2 * 1 = 5 free, 0 under the rule.
-    wrong_way = completion("moth", SAYS_NONE)
+    # Absent image, think "present moth", answer none: 1 + 1 + 1 + 2 * 1 = 5 free, 0 under the rule.
+    wrong_way = completion("present moth", SAYS_NONE)
     assert score_batch([wrong_way], [EMPTY], config=free, weights=WEIGHTS).totals == [5.0]
     assert score_batch([wrong_way], [EMPTY], config=brief, weights=WEIGHTS).totals == [0.0]
 
