@@ -34,8 +34,8 @@ class RewardConfig(BaseModel):
     )
     think_rule: Literal["free", "brief"] = Field(
         "free",
-        description="free: the think is not checked; brief: the think must be the answer's category (or "
-        "'none' for no animal) or the completion loses its answer (see rewards.think)",
+        description="free: the think is not checked; brief: the think must agree with the answer, 'present "
+        "<category>' or 'none' for no animal, or the completion loses its answer (see rewards.think)",
     )
     no_object_credit: Literal["all", "presence"] = Field(
         "all",
