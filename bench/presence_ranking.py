@@ -2,9 +2,9 @@
 
 For a model trained with the brief think (``sft.think: brief``: ``<think>present CATEGORY</think>`` or
 ``<think>none</think>``; the grammar before it thought ``<think>CATEGORY</think>``), the first think
-token decides presence. One forward pass per held-out image
-(transformers, the run's prompt) gives P(first think token = the first token of "none"); ranking the
-images by it measures what the model sees, apart from where it puts its threshold:
+token decides presence. One forward pass per held-out image (transformers, the run's prompt) gives
+P(first think token = the first token of "none"); ranking the images by it measures what the model
+sees, apart from where it puts its threshold:
 
     auc                     ROC AUC of P("none") for "no animal" (0.5: cannot tell)
     accuracy_at_half        presence accuracy when "none" is answered iff P("none") > 0.5

@@ -192,7 +192,8 @@ def target_completion(row: dict[str, Any], *, frame: str, input_size: tuple[int,
 
     ``think`` "refocus": a short Visual-Refocus trace (overview, focus boxes, summary); "brief": the
     verdict and the category ("present moth", or "none"; see rewards.think), so a small model decides
-    what it sees before it writes boxes, at a fraction of the tokens. Boxes are converted from original pixels into ``frame`` and rounded.
+    what it sees before it writes boxes, at a fraction of the tokens. Boxes are converted from original
+    pixels into ``frame`` and rounded.
     """
     boxes = [box_to_frame(b, frame=frame, width=row["width"], height=row["height"], input_size=input_size)
              for b in row["boxes"]]

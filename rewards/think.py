@@ -18,6 +18,7 @@ held-out image), so the decision the think was trained to make stopped mattering
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from rewards.category import normalize_category
 from rewards.parse import ParsedCompletion, ParseFailure
@@ -61,12 +62,5 @@ def follows_brief_think(parsed: ParsedCompletion, *, synonyms: Mapping[str, str]
         same_category = synonyms.get(category, category) == synonyms.get(answered, answered)
         if present == (answer.present is True) and same_category:
             return parsed
-    return ParsedCompletion(
-        answer=None,
-        failure=ParseFailure.THINK_CONTRADICTS_ANSWER,
-        strict_violation=ParseFailure.THINK_CONTRADICTS_ANSWER,
-        json_repaired=parsed.json_repaired,
-        think=parsed.think,
-        focus_boxes=parsed.focus_boxes,
-        zoom_boxes=parsed.zoom_boxes,
-    )
+    contradiction = ParseFailure.THINK_CONTRADICTS_ANSWER
+    return replace(parsed, answer=None, failure=contradiction, strict_violation=contradiction)
