@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
-from rewards.category import normalize_category
+from rewards.category import category_reward, normalize_category
 from rewards.parse import ParsedCompletion, ParseFailure
 
 NO_ANIMAL = "none"  # the brief think of an image without an animal
@@ -58,8 +58,9 @@ def follows_brief_think(parsed: ParsedCompletion, *, synonyms: Mapping[str, str]
     said = read_brief_think(parsed.think)
     if said is not None:
         present, category = said
-        answered = normalize_category(answer.category or "") if answer.present is True else ""
-        same_category = synonyms.get(category, category) == synonyms.get(answered, answered)
+        answered = answer.category if answer.present is True else None
+        # The think names the answer's category exactly when the category reward would call it right.
+        same_category = category_reward(category, target_category=answered, synonyms=synonyms) == 1.0
         if present == (answer.present is True) and same_category:
             return parsed
     contradiction = ParseFailure.THINK_CONTRADICTS_ANSWER
