@@ -132,6 +132,13 @@ class RunConfig(BaseModel):
             raise ValueError("learner.model_path: leave unset in a run config; set model.path (one model per run)")
         if self.rollout.sampling.n < 2:
             raise ValueError("rollout.sampling.n: GRPO needs a group of at least 2 samples per prompt")
+        if self.learner.temperature != self.rollout.sampling.temperature:
+            # The ratio compares the learner's log-probs with the engine's, which are of the tempered
+            # distribution: at another temperature every ratio is off by a factor that clipping then cuts.
+            raise ValueError(
+                f"learner.temperature ({self.learner.temperature}) must equal rollout.sampling.temperature "
+                f"({self.rollout.sampling.temperature}): the engine reports log-probs of the tempered distribution"
+            )
         if self.rewards.frame.kind != self.rollout.prompt.frame:
             raise ValueError(
                 f"rewards.frame.kind ({self.rewards.frame.kind}) must equal rollout.prompt.frame "

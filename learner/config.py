@@ -67,6 +67,11 @@ class LearnerConfig(BaseModel):
     advantage_scale: Literal["group", "batch", "none"] = Field(
         default="group", description="divide centred rewards by the group std, the batch std, or nothing")
     advantage_eps: float = Field(default=1e-4, gt=0.0, description="added to the std before dividing")
+    temperature: float = Field(
+        default=1.0, gt=0.0, le=4.0,
+        description="the rollout's sampling temperature: RL scores tokens under log_softmax(logits / temperature), "
+        "the distribution the engine sampled from and reports behaviour log-probs of (SFT ignores it)",
+    )
     old_logprobs: Literal["behaviour", "recompute"] = Field(
         default="behaviour",
         description="behaviour: the rollout engine's log-probs; recompute: a no-grad pass of the current policy "

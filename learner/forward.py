@@ -39,10 +39,10 @@ def _check_image_pads(batch: LearnerBatch, *, image_token_id: int, merge_size: i
 
 
 def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_group: bool = True,
-                      with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+                      with_entropy: bool = False, temperature: float = 1.0) -> tuple[Tensor, Tensor | None]:
     """Log-probs of the actual next tokens: float32 [B, L], aligned like ``batch.old_logprobs``.
 
-    out[b, t] = log softmax(logits[b, t - 1])[input_ids[b, t]], computed in float32. Positions that
+    out[b, t] = log softmax(logits[b, t - 1] / temperature)[input_ids[b, t]], computed in float32. Positions that
     are not scored are 0: position 0, padding, and prompt positions before the batch's earliest
     completion token (their logits are not computed: ``logits_to_keep`` skips the long image prompt);
     later prompt positions of other rows hold real log-probs, which ``completion_mask`` excludes.
@@ -54,6 +54,8 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
             the reference path: a plain model forward with every row's images repeated.
         with_entropy: also return the per-token entropy of the predicting distribution [B, L]
             (detached; for metrics only), same alignment.
+        temperature: the distribution the rollout sampled from (the engines' behaviour log-probs are
+            of logits / temperature, actors/engines/base.py); 1 is the model's own.
     """
     config = model.config
     image_token_id = config.image_token_id
@@ -89,6 +91,8 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
         output = model(**inputs, pixel_values=repeated)
 
     logits = output.logits[:, :-1].float()  # [B, keep-1, V]: predict tokens first_scored .. L-1
+    if temperature != 1.0:
+        logits = logits / temperature
     # Rollout engines never sample image/video placeholders: score over the same distribution.
     banned = torch.tensor(placeholder_token_ids(config), dtype=torch.long, device=logits.device)
     logits = logits.index_fill(-1, banned, float("-inf"))

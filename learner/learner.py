@@ -128,7 +128,7 @@ class Learner:
         sums: dict[str, float] = {}  # loss: plain sum; diagnostics: mean × tokens (token-weighted)
         ratio_max = 0.0
         for m, old_m, ref_m in zip(micro, old, refs):
-            logprobs, entropy = self._logprobs(self.backend.policy, m, grad=True)
+            logprobs, entropy = self._logprobs(self.backend.policy, m, grad=True, temperature=config.temperature)
             loss, stats = grpo_loss(
                 logprobs, old_m, m.advantages, m.completion_mask,
                 eps_low=config.eps_low, eps_high=config.eps_high, kl_coef=config.kl_coef, ref_logprobs=ref_m,
@@ -191,24 +191,26 @@ class Learner:
         """Per micro-batch: the ratio's denominator and (with KL) the reference policy's log-probs."""
         old = [m.old_logprobs for m in micro]
         if self.config.old_logprobs == "recompute":
-            old = [self._logprobs(self.model, m, grad=False)[0] for m in micro]
+            old = [self._logprobs(self.model, m, grad=False, temperature=self.config.temperature)[0] for m in micro]
         refs = [None] * len(micro)
         if self.backend.reference is not None:
-            refs = [self._logprobs(self.backend.reference, m, grad=False)[0] for m in micro]
+            refs = [self._logprobs(self.backend.reference, m, grad=False, temperature=self.config.temperature)[0]
+                    for m in micro]
         return old, refs
 
-    def _logprobs(self, model, micro: LearnerBatch, *, grad: bool):
+    def _logprobs(self, model, micro: LearnerBatch, *, grad: bool, temperature: float = 1.0):
         with torch.set_grad_enabled(grad):
             return sequence_logprobs(model, micro, encode_images_once_per_group=self.config.encode_images_once_per_group,
-                                     with_entropy=grad and self.config.log_entropy)
+                                     with_entropy=grad and self.config.log_entropy, temperature=temperature)
 
     def logprobs(self, batch: LearnerBatch) -> torch.Tensor:
-        """[B, L] log-probs of ``batch`` under the current policy, no gradient (collective under ZeRO-3)."""
+        """[B, L] log-probs of ``batch`` under the current policy at ``config.temperature`` (the scale of the
+        engines' behaviour log-probs), no gradient (collective under ZeRO-3)."""
         micro = [m.to(self.device) for m in batch.micro_batches(self.config.micro_batch_samples)]
         length = batch.input_ids.shape[1]
         rows = []
         for m in micro:
-            values = self._logprobs(self.model, m, grad=False)[0].cpu()
+            values = self._logprobs(self.model, m, grad=False, temperature=self.config.temperature)[0].cpu()
             rows.append(torch.nn.functional.pad(values, (0, length - values.shape[1])))
         self.backend.release_parameters()
         return torch.cat(rows)

@@ -49,6 +49,7 @@ INVALID = [
     (["learner.lrate=0.1"], "learner.lrate"),
     (["train.mode=sometimes"], "train.mode"),
     (["rollout.sampling.temperature=9"], "rollout.sampling.temperature"),
+    (["rollout.sampling.temperature=0.7"], "learner.temperature (1.0) must equal rollout.sampling.temperature (0.7)"),
     (["rewards.frame.kind=norm1000"], "rewards.frame.kind"),
     (["curriculum.start_stage=7"], "start_stage"),
     (["model.path=builtin:huge"], "model.path"),

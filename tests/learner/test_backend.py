@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ from learner.config import LearnerConfig  # noqa: E402
 from learner.export import assemble_state_dict  # noqa: E402
 from learner.forward import sequence_logprobs  # noqa: E402
 from learner.learner import GRAD_NORM, LR, SAMPLES, STEP, TOKENS, Learner  # noqa: E402
-from learner.loss import CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_TOTAL  # noqa: E402
+from learner.loss import (CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_TOTAL, RATIO_MAX,  # noqa: E402
+                          RATIO_MEAN)
 
 REPO = Path(__file__).resolve().parents[2]
 EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm op: compiled once, reused
@@ -252,6 +254,22 @@ def test_wrong_shard_size_is_rejected(model_dir, batch):
     learner = Learner(config(model_dir, backend="torch"))
     with pytest.raises(ValueError, match="rank 0: 4.*global_batch_samples / world_size = 8"):
         learner.step(batch.select(range(4)))
+
+
+def test_rl_scores_tokens_at_the_sampling_temperature(model_dir, batch):
+    """Behaviour log-probs of a run sampled at T = 0.7 are of log_softmax(logits / 0.7) (the engines'
+    convention): a learner at that temperature starts from ratio 1; one at T = 1 would not."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.no_grad():
+        tempered, _ = sequence_logprobs(AutoModelForImageTextToText.from_pretrained(model_dir), batch, temperature=0.7)
+    mask = batch.completion_mask
+    on_policy = replace(batch, old_logprobs=tempered * mask)
+    stats = Learner(config(model_dir, temperature=0.7)).step(on_policy)
+    assert stats[RATIO_MEAN] == pytest.approx(1.0, abs=1e-5) and stats[RATIO_MAX] == pytest.approx(1.0, abs=1e-4)
+    assert stats[CLIPFRAC_LOW] == 0 and stats[CLIPFRAC_HIGH] == 0
+    untempered = Learner(config(model_dir)).step(on_policy)
+    assert abs(untempered[RATIO_MEAN] - 1.0) > 0.01
 
 
 @pytest.mark.parametrize(("backend", "aggregation"), [("deepspeed", "token"), ("deepspeed", "sequence"),

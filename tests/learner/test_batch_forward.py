@@ -190,10 +190,12 @@ def test_once_per_group_matches_per_sample_encoding(model, batch):
         torch.testing.assert_close(grad, grads_each[name], msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_logprobs_equal_an_unpadded_single_sample_forward(model, batch):
-    """Right padding, the image order and the token shift against the plain model on one row at a time."""
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_equal_an_unpadded_single_sample_forward(model, batch, temperature):
+    """Right padding, the image order and the token shift against the plain model on one row at a time;
+    at a sampling temperature, the log-probs and entropy are of log_softmax(logits / temperature)."""
     with torch.no_grad():
-        logprobs, entropy = sequence_logprobs(model, batch, with_entropy=True)
+        logprobs, entropy = sequence_logprobs(model, batch, with_entropy=True, temperature=temperature)
         slices = batch.image_patch_slices()
         for row in (0, 3, 5):
             length = int(batch.attention_mask[row].sum())
@@ -202,7 +204,7 @@ def test_logprobs_equal_an_unpadded_single_sample_forward(model, batch):
             out = model(input_ids=ids, pixel_values=torch.cat([batch.pixel_values[slices[i]] for i in images]),
                         image_grid_thw=batch.image_grid_thw[images], mm_token_type_ids=(ids == IMAGE_PAD).int(),
                         use_cache=False)
-            logits = out.logits[0].float()
+            logits = out.logits[0].float() / temperature
             logits[:, placeholder_token_ids(model.config)] = float("-inf")  # never sampled (actors.types)
             log_probs = torch.log_softmax(logits, dim=-1)
             expected = log_probs[:-1].gather(-1, ids[0, 1:, None]).squeeze(-1)  # token t scored at t - 1
