@@ -70,6 +70,9 @@ class WarmStartConfig(BaseModel):
     category_start_fraction: float = Field(
         0.0, ge=0.0, lt=1.0,
         description="share of the steps trained on objectness and box edges alone before the category losses join")
+    bf16: bool = Field(
+        False, description="bfloat16 autocast of the tower's forward and the losses (fp32 weights and optimiser); "
+        "measured on a Zen 4 CPU with avx512_bf16: 0.38 vs 0.51-0.56 s per 32-image step, images not included")
     seed: int = Field(0, ge=0, description="seed of the image stream and the head's initialisation")
     log_every: int = Field(25, ge=1, description="steps between progress lines")
 
@@ -277,8 +280,10 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
         batch = stream.batch(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config=config)
-        tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-        losses = dense_losses(head, tokens, batch, config=config, category_weight=category_weight_at(step, config=config))
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=config.bf16):
+            tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+            losses = dense_losses(head, tokens, batch, config=config,
+                                  category_weight=category_weight_at(step, config=config))
         optimizer.zero_grad(set_to_none=True)
         losses[WS_LOSS].backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -44,7 +44,8 @@ def test_lr_warms_up_then_decays_to_five_percent():
     assert lr_at(110, config=config) == pytest.approx(5e-5)
 
 
-def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_dir):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_dir, bf16):
     torch = pytest.importorskip("torch")
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
@@ -54,7 +55,7 @@ def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_
     processor = AutoImageProcessor.from_pretrained(tiny_model_dir, backend="pil")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     history = []
-    config = WarmStartConfig(steps=16, batch_images=8, warmup_steps=2, lr=2e-3, log_every=100)
+    config = WarmStartConfig(steps=16, batch_images=8, warmup_steps=2, lr=2e-3, log_every=100, bf16=bf16)
     warm_start_vision(model, image_processor=processor, config=config, progress=lambda step, losses: history.append(losses))
     assert len(history) == 16 and all(set(h) >= {WS_LOSS, WS_OBJECTNESS, WS_CATEGORY, WS_BOX} for h in history)
     # Every step sees new images, so single losses are noisy; where objects are and how far their edges
@@ -62,6 +63,7 @@ def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_
     for name in (WS_OBJECTNESS, WS_BOX):
         assert np.mean([h[name] for h in history[-4:]]) < 0.8 * np.mean([h[name] for h in history[:4]]), name
     for name, param in model.named_parameters():
+        assert param.dtype == torch.float32, name  # autocast computes in bf16; the weights stay fp32
         changed = not torch.equal(param, before[name])
         assert changed == (".visual." in f".{name}"), name
 
