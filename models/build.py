@@ -174,6 +174,25 @@ def build_info(*, size: str, seed: int, recipe: BuildRecipe) -> dict:
     return {"size": size, "seed": seed, "spec": SIZES[size].model_dump(), "recipe": recipe.model_dump(mode="json")}
 
 
+def is_built_by(out_dir: str | Path, *, size: str, seed: int, recipe: BuildRecipe) -> bool:
+    """Whether ``out_dir`` holds a finished build of ``size`` and ``seed`` by ``recipe``.
+
+    The stored spec and recipe are validated before the comparison, so a field added to the recipe since
+    (its default keeps the old behaviour, as every new field's must) reads as its default rather than as
+    a change, and does not rebuild a model for nothing; any other difference, or an unreadable file, does.
+    """
+    info = Path(out_dir) / BUILD_INFO_FILE
+    if not info.is_file():
+        return False
+    try:
+        stored = json.loads(info.read_text())
+        return (stored["size"] == size and stored["seed"] == seed
+                and ModelSizeSpec.model_validate(stored["spec"]) == SIZES[size]
+                and BuildRecipe.model_validate(stored["recipe"]) == recipe)
+    except (KeyError, TypeError, ValueError):  # ValueError covers bad JSON and pydantic's ValidationError
+        return False
+
+
 def build_model(
     *,
     size: Literal["tiny", "small"] = "tiny",

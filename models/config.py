@@ -40,12 +40,10 @@ def resolve_model_path(config: ModelConfig) -> Path:
     """
     if config.path.startswith(BUILTIN_PREFIX):
         size = config.path[len(BUILTIN_PREFIX) :]
-        from models.build import BUILD_INFO_FILE, RECIPES, build_info, build_model
+        from models.build import RECIPES, build_model, is_built_by
 
         out = Path(config.cache_dir) / f"{size}-seed{config.seed}"
-        wanted = build_info(size=size, seed=config.seed, recipe=RECIPES[size])
-        info = out / BUILD_INFO_FILE
-        if not info.is_file() or json.loads(info.read_text()) != json.loads(json.dumps(wanted)):
+        if not is_built_by(out, size=size, seed=config.seed, recipe=RECIPES[size]):
             # Missing, or built by an older recipe (e.g. before the warm start existed): build anew.
             log.info("building the builtin %s model in %s", size, out)
             build_model(size=size, out_dir=out, seed=config.seed)

@@ -100,3 +100,37 @@ def test_saved_directory_reloads_with_auto_classes_and_generates(tiny_model_dir)
     torch.manual_seed(0)
     out = model.generate(**batch, do_sample=True, temperature=1.0, max_new_tokens=8, num_return_sequences=4)
     assert out.shape[0] == 4 and out.shape[1] > batch["input_ids"].shape[1]
+
+
+def _write_info(out_dir, info: dict) -> None:
+    from models.build import BUILD_INFO_FILE
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / BUILD_INFO_FILE).write_text(json.dumps(info))
+
+
+def test_is_built_by_reads_a_recipe_field_added_since_as_its_default(tmp_path):
+    from models.build import RECIPES, build_info, is_built_by
+
+    recipe = RECIPES["small"]
+    info = build_info(size="small", seed=0, recipe=recipe)
+    del info["recipe"]["warm_start"]["bf16"]  # written before the field existed: default False, as now
+    _write_info(tmp_path / "old", info)
+    assert is_built_by(tmp_path / "old", size="small", seed=0, recipe=recipe)
+    assert not is_built_by(tmp_path / "old", size="small", seed=1, recipe=recipe)
+    assert not is_built_by(tmp_path / "missing", size="small", seed=0, recipe=recipe)
+
+
+def test_is_built_by_sees_a_changed_recipe_or_an_unreadable_record(tmp_path):
+    from models.build import BUILD_INFO_FILE, RECIPES, build_info, is_built_by
+
+    recipe = RECIPES["small"]
+    longer = recipe.model_copy(update={"warm_start": recipe.warm_start.model_copy(update={"steps": 1500})})
+    _write_info(tmp_path / "a", build_info(size="small", seed=0, recipe=longer))
+    assert not is_built_by(tmp_path / "a", size="small", seed=0, recipe=recipe)
+    assert is_built_by(tmp_path / "a", size="small", seed=0, recipe=longer)
+    _write_info(tmp_path / "b", {})
+    (tmp_path / "b" / BUILD_INFO_FILE).write_text("{not json")
+    assert not is_built_by(tmp_path / "b", size="small", seed=0, recipe=recipe)
+    _write_info(tmp_path / "c", {**build_info(size="small", seed=0, recipe=recipe), "recipe": {"min_pixels": "x"}})
+    assert not is_built_by(tmp_path / "c", size="small", seed=0, recipe=recipe)
