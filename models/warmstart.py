@@ -72,7 +72,7 @@ class WarmStartConfig(BaseModel):
         description="share of the steps trained on objectness and box edges alone before the category losses join")
     # Measured on this Zen 4 CPU (avx512_bf16), small model: 0.38 vs 0.51-0.56 s per 32-image step without
     # the images; a 1500-step build 812 vs 969 s. One build each, the hard-range linear probe of the tower
-    # read 0.857 (bf16) vs 0.891 (fp32) ROC AUC: not adopted by the recipe until that is understood.
+    # read 0.857 (bf16) vs 0.890 (fp32) ROC AUC: not adopted by the recipe until that is understood.
     bf16: bool = Field(
         False, description="bfloat16 autocast of the tower's forward and the losses (fp32 weights and optimiser)")
     seed: int = Field(0, ge=0, description="seed of the image stream and the head's initialisation")
