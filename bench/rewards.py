@@ -21,7 +21,7 @@ rates of plain scoring, of the actor's scoring and of a whole worker pass (drive
 processes, all threads), which hold still when other jobs load the machine (wall-clock ratios on a
 shared 2-core box move by +-15% from run to run, more under heavy load).
 
-Request size: a call to the actor has a fixed cost of ~10 ms (Ray's task round trip, fetching the
+Request size: a call to the actor has a fixed cost of ~9 ms (Ray's task round trip, fetching the
 request and putting the result in the object store), against ~13.5 us of scoring per completion.
 Measured on 2 cores: at 8,192 completions per request the ratio was 0.86-0.92 (nine runs), at 16,384
 0.91-0.95 (six runs; the default: a worker fed by several rollout workers gets large requests; the
