@@ -109,8 +109,9 @@ def main() -> None:
     out = {}
     for checkpoint in args.checkpoints:
         log.info("probing %s on %d + %d images, difficulty %.2f-%.2f", checkpoint, args.train, args.test, low, high)
-        probe = fit_probe(tower_features(checkpoint, train_images), train_labels)
-        logits = probe(tower_features(checkpoint, test_images))
+        features = tower_features(checkpoint, train_images + test_images)  # the checkpoint is loaded once
+        probe = fit_probe(features[: args.train], train_labels)
+        logits = probe(features[args.train :])
         out[checkpoint] = {
             "auc": roc_auc(logits[test_labels].tolist(), logits[~test_labels].tolist()),
             "accuracy_at_half": float(((logits > 0) == test_labels).float().mean()),

@@ -128,7 +128,7 @@ class Learner:
         sums: dict[str, float] = {}  # loss: plain sum; diagnostics: mean × tokens (token-weighted)
         ratio_max = 0.0
         for m, old_m, ref_m in zip(micro, old, refs):
-            logprobs, entropy = self._logprobs(self.backend.policy, m, grad=True, temperature=config.temperature)
+            logprobs, entropy = self._logprobs(self.backend.policy, m, grad=True)
             loss, stats = grpo_loss(
                 logprobs, old_m, m.advantages, m.completion_mask,
                 eps_low=config.eps_low, eps_high=config.eps_high, kl_coef=config.kl_coef, ref_logprobs=ref_m,
@@ -176,7 +176,8 @@ class Learner:
         nll_sum = 0.0
         for m in batch.micro_batches(self.config.micro_batch_samples):
             m = m.to(self.device)
-            logprobs, _ = self._logprobs(self.backend.policy, m, grad=True)
+            # Cross-entropy on the model's own distribution, whatever temperature RL samples at.
+            logprobs, _ = self._logprobs(self.backend.policy, m, grad=True, temperature=1.0)
             loss, stats = sft_loss(logprobs, m.completion_mask, num_tokens=tokens)
             self.backend.accumulate(loss)
             nll_sum += float(stats[SFT_NLL]) * float(stats[NUM_TOKENS])
@@ -191,14 +192,15 @@ class Learner:
         """Per micro-batch: the ratio's denominator and (with KL) the reference policy's log-probs."""
         old = [m.old_logprobs for m in micro]
         if self.config.old_logprobs == "recompute":
-            old = [self._logprobs(self.model, m, grad=False, temperature=self.config.temperature)[0] for m in micro]
+            old = [self._logprobs(self.model, m, grad=False)[0] for m in micro]
         refs = [None] * len(micro)
         if self.backend.reference is not None:
-            refs = [self._logprobs(self.backend.reference, m, grad=False, temperature=self.config.temperature)[0]
-                    for m in micro]
+            refs = [self._logprobs(self.backend.reference, m, grad=False)[0] for m in micro]
         return old, refs
 
-    def _logprobs(self, model, micro: LearnerBatch, *, grad: bool, temperature: float = 1.0):
+    def _logprobs(self, model, micro: LearnerBatch, *, grad: bool, temperature: float | None = None):
+        """Log-probs (and entropy) of ``micro`` at ``temperature``; None: RL's, ``config.temperature``."""
+        temperature = self.config.temperature if temperature is None else temperature
         with torch.set_grad_enabled(grad):
             return sequence_logprobs(model, micro, encode_images_once_per_group=self.config.encode_images_once_per_group,
                                      with_entropy=grad and self.config.log_entropy, temperature=temperature)
@@ -210,7 +212,7 @@ class Learner:
         length = batch.input_ids.shape[1]
         rows = []
         for m in micro:
-            values = self._logprobs(self.model, m, grad=False, temperature=self.config.temperature)[0].cpu()
+            values = self._logprobs(self.model, m, grad=False)[0].cpu()
             rows.append(torch.nn.functional.pad(values, (0, length - values.shape[1])))
         self.backend.release_parameters()
         return torch.cat(rows)

@@ -345,10 +345,11 @@ def fixed_prompt(model_dir: str) -> dict:
 
 def test_sft_step_on_zero3_matches_plain_torch_and_lowers_the_nll(model_dir, batch):
     """Supervised steps use the same backend contract: ZeRO-3 with 4 micro-batches == plain torch, and
-    repeated steps on one batch drive its NLL down."""
+    repeated steps on one batch drive its NLL down. SFT scores the model's own distribution: the
+    reference's RL sampling temperature (0.7) must not change its NLL."""
     from learner.loss import SFT_NLL
 
-    reference = Learner(config(model_dir, backend="torch", lr=1e-3))
+    reference = Learner(config(model_dir, backend="torch", lr=1e-3, temperature=0.7))
     zero3 = Learner(config(model_dir, lr=1e-3))
     ref_stats, stats = reference.sft_step(batch), zero3.sft_step(batch)
     assert stats[SFT_NLL] == pytest.approx(ref_stats[SFT_NLL], rel=1e-5)

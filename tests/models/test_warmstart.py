@@ -54,9 +54,14 @@ def test_warm_start_trains_only_the_vision_tower_and_lowers_the_loss(tiny_model_
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
     processor = AutoImageProcessor.from_pretrained(tiny_model_dir, backend="pil")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    history = []
+    history, token_dtypes = [], set()
+    # The tower's output dtype in training steps (the held-out reports run without grad and autocast).
+    hook = model.model.visual.register_forward_hook(
+        lambda module, args, out: token_dtypes.add(out.pooler_output.dtype) if torch.is_grad_enabled() else None)
     config = WarmStartConfig(steps=16, batch_images=8, warmup_steps=2, lr=2e-3, log_every=100, bf16=bf16)
     warm_start_vision(model, image_processor=processor, config=config, progress=lambda step, losses: history.append(losses))
+    hook.remove()
+    assert token_dtypes == {torch.bfloat16 if bf16 else torch.float32}
     assert len(history) == 16 and all(set(h) >= {WS_LOSS, WS_OBJECTNESS, WS_CATEGORY, WS_BOX} for h in history)
     # Every step sees new images, so single losses are noisy; where objects are and how far their edges
     # are is learnt first (category takes far longer).
