@@ -278,11 +278,11 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
                               max_chars=rewards.max_chars, max_boxes=rewards.max_boxes)
     answer = parsed.answer
     boxes: list[Box] = []
-    if answer is not None and answer.boxes:
+    if answer is not None and answer.detections:
         frame = answer_frame(kind=config.rollout.prompt.frame, width=target.width, height=target.height,
                              zoom_boxes=trajectory.zoom_boxes, limits=limits,
                              zoom_pixels=config.rollout.env.zoom_pixels)
-        boxes = boxes_to_original(answer.boxes, frame=frame, width=target.width, height=target.height)
+        boxes = boxes_to_original(answer.detections, frame=frame, width=target.width, height=target.height)
     size = {"width": target.width, "height": target.height}
     category = None
     if target.present and target.category is not None:

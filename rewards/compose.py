@@ -168,7 +168,7 @@ def score_parsed(
 
     answers = [p.answer for p in parsed]
     iou, confidence = box_rewards_batch(
-        [a.boxes if a is not None else None for a in answers],
+        [a.detections if a is not None else None for a in answers],
         [t.boxes for t in targets],
         confidences=[a.confidences if a is not None else None for a in answers],
         affines=_affines(targets, frames, config),

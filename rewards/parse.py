@@ -60,6 +60,9 @@ class ParseFailure(str, Enum):
     BAD_JSON = "bad_json"  # answer is not a JSON object, even after repairs
     BAD_BOX = "bad_box"  # a box is not 4 finite numbers (strict: also focus/zoom boxes)
     TOO_MANY_BOXES = "too_many_boxes"  # more than max_boxes boxes in the answer
+    # strict: '"present": false' with boxes listed. The boxes never count (``Answer.detections``); RL
+    # learnt to add them to "none" answers, a free second guess while IoU was scored on them.
+    ABSENT_WITH_BOXES = "absent_with_boxes"
     INTERNAL_ERROR = "internal_error"  # a bug in this parser (logged); the completion scores 0
     # Not the parser's: set by rewards.think when RewardConfig.think_rule says the think must agree.
     THINK_CONTRADICTS_ANSWER = "think_contradicts_answer"
@@ -73,6 +76,12 @@ class Answer:
     category: str | None  # stripped; None when missing or not a string
     boxes: list[Box]
     confidences: list[float] | None  # parallel to boxes, each in [0, 1]; None when absent/invalid
+
+    @property
+    def detections(self) -> list[Box]:
+        """The boxes the answer stands by: none when it says that no object is present, whatever it lists
+        (what the IoU reward and the evaluation score)."""
+        return [] if self.present is False else self.boxes
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +241,10 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
     answer = _to_answer(obj, max_boxes)
     if isinstance(answer, ParseFailure):
         return ParsedCompletion(None, answer, violation, repaired, think, focus, zoom)
+    if violation is None and answer.present is False and answer.boxes:
+        violation = ParseFailure.ABSENT_WITH_BOXES
+        if not lenient:
+            return _failed(violation, violation)
     return ParsedCompletion(answer, None, violation, repaired, think, focus, zoom)
 
 

@@ -87,6 +87,16 @@ def test_presence_category_miou_and_distinct_answers_on_a_small_table(original_f
     assert set(table) == set(METRICS)
 
 
+def test_a_none_answer_scores_no_iou_whatever_boxes_it_lists(original_frame_config):
+    # The box alone would score IoU 1; a "none" verdict stands by no box, so the row's IoU is 0.
+    moth = Target(present=True, category="moth", boxes=[[10, 10, 50, 50]], width=100, height=100)
+    hedged = _score(original_frame_config, row_id="a", target=moth,
+                    answer={"present": False, "category": None, "boxes": [[10, 10, 50, 50]]})
+    assert hedged.iou == 0.0 and hedged.boxes == [] and hedged.presence == 0.0 and not hedged.strict
+    table = aggregate([hedged])
+    assert table[M_MIOU] == 0.0 and table[M_AP50] == 0.0
+
+
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
     target = Target(present=True, category="moth", boxes=[[0, 0, 10, 10]], width=20, height=20)
     right = {"present": True, "category": "moth", "boxes": [[0, 0, 10, 10]]}

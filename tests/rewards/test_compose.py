@@ -165,3 +165,17 @@ def test_no_object_credit():
     assert once.components["iou"] == [0.0, 0.0, pytest.approx(0.5)]
     with pytest.raises(ValueError, match="no_object_credit"):
         RewardConfig(no_object_credit="none")
+
+
+def test_a_none_answer_cannot_collect_box_credit():
+    """RL learnt to answer "present": false AND list a box: a free second guess while its IoU was scored
+    (measured on the small model's greedy answers). On the 10x20 animal the box scores 0.5 IoU when the
+    answer says present (1 + 1 + 0 + 2 * 0.5 = 3), nothing when it says none, and breaks the strict format."""
+    said_present = '<think>a</think><answer>{"present": true, "category": "fish", "boxes": [[0, 0, 10, 10]]}</answer>'
+    said_none = '<think>a</think><answer>{"present": false, "category": null, "boxes": [[0, 0, 10, 10]]}</answer>'
+    weights = {"format": 1.0, "presence": 1.0, "category": 1.0, "iou": 2.0}
+    config = RewardConfig(frame=ORIGINAL_FRAME, no_object_credit="presence")
+    result = score_batch([said_present, said_none], [TALL, TALL], config=config, weights=weights)
+    assert result.components["iou"] == [pytest.approx(0.5), 0.0]
+    assert result.components["format"] == [1.0, 0.0]
+    assert result.totals == [pytest.approx(3.0), 0.0]

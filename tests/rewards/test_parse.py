@@ -231,3 +231,17 @@ def test_a_parser_bug_is_reported_not_raised(monkeypatch, caplog):
     parsed = parse_completion(GOOD)
     assert parsed.answer is None and parsed.failure == F.INTERNAL_ERROR
     assert "parser bug" in caplog.text
+
+
+def test_an_absent_verdict_with_boxes_keeps_its_boxes_out_of_the_detections():
+    text = '<think>none</think><answer>{"present": false, "category": null, "boxes": [[1, 2, 3, 4]]}</answer>'
+    lenient = parse_completion(text, lenient=True)
+    assert lenient.strict_violation == F.ABSENT_WITH_BOXES and not lenient.strict
+    assert lenient.answer.present is False and lenient.answer.boxes == [[1.0, 2.0, 3.0, 4.0]]
+    assert lenient.answer.detections == []
+    strict = parse_completion(text, lenient=False)
+    assert strict.answer is None and strict.failure == F.ABSENT_WITH_BOXES
+    # A present verdict, or none at all (boxes alone decide presence), stands by its boxes.
+    assert parse_completion(GOOD).answer.detections == [[1.0, 2.0, 3.0, 4.0]]
+    boxes_only = parse_completion('<think>a</think><answer>{"boxes": [[1, 2, 3, 4]]}</answer>')
+    assert boxes_only.strict and boxes_only.answer.detections == [[1.0, 2.0, 3.0, 4.0]]
