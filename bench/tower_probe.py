@@ -78,7 +78,8 @@ def fit_probe(features, labels, *, l2: float = L2):
 
     def closure():
         optimizer.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, labels) + l2 * weight.square().sum()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ weight + bias, labels)
+        loss = loss + l2 * weight.square().sum()
         loss.backward()
         return loss
 
@@ -102,8 +103,9 @@ def main() -> None:
     from deploy.evaluate import roc_auc
 
     low, high = args.difficulty
-    train_images, train_present = probe_images(n=args.train, seed=100, difficulty=(low, high), image_size=args.image_size)
-    test_images, test_present = probe_images(n=args.test, seed=200, difficulty=(low, high), image_size=args.image_size)
+    images = dict(difficulty=(low, high), image_size=args.image_size)
+    train_images, train_present = probe_images(n=args.train, seed=100, **images)
+    test_images, test_present = probe_images(n=args.test, seed=200, **images)
     train_labels = torch.tensor(train_present, dtype=torch.float32)
     test_labels = torch.tensor(test_present)
     out = {}

@@ -125,7 +125,8 @@ def test_is_built_by_sees_a_changed_recipe_or_an_unreadable_record(tmp_path):
     from models.build import BUILD_INFO_FILE, RECIPES, build_info, is_built_by
 
     recipe = RECIPES["small"]
-    longer = recipe.model_copy(update={"warm_start": recipe.warm_start.model_copy(update={"steps": recipe.warm_start.steps + 600})})
+    longer_warm_start = recipe.warm_start.model_copy(update={"steps": recipe.warm_start.steps + 600})
+    longer = recipe.model_copy(update={"warm_start": longer_warm_start})
     _write_info(tmp_path / "a", build_info(size="small", seed=0, recipe=longer))
     assert not is_built_by(tmp_path / "a", size="small", seed=0, recipe=recipe)
     assert is_built_by(tmp_path / "a", size="small", seed=0, recipe=longer)
