@@ -14,7 +14,7 @@ rows each). Prints ONE JSON object::
     {"sft": {"easy": M, "hard": M}, "sft_control": {...}, "rl": {...},
      "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...}}
 
-M holds format_validity, presence_accuracy, category_accuracy, miou (and presence_auc, ap50,
+M holds format_validity, presence_accuracy, category_accuracy, miou (and found_rate, miou_found, presence_auc, ap50,
 distinct_answers, rows).
 ``target`` checks the issue's bar: RL's hard mIoU >= max(sft, sft_control) + 0.05 in either setting, with
 format validity >= 0.98 and presence accuracy >= 0.90 on each split (``met``; ``met_pooled``: over both
@@ -38,7 +38,7 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
 
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
 from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT, M_FORMAT,  # noqa: E402
-                             M_MIOU, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
+                             M_FOUND, M_MIOU, M_MIOU_FOUND, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
 
 log = logging.getLogger("bench.learning")
 
@@ -49,7 +49,8 @@ SPLITS = {"easy": "test_easy", "hard": "test_hard"}
 # eval.json key → the benchmark's name for it.
 FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
           M_CATEGORY: "category_accuracy",
-          M_MIOU: "miou", M_AP50: "ap50", M_DISTINCT: "distinct_answers", M_ROWS: "rows"}
+          M_MIOU: "miou", M_FOUND: "found_rate", M_MIOU_FOUND: "miou_found", M_AP50: "ap50",
+          M_DISTINCT: "distinct_answers", M_ROWS: "rows"}
 
 
 def summarise(eval_json: str | Path) -> dict:

@@ -78,13 +78,18 @@ M_PRESENCE = "presence_acc"
 M_PRESENCE_AUC = "presence_auc"
 M_CATEGORY = "category_acc"
 M_MIOU = "miou"
+# mIoU = found rate × mIoU of the found rows (rows with an animal and no box score IoU 0): tells a model that
+# boxes worse from one that says "none" to more animals.
+M_FOUND = "found_rate"  # share of the rows with an animal whose answer gives at least one box
+M_MIOU_FOUND = "miou_found"  # mIoU over those rows only
 M_AP50 = "ap50"
 M_TOKENS = "completion_tokens"
 M_ZOOMS = "zoom_turns"
 M_PRED_BOXES = "pred_boxes"
 M_DISTINCT = "distinct_answers"
-RUN_METRICS = (M_FORMAT, M_ANSWERED, M_PRESENCE, M_CATEGORY, M_MIOU, M_AP50, M_TOKENS, M_ZOOMS, M_PRED_BOXES,
-               M_DISTINCT)  # computed per run over the rows (one sample each), then averaged over the runs
+# Computed per run over the rows (one sample each), then averaged over the runs.
+RUN_METRICS = (M_FORMAT, M_ANSWERED, M_PRESENCE, M_CATEGORY, M_MIOU, M_FOUND, M_MIOU_FOUND, M_AP50, M_TOKENS,
+               M_ZOOMS, M_PRED_BOXES, M_DISTINCT)
 METRICS = (M_ROWS, M_SAMPLES, *RUN_METRICS, M_PRESENCE_AUC)
 # Keys of a baseline table (splits.<split>.baseline.all / .by_task.<task>).
 B_FIXED_BOX = "fixed_box"  # [x1, y1, x2, y2] as fractions of the image width / height
@@ -312,6 +317,7 @@ def _run_metrics(samples: Sequence[SampleScore]) -> dict:
     """Metrics of ONE sample per row (one 'run' over the split)."""
     category = [s.category for s in samples if s.category is not None]
     ious = [s.iou for s in samples if s.iou is not None]
+    found = [s.iou for s in samples if s.iou is not None and s.boxes]
     answered = [s for s in samples if s.answered]
     return {
         M_FORMAT: _mean([float(s.strict) for s in samples]),
@@ -319,6 +325,8 @@ def _run_metrics(samples: Sequence[SampleScore]) -> dict:
         M_PRESENCE: _mean([s.presence for s in samples]),
         M_CATEGORY: _mean(category),
         M_MIOU: _mean(ious),
+        M_FOUND: len(found) / len(ious) if ious else None,
+        M_MIOU_FOUND: _mean(found),
         M_AP50: average_precision([d for s in samples for d in s.detections], n_positives=sum(s.n_gt for s in samples)),
         M_TOKENS: _mean([float(s.tokens) for s in samples]),
         M_ZOOMS: _mean([float(s.zooms) for s in samples]),

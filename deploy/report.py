@@ -31,7 +31,9 @@ from deploy.evaluate import (
     M_CATEGORY,
     M_DISTINCT,
     M_FORMAT,
+    M_FOUND,
     M_MIOU,
+    M_MIOU_FOUND,
     M_PRED_BOXES,
     M_PRESENCE,
     M_PRESENCE_AUC,
@@ -62,6 +64,8 @@ _COLUMNS = (
     ("presence AUC", M_PRESENCE_AUC, "m", "rate"),
     ("category", M_CATEGORY, "m", "rate"),
     ("mIoU", M_MIOU, "m", "rate"),
+    ("found", M_FOUND, "m", "rate"),
+    ("mIoU found", M_MIOU_FOUND, "m", "rate"),
     ("fixed-box mIoU", B_FIXED_BOX_MIOU, "b", "rate"),
     ("AP@0.5", M_AP50, "m", "rate"),
     ("distinct answers", M_DISTINCT, "m", "count"),
@@ -81,6 +85,8 @@ DEFINITIONS = """\
   IoU) and a row scores the mean IoU over its ground-truth boxes (0 unpaired; no answer 0). Extra boxes are not
   penalised here (see AP@0.5 and boxes/answer). **fixed-box mIoU**: the best single box, the same for every image,
   found by a small search ON these rows: a model below it has not learnt to look.
+- **found**: share of the present rows whose answer gives a box; **mIoU found**: mIoU over those rows. mIoU =
+  found × mIoU found, so a model that boxes better and one that says "none" less often can be told apart.
 - **AP@0.5**: all predicted boxes ranked by confidence (else by their order in the answer), greedy matching at
   IoU ≥ 0.5, all-point interpolated AP, equal scores entering together.
 - **distinct answers**: different normalised answers (presence, category, boxes to whole pixels) among the

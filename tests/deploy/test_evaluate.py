@@ -18,7 +18,9 @@ from deploy.evaluate import (
     M_CATEGORY,
     M_DISTINCT,
     M_FORMAT,
+    M_FOUND,
     M_MIOU,
+    M_MIOU_FOUND,
     M_PRESENCE,
     M_PRESENCE_AUC,
     M_ROWS,
@@ -81,6 +83,10 @@ def test_presence_category_miou_and_distinct_answers_on_a_small_table(original_f
     assert table[M_PRESENCE] == pytest.approx(3 / 4)
     assert table[M_CATEGORY] == pytest.approx(1 / 3)  # rows a, b, d have a category; only a is right
     assert table[M_MIOU] == pytest.approx((1 + 1 / 3 + 0) / 3)
+    # Rows a and b give a box, d does not: found 2/3, and mIoU over a and b (1 + 1/3) / 2; their product is mIoU.
+    assert table[M_FOUND] == pytest.approx(2 / 3)
+    assert table[M_MIOU_FOUND] == pytest.approx(2 / 3)
+    assert table[M_FOUND] * table[M_MIOU_FOUND] == pytest.approx(table[M_MIOU])
     # AP@0.5: 3 ground-truth boxes; detections a (TP, score 1) and b (IoU 1/3: FP, score 1) tie.
     assert table[M_AP50] == pytest.approx(1 / 3 * 1 / 2)
     assert table[M_DISTINCT] == 3
@@ -95,6 +101,7 @@ def test_a_none_answer_scores_no_iou_whatever_boxes_it_lists(original_frame_conf
     assert hedged.iou == 0.0 and hedged.boxes == [] and hedged.presence == 0.0 and not hedged.strict
     table = aggregate([hedged])
     assert table[M_MIOU] == 0.0 and table[M_AP50] == 0.0
+    assert table[M_FOUND] == 0.0 and table[M_MIOU_FOUND] is None  # no row gave a box
 
 
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
