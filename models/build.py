@@ -164,7 +164,7 @@ RECIPES: dict[str, BuildRecipe] = {
     # 0.19-0.20 (chance 0.14) while the objectness hit fell from 0.50 to 0.27-0.44. Categories are left to SFT.
     # 1500 steps (969 s against ~580 for 900) see better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
     # images (bench.tower_probe), and after the same SFT hard presence 0.892 vs 0.832, hard mIoU 0.421 vs
-    # 0.350; the fresh-machine main job stays under its 45 minutes (~43.5). Rendering the images in a
+    # 0.350; the fresh-machine main job stays under its 45 minutes (timed: 43.9). Rendering the images in a
     # DataLoader worker beside the training step gained nothing on 2 cores (0.63-0.65 vs 0.62-0.63 s per step):
     # the tower's step already keeps both busy.
     "small": BuildRecipe(min_pixels=112 * 112, max_pixels=112 * 112,
