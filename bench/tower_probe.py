@@ -103,9 +103,9 @@ def main() -> None:
     from deploy.evaluate import roc_auc
 
     low, high = args.difficulty
-    images = dict(difficulty=(low, high), image_size=args.image_size)
-    train_images, train_present = probe_images(n=args.train, seed=100, **images)
-    test_images, test_present = probe_images(n=args.test, seed=200, **images)
+    drawn_as = dict(difficulty=(low, high), image_size=args.image_size)  # both sets, different seeds
+    train_images, train_present = probe_images(n=args.train, seed=100, **drawn_as)
+    test_images, test_present = probe_images(n=args.test, seed=200, **drawn_as)
     train_labels = torch.tensor(train_present, dtype=torch.float32)
     test_labels = torch.tensor(test_present)
     out = {}

@@ -78,8 +78,9 @@ M_PRESENCE = "presence_acc"
 M_PRESENCE_AUC = "presence_auc"
 M_CATEGORY = "category_acc"
 M_MIOU = "miou"
-# mIoU = found rate × mIoU of the found rows (rows with an animal and no box score IoU 0): tells a model that
-# boxes worse from one that says "none" to more animals.
+# Within one run mIoU = found rate × mIoU of the found rows (a row with an animal and no box scores IoU 0), which
+# tells a model that boxes worse from one that says "none" to more animals. Averaged over sampled runs the
+# product holds only approximately.
 M_FOUND = "found_rate"  # share of the rows with an animal whose answer gives at least one box
 M_MIOU_FOUND = "miou_found"  # mIoU over those rows only
 M_AP50 = "ap50"

@@ -85,8 +85,9 @@ DEFINITIONS = """\
   IoU) and a row scores the mean IoU over its ground-truth boxes (0 unpaired; no answer 0). Extra boxes are not
   penalised here (see AP@0.5 and boxes/answer). **fixed-box mIoU**: the best single box, the same for every image,
   found by a small search ON these rows: a model below it has not learnt to look.
-- **found**: share of the present rows whose answer gives a box; **mIoU found**: mIoU over those rows. mIoU =
-  found × mIoU found, so a model that boxes better and one that says "none" less often can be told apart.
+- **found**: share of the present rows whose answer gives a box; **mIoU found**: mIoU over those rows. In greedy
+  mode mIoU = found × mIoU found, so a model that boxes better and one that says "none" less often can be told
+  apart (sampled: each run's product, averaged, so only approximately).
 - **AP@0.5**: all predicted boxes ranked by confidence (else by their order in the answer), greedy matching at
   IoU ≥ 0.5, all-point interpolated AP, equal scores entering together.
 - **distinct answers**: different normalised answers (presence, category, boxes to whole pixels) among the

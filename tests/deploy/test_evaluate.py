@@ -102,6 +102,12 @@ def test_a_none_answer_scores_no_iou_whatever_boxes_it_lists(original_frame_conf
     table = aggregate([hedged])
     assert table[M_MIOU] == 0.0 and table[M_AP50] == 0.0
     assert table[M_FOUND] == 0.0 and table[M_MIOU_FOUND] is None  # no row gave a box
+    # A box on an image without an animal finds nothing: found counts the rows with an animal only.
+    empty = Target(present=False, category=None, boxes=[], width=100, height=100)
+    false_alarm = _score(original_frame_config, row_id="b", target=empty,
+                         answer={"present": True, "category": "moth", "boxes": [[10, 10, 50, 50]]})
+    table = aggregate([hedged, false_alarm])
+    assert table[M_FOUND] == 0.0 and table[M_MIOU_FOUND] is None
 
 
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
@@ -113,6 +119,8 @@ def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config)
     table = aggregate(samples)
     # Run 0: both rows right; run 1: x right, y wrong -> presence 1 and 1/2, mean 3/4; same for mIoU.
     assert table[M_PRESENCE] == pytest.approx(0.75) and table[M_MIOU] == pytest.approx(0.75)
+    # Found: run 0 both rows, run 1 row x only -> 1 and 1/2, mean 3/4; every found box is exact: mIoU found 1.
+    assert table[M_FOUND] == pytest.approx(0.75) and table[M_MIOU_FOUND] == pytest.approx(1.0)
     assert table[M_DISTINCT] == pytest.approx((1 + 2) / 2)
     assert table[M_ROWS] == 2 and table[M_SAMPLES] == 4
 
