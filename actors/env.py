@@ -106,6 +106,23 @@ def clamp_region(box: Sequence[float], *, width: int, height: int, min_side: int
     return x1, y1, x2, y2
 
 
+def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, context: float,
+                min_side: int) -> tuple[int, int, int, int]:
+    """The square region (original px) a zoom onto ``boxes`` asks for: centred on their union, its side
+    ``context`` times the union's longer side (at least ``min_side``, at most the image's shorter side),
+    shifted to lie inside the image. Square, so a square image's crop is shown at the image's own size."""
+    if not boxes:
+        raise ValueError("zoom_region: needs at least one box")
+    if context < 1.0:
+        raise ValueError(f"zoom_region: context must be >= 1 (the region holds the boxes), got {context}")
+    x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
+    x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
+    side = min(max(math.ceil(max(x2 - x1, y2 - y1) * context - _SNAP), min_side), width, height)
+    left = min(max(round((x1 + x2 - side) / 2), 0), width - side)
+    top = min(max(round((y1 + y2 - side) / 2), 0), height - side)
+    return left, top, left + side, top + side
+
+
 def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLimits) -> tuple[int, int]:
     """(width, height) a crop is shown at: scaled to about ``pixels`` pixels, sides multiples of the
     processor's cell, and a size the processor keeps as it is (so the shown size IS the input size)."""

@@ -62,8 +62,8 @@ class PromptConfig(BaseModel):
 
     @model_validator(mode="after")
     def _brief_alone(self) -> PromptConfig:
-        if self.system == "brief" and (self.n_demos or self.allow_zoom):
-            raise ValueError("system: brief carries no demonstrations and no zoom tool (set n_demos 0, allow_zoom false)")
+        if self.system == "brief" and self.n_demos:
+            raise ValueError("system: brief carries no demonstrations (set n_demos 0)")
         return self
 
 
@@ -130,11 +130,15 @@ def _frame_sentence(frame: str, frame_w: int, frame_h: int) -> str:
             f"pixels high, x grows to the right and y downwards from the top-left corner (0, 0).")
 
 
-def brief_system_prompt(*, frame: str, frame_w: int, frame_h: int) -> str:
-    """The two-sentence system message of ``PromptConfig.system == "brief"``: task, grammar and frame."""
+def brief_system_prompt(*, frame: str, frame_w: int, frame_h: int, allow_zoom: bool = False) -> str:
+    """The two-sentence system message of ``PromptConfig.system == "brief"``: task, grammar and frame
+    (and a third on the zoom tool when it is allowed)."""
     where = "0-1000 normalised" if frame == "norm1000" else f"pixels of the {frame_w}x{frame_h} image"
-    return (f"Find the animal hidden by camouflage. Reply <think>…</think><answer>JSON</answer> with boxes "
+    text = (f"Find the animal hidden by camouflage. Reply <think>…</think><answer>JSON</answer> with boxes "
             f"[x1, y1, x2, y2] in {where}.")
+    if allow_zoom:
+        text += " Or reply <think>…</think><zoom>[x1, y1, x2, y2]</zoom> to see that region enlarged."
+    return text
 
 
 def system_prompt(*, frame: str, frame_w: int, frame_h: int, n_demos: int = 0, allow_zoom: bool = False) -> str:
@@ -170,7 +174,8 @@ def build_messages(*, question: str, task: str, width: int, height: int, config:
         raise ValueError(f"task: unknown {task!r} (expected camo, classify, detect or ground)")
     frame_w, frame_h = frame_size(config.frame, width=width, height=height, input_size=input_size)
     if config.system == "brief":
-        system = brief_system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h)
+        system = brief_system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h,
+                                     allow_zoom=config.allow_zoom)
     else:
         system = system_prompt(frame=config.frame, frame_w=frame_w, frame_h=frame_h,
                                n_demos=config.n_demos, allow_zoom=config.allow_zoom)

@@ -164,6 +164,9 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"sft.batch_samples ({self.sft.batch_samples}) must be divisible by learner.world_size × "
                 f"sft.micro_batch_samples ({self.learner.world_size} × {self.sft.micro_batch_samples})")
+        if self.sft is not None and self.sft.zoom_context is not None and self.rollout.env.max_turns < 2:
+            raise ValueError(f"sft.zoom_context ({self.sft.zoom_context}) teaches zoom turns: it needs "
+                             f"rollout.env.max_turns >= 2 (got {self.rollout.env.max_turns})")
         for index, stage in enumerate(self.curriculum.stages):
             unknown = set(stage.reward_weights) - set(REWARD_COMPONENTS)
             if unknown:

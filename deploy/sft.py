@@ -45,6 +45,10 @@ class SFTConfig(BaseModel):
     think: Literal["brief", "refocus"] = Field(
         "brief", description="target think: brief (verdict, then category: 'present moth' or 'none') or "
         "refocus (overview, focus boxes, summary)")
+    zoom_context: float | None = Field(
+        None, ge=1.0, le=4.0, description="Chain-of-Focus traces: a row with boxes is taught as two turns, a zoom "
+        "onto the square region this many times the boxes' longer side (actors.env.zoom_region), then the answer "
+        "about the crop; rows without boxes answer at once (None: one turn; needs rollout.env.max_turns >= 2)")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
     num_cpus_per_rank: float | None = Field(
@@ -64,6 +68,8 @@ class SFTConfig(BaseModel):
                              f"({self.micro_batch_samples})")
         if self.warmup_steps > self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        if self.zoom_context is not None and self.think != "brief":
+            raise ValueError("zoom_context: zoom traces use the brief think (set think: brief)")
         return self
 
 
@@ -105,17 +111,30 @@ def row_order(rows: dict[str, dict], *, seed: int, easy_first: bool) -> Iterator
 
 
 class SupervisedBatches:
-    """Training rows → ``TrajectoryGroup``s of one target trajectory each (what ``collate`` takes)."""
+    """Training rows → ``TrajectoryGroup``s of one target trajectory each (what ``collate`` takes).
 
-    def __init__(self, *, data, rollout_config, processor, think: str):
+    With ``zoom_context`` a row with boxes becomes a Chain-of-Focus trace, built by the rollout's own
+    environment so the tokens are those a rollout would produce::
+
+        <think>present moth</think><zoom>[region]</zoom> | env: crop shown back | <think>present moth</think><answer>
+                                                           (loss_mask 0)          {boxes in the crop's frame}</answer>
+    """
+
+    def __init__(self, *, data, rollout_config, processor, think: str, zoom_context: float | None = None):
         from actors.env import ZoomEnv
 
+        if zoom_context is not None and rollout_config.env.max_turns < 2:
+            raise ValueError("sft.zoom_context needs rollout.env.max_turns >= 2 (the rollout must serve the zoom)")
         self.data = data
         self.env = ZoomEnv(config=rollout_config.env, prompt=rollout_config.prompt, processor=processor)
         self.frame = rollout_config.prompt.frame
         self.tokenizer = processor.tokenizer
         self.end_ids = self.tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]
         self.think = think
+        self.zoom_context = zoom_context
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def group(self, row_id: str, *, issue: int):
         from actors.types import Trajectory, TrajectoryGroup
@@ -124,12 +143,43 @@ class SupervisedBatches:
         prompt = self.data.prompt_group(row_id, issue=issue, stage=0)
         prompt_ids, episode = self.env.reset(prompt)
         row = self.data.rows[row_id]
-        text = target_completion(row, frame=self.frame, think=self.think,
-                                 input_size=self.env.limits.input_size(row["width"], row["height"]))
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + self.end_ids
-        trajectory = Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
-                                behaviour_logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids), completion_text=text)
+        if self.zoom_context is not None and row["boxes"]:
+            trajectory = self._zoom_trace(row, prompt_ids, episode)
+        else:
+            text = target_completion(row, frame=self.frame, think=self.think,
+                                     input_size=self.env.limits.input_size(row["width"], row["height"]))
+            ids = self._encode(text) + self.end_ids
+            trajectory = Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
+                                    behaviour_logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids), completion_text=text)
         return TrajectoryGroup(prompt=prompt, trajectories=[trajectory], policy_version=0, worker_id="sft")
+
+    def _zoom_trace(self, row: dict, prompt_ids: list[int], episode):
+        """Two model turns around the environment's crop: zoom onto the boxes, then answer about the crop."""
+        from actors.env import encode_png, zoom_region
+        from actors.types import Trajectory
+        from data.prompts import box_to_frame, target_completion
+        from rewards.think import brief_think
+
+        width, height = row["width"], row["height"]
+        region = zoom_region(row["boxes"], width=width, height=height, context=self.zoom_context,
+                             min_side=self.env.config.min_crop_side)
+        zoom_box = box_to_frame(region, frame=self.frame, width=width, height=height,
+                                input_size=self.env.limits.input_size(width, height))
+        think = f"<think>{brief_think(bool(row['present']), row['category'])}</think>"
+        zoom_text = f"{think}<zoom>{json.dumps(zoom_box)}</zoom>"
+        zoom_ids = self._encode(zoom_text)
+        seen = self.env.step(episode, zoom_box, last_token=zoom_ids[-1])
+        # The answer is about the crop the environment cut (the box in the frame may round a pixel).
+        left, top, right, bottom = seen.crop_box
+        in_crop = {**row, "width": right - left, "height": bottom - top,
+                   "boxes": [[b[0] - left, b[1] - top, b[2] - left, b[3] - top] for b in row["boxes"]]}
+        answer_text = target_completion(in_crop, frame=self.frame, think=self.think, input_size=seen.image.size)
+        answer_ids = self._encode(answer_text) + self.end_ids
+        ids = zoom_ids + seen.token_ids + answer_ids
+        mask = [1] * len(zoom_ids) + [0] * len(seen.token_ids) + [1] * len(answer_ids)
+        return Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
+                          behaviour_logprobs=[0.0] * len(ids), loss_mask=mask, completion_text=zoom_text + answer_text,
+                          zoom_images=[encode_png(seen.image)], zoom_boxes=[list(map(float, seen.crop_box))])
 
 
 def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None, resume: bool = False,
@@ -161,7 +211,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     model_path = str(resolve_model_path(config.model))
     data = prepare_training_data(config.data)
     processor = load_processor(model_path)
-    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think)
+    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think,
+                                zoom_context=sft.zoom_context)
     if not ray.is_initialized():
         ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": actor_env()})
     learner = LearnerGroup(sft_learner_config(config.learner, sft, model_path=model_path),

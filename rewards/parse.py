@@ -95,6 +95,7 @@ class ParsedCompletion:
     think: str = ""  # all think blocks' text, joined by newlines
     focus_boxes: list[Box] = field(default_factory=list)  # <focus> boxes, completion frame
     zoom_boxes: list[Box] = field(default_factory=list)  # <zoom> requests, completion frame
+    final_think: str = ""  # the last think block: the one the answer follows (after any zoom turns)
 
     @property
     def strict(self) -> bool:
@@ -226,6 +227,7 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
             return _failed(violation, violation)
         pieces = _lenient_pieces(parts)
     think = pieces.think[0] if len(pieces.think) == 1 else "\n".join(pieces.think)
+    final_think = pieces.think[-1] if pieces.think else ""
     focus, focus_ok = _side_boxes(pieces.focus, max_boxes)
     zoom, zoom_ok = _side_boxes(pieces.zoom, max_boxes)
     if violation is None and not (focus_ok and zoom_ok):
@@ -233,19 +235,19 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
         if not lenient:
             return _failed(violation, violation)
     if pieces.answer is None:
-        return ParsedCompletion(None, ParseFailure.NO_ANSWER_TAG, violation, False, think, focus, zoom)
+        return ParsedCompletion(None, ParseFailure.NO_ANSWER_TAG, violation, False, think, focus, zoom, final_think)
     decoded = _decode_json(pieces.answer)
     if decoded is None:
-        return ParsedCompletion(None, ParseFailure.BAD_JSON, violation, False, think, focus, zoom)
+        return ParsedCompletion(None, ParseFailure.BAD_JSON, violation, False, think, focus, zoom, final_think)
     obj, repaired = decoded
     answer = _to_answer(obj, max_boxes)
     if isinstance(answer, ParseFailure):
-        return ParsedCompletion(None, answer, violation, repaired, think, focus, zoom)
+        return ParsedCompletion(None, answer, violation, repaired, think, focus, zoom, final_think)
     if violation is None and answer.present is False and answer.boxes:
         violation = ParseFailure.ABSENT_WITH_BOXES
         if not lenient:
             return _failed(violation, violation)
-    return ParsedCompletion(answer, None, violation, repaired, think, focus, zoom)
+    return ParsedCompletion(answer, None, violation, repaired, think, focus, zoom, final_think)
 
 
 def _failed(failure: ParseFailure, violation: ParseFailure | None) -> ParsedCompletion:

@@ -48,14 +48,15 @@ def follows_brief_think(parsed: ParsedCompletion, *, synonyms: Mapping[str, str]
     """``parsed`` itself when it has no answer or its answer agrees with its think; otherwise the same
     completion without an answer (failure and strict violation ``THINK_CONTRADICTS_ANSWER``).
 
-    A think that is not a brief think disagrees with every answer. Categories are compared as
-    normalised names (``rewards.category``), synonyms mapped to their canonical name
-    (``RewardConfig.synonym_index``), so a think "present Moths" agrees with the category "moth".
+    The think read is the last one (``ParsedCompletion.final_think``): after a zoom turn the model may
+    revise what it thought about the whole image. A think that is not a brief think disagrees with every
+    answer. Categories are compared as normalised names (``rewards.category``), synonyms mapped to their
+    canonical name (``RewardConfig.synonym_index``), so a think "present Moths" agrees with the category "moth".
     """
     answer = parsed.answer
     if answer is None:
         return parsed
-    said = read_brief_think(parsed.think)
+    said = read_brief_think(parsed.final_think)  # after a zoom, the think the answer follows
     if said is not None:
         present, category = said
         answered = answer.category if answer.present is True else None

@@ -30,6 +30,7 @@ from actors.env import (
     crop_frame,
     expand_image_pads,
     parse_zoom,
+    zoom_region,
     zoom_size,
 )
 from actors.rollout import (
@@ -79,6 +80,27 @@ def test_parse_zoom(text, expected):
 ])
 def test_clamp_region(box, size, expected):
     assert clamp_region(box, width=size[0], height=size[1], min_side=28) == expected
+
+
+@pytest.mark.parametrize("boxes, context, expected", [
+    # union 20 x 40, side ceil(40 * 1.5) = 60, centred at (20, 40): left -10 shifted in to 0, top 10
+    ([[10, 20, 30, 60]], 1.5, (0, 10, 60, 70)),
+    # side max(10 * 2, 28) = 28, centred at (105, 105): pushed back inside to 84
+    ([[100, 100, 110, 110]], 2.0, (84, 84, 112, 112)),
+    # the union of two boxes: 60 x 30, side 72, centred at (50, 45)
+    ([[20, 30, 40, 60], [60, 40, 80, 50]], 1.2, (14, 9, 86, 81)),
+    # 150 capped at the image's 112
+    ([[0, 0, 100, 50]], 1.5, (0, 0, 112, 112)),
+])
+def test_zoom_region_is_a_square_around_the_boxes_inside_the_image(boxes, context, expected):
+    assert zoom_region(boxes, width=112, height=112, context=context, min_side=28) == expected
+
+
+def test_zoom_region_needs_boxes_and_a_context_of_at_least_one():
+    with pytest.raises(ValueError, match="at least one box"):
+        zoom_region([], width=112, height=112, context=1.5, min_side=28)
+    with pytest.raises(ValueError, match="context must be >= 1"):
+        zoom_region([[0, 0, 10, 10]], width=112, height=112, context=0.9, min_side=28)
 
 
 @pytest.mark.parametrize("crop, expected", [

@@ -79,6 +79,15 @@ def test_brief_prompt_without_the_question_is_the_image_alone():
     system, user = build_messages(question="Where is it?", task="camo", width=100, height=80, config=config)
     assert user["content"] == [{"type": "image"}]
     assert system["content"].startswith("Find the animal") and "pixels of the 100x80 image" in system["content"]
+    assert "<zoom>" not in system["content"]
+
+
+def test_brief_prompt_names_the_zoom_tool_when_allowed_and_carries_no_demos():
+    config = PromptConfig(frame="original", system="brief", question="omit", allow_zoom=True)
+    system = build_messages(question="q", task="camo", width=100, height=80, config=config)[0]["content"]
+    assert system.endswith("<think>…</think><zoom>[x1, y1, x2, y2]</zoom> to see that region enlarged.")
+    with pytest.raises(ValidationError, match="brief carries no demonstrations"):
+        PromptConfig(system="brief", n_demos=1)
 
 
 def test_input_frame_needs_the_input_size_and_tasks_are_checked():

@@ -80,3 +80,73 @@ def test_a_row_becomes_the_rollout_prompt_plus_the_target_answer(tiny_model_dir,
         assert trajectory.loss_mask == [1] * len(trajectory.completion_ids)
         parsed = parse_completion(trajectory.completion_text)
         assert parsed.strict and parsed.answer.present == row["present"]
+
+
+ZOOM_SFT = ["rollout.prompt.system=brief", "rollout.env.max_turns=2", "rollout.prompt.allow_zoom=true",
+            "sft.zoom_context=1.5"]
+
+
+def test_zoom_traces_need_a_rollout_that_zooms_and_the_brief_think():
+    with pytest.raises(ValueError, match="sft.zoom_context"):
+        load_run_config(TINY_CPU, ["sft.zoom_context=1.5"])  # rollout.env.max_turns 1
+    with pytest.raises(ValueError, match="brief think"):
+        SFTConfig(zoom_context=1.5, think="refocus")
+    with pytest.raises(ValueError, match="zoom_context"):
+        SFTConfig(zoom_context=0.8)
+
+
+def test_a_row_with_an_animal_becomes_a_zoom_then_an_answer_about_the_crop(tiny_model_dir, tmp_path):
+    """The trace is what a rollout would hold had the model written its two turns: the environment's own
+    tokens and crop between them (not trained on), and an answer whose boxes, read in the crop's frame
+    as the evaluation reads them, are the ground truth."""
+    from actors.env import ZOOM, ZoomEnv, decode_image, parse_zoom, zoom_region
+    from data.synth import synthesize
+    from deploy.evaluate import score_sample
+    from deploy.training_data import load_training_data
+    from learner.batch import collate
+    from models.processor import load_processor
+    from rewards.parse import parse_completion
+    from rewards.think import follows_brief_think
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
+    config = load_run_config(TINY_CPU, ["sft.steps=20", *ZOOM_SFT])
+    processor = load_processor(tiny_model_dir)
+    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think="brief",
+                                zoom_context=1.5)
+    env = ZoomEnv(config=config.rollout.env, prompt=config.rollout.prompt, processor=processor)
+    tokenizer = processor.tokenizer
+    present = [i for i, row in data.rows.items() if row["boxes"]]
+    absent = [i for i, row in data.rows.items() if not row["boxes"]]
+    assert present and absent
+    for row_id in present[:3]:
+        row = data.rows[row_id]
+        (trajectory,) = batches.group(row_id, issue=0).trajectories
+        region = zoom_region(row["boxes"], width=row["width"], height=row["height"], context=1.5, min_side=28)
+        assert trajectory.zoom_boxes == [list(map(float, region))]
+        crop = decode_image(trajectory.zoom_images[0])
+        assert crop.size == env.limits.input_size(*crop.size)  # shown at a size the processor keeps
+        # model tokens (mask 1) are exactly the two turns' text; the rest is the environment's turn
+        model = [t for t, m in zip(trajectory.completion_ids, trajectory.loss_mask) if m]
+        assert tokenizer.decode(model) == trajectory.completion_text + "<|im_end|>"
+        first_turn = trajectory.completion_text.split("</zoom>")[0] + "</zoom>"
+        outcome, box = parse_zoom(first_turn)
+        prompt_ids, episode = env.reset(data.prompt_group(row_id, issue=0, stage=0))
+        assert outcome == ZOOM and trajectory.prompt_ids == prompt_ids
+        seen = env.step(episode, box, last_token=None)
+        env_part = trajectory.completion_ids[len(tokenizer(first_turn, add_special_tokens=False)["input_ids"]):]
+        assert env_part[:len(seen.token_ids)] == seen.token_ids
+        assert trajectory.loss_mask.count(0) == len(seen.token_ids)
+        parsed = parse_completion(trajectory.completion_text)
+        assert parsed.strict and follows_brief_think(parsed, synonyms={}) is parsed
+        score = score_sample(trajectory, row_id=row_id, task=row["task"], target=data.prompt_group(
+            row_id, issue=0, stage=0).target, config=config, limits=env.limits)
+        assert score.iou > 0.9  # the crop-frame boxes map back onto the ground truth (rounding only)
+    (plain,) = batches.group(absent[0], issue=0).trajectories
+    assert plain.zoom_images == [] and plain.loss_mask == [1] * len(plain.completion_ids)
+    assert "<zoom>" not in plain.completion_text
+    # the learner batch carries the crop as a second image of its row
+    groups = [batches.group(present[0], issue=0), batches.group(absent[0], issue=0)]
+    batch = collate(groups, image_processor=processor.image_processor, pad_token_id=tokenizer.pad_token_id,
+                    advantages=[[0.0]] * 2)
+    assert [len(images) for images in batch.image_index] == [2, 1]

@@ -63,6 +63,18 @@ def test_follows_brief_think(think, answer, agrees):
         assert checked.think == parsed.think
 
 
+@pytest.mark.parametrize(("first", "final", "answer", "agrees"), [
+    ("present moth", "present moth", SAYS_MOTH, True),  # a zoom trace as SFT teaches it
+    ("none", "present moth", SAYS_MOTH, True),  # the crop changed its mind: the final think counts
+    ("present moth", "none", SAYS_MOTH, False),  # the final think says none, the answer a moth
+])
+def test_after_a_zoom_the_answer_follows_the_final_think(first, final, answer, agrees):
+    text = f"<think>{first}</think><zoom>[1, 2, 30, 40]</zoom>" + completion(final, answer)
+    parsed = parse_completion(text)
+    assert parsed.strict_violation is None and parsed.final_think == final
+    assert (follows_brief_think(parsed, synonyms={}) is parsed) == agrees
+
+
 def test_synonyms_agree():
     config = RewardConfig(synonyms={"moth": ["lepidopteran"]})
     parsed = parse_completion(completion("present lepidopteran", SAYS_MOTH))
