@@ -2,7 +2,7 @@
 
 Used by the generator to show what it made, and later by evaluation to show what a model predicted:
 ``predictions`` maps a row id to a parsed answer ``{"present", "category", "boxes"}`` whose boxes are
-already in ORIGINAL pixels.
+already in ORIGINAL pixels, optionally with ``zoom_boxes``: the regions the model zoomed into (yellow).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 255)
+ZOOM_COLOUR = (255, 220, 0)
 BACKGROUND = (24, 24, 24)
 LINE_HEIGHT = 12  # pixels per label line under each tile
 
@@ -61,6 +62,8 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
             else:
                 text = f"pred: {predicted.get('category') or 'absent'}"
                 if scale is not None:
+                    _boxes(draw, predicted.get("zoom_boxes") or [], left=left, top=top, scale=scale,
+                           colour=ZOOM_COLOUR)
                     _boxes(draw, predicted.get("boxes") or [], left=left, top=top, scale=scale, colour=PRED_COLOUR)
             draw.text((left + 2, top + tile + LINE_HEIGHT), text, fill=PRED_COLOUR, font=font)
     sheet.save(os.fspath(out_path), format="PNG", compress_level=6)

@@ -274,6 +274,7 @@ class SampleScore:
     category_text: str | None = None
     text: str = ""  # the completion, cut to EXAMPLE_TEXT_CHARS
     target_present: bool | None = None  # the row's truth
+    zoom_boxes: list[Box] = field(default_factory=list)  # the regions the sample zoomed into, original pixels
 
 
 def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Target, config: RunConfig,
@@ -307,7 +308,7 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
         key=answer_key(answer.present, answer.category, boxes) if answer else None,
         boxes=boxes, present=answer.present if answer else None,
         category_text=answer.category if answer else None, text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS],
-        target_present=target.present)
+        target_present=target.present, zoom_boxes=[list(b) for b in trajectory.zoom_boxes])
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -484,5 +485,5 @@ def _examples(samples: Sequence[SampleScore], rows: Sequence[dict], *, limit: in
             continue
         out.append({"id": s.row_id, "answered": s.answered, "present": s.present, "category": s.category_text,
                     "boxes": [[round(v, 1) for v in b] for b in s.boxes], "iou": s.iou, "strict": s.strict,
-                    "text": s.text})
+                    "text": s.text, "zoom_boxes": s.zoom_boxes})
     return out

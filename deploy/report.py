@@ -4,8 +4,8 @@ Written into one output directory:
 - ``eval.json``: the dict ``deploy.evaluate.evaluate`` returned, as it is;
 - ``curves.png`` (when given a run directory): reward total and each reward component per learner
   step from ``<run>/events.jsonl``, each point coloured by the curriculum stage it was trained under;
-- ``examples_<split>.png``: the first rows of each split with ground-truth boxes in green and the
-  model's boxes in magenta (``data.contact_sheet``);
+- ``examples_<split>.png``: the first rows of each split with ground-truth boxes in green, the
+  model's boxes in magenta and the regions it zoomed into in yellow (``data.contact_sheet``);
 - ``report.md``: the metrics next to the data-only baselines, the pictures, and what each figure means.
 Lines of ``events.jsonl`` that do not parse (a run killed mid-write) are counted and skipped.
 """

@@ -6,7 +6,8 @@ import io
 
 from PIL import Image
 
-from data.contact_sheet import BACKGROUND, GT_COLOUR, LINE_HEIGHT, PRED_COLOUR, draw_contact_sheet, sheet_size
+from data.contact_sheet import (BACKGROUND, GT_COLOUR, LINE_HEIGHT, PRED_COLOUR, ZOOM_COLOUR, draw_contact_sheet,
+                                sheet_size)
 
 
 def _row(row_id: str, boxes, *, image: bytes | None = None):
@@ -20,7 +21,8 @@ def _row(row_id: str, boxes, *, image: bytes | None = None):
 
 def test_sheet_draws_ground_truth_and_predictions_in_their_colours(tmp_path):
     rows = [_row("a", [[10, 10, 20, 30]]), _row("b", []), _row("c", [[0, 0, 56, 56]])]
-    predictions = {"a": {"present": True, "category": "moth", "boxes": [[30, 5, 50, 25], [1, 2, "x", 4]]},
+    predictions = {"a": {"present": True, "category": "moth", "boxes": [[30, 5, 50, 25], [1, 2, "x", 4]],
+                         "zoom_boxes": [[5, 5, 45, 45]]},
                    "b": {"present": False, "category": None, "boxes": []}}
     out = tmp_path / "sheet.png"
     size = draw_contact_sheet(rows, out_path=out, columns=2, tile=112, predictions=predictions)
@@ -31,6 +33,7 @@ def test_sheet_draws_ground_truth_and_predictions_in_their_colours(tmp_path):
         # The 56 px image is scaled by 2 into its 112 px tile: GT box corners at (20, 20) and (39, 59).
         assert pixels[20, 20] == GT_COLOUR and pixels[39, 59] == GT_COLOUR
         assert pixels[60, 10] == PRED_COLOUR and pixels[99, 49] == PRED_COLOUR
+        assert pixels[10, 70] == ZOOM_COLOUR and pixels[89, 89] == ZOOM_COLOUR  # the zoomed region, x2
         assert pixels[30, 40] == (128, 128, 128)  # inside the box the image is untouched
         # Third row ("c") starts the second grid row; its full-image box outlines the tile.
         top = 112 + 2 * LINE_HEIGHT

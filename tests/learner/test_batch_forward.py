@@ -215,6 +215,23 @@ def test_logprobs_equal_an_unpadded_single_sample_forward(model, batch, temperat
             torch.testing.assert_close(entropy[row, :length][scored], expected_entropy[scored[1:]])
 
 
+def test_image_pads_a_zoom_inserted_score_zero_so_losses_stay_finite(model, batch):
+    """The zoomed row's environment turn holds image pads, which the model may never sample (-inf
+    log-prob): they score 0, so the SFT and GRPO losses, whose masks are 0 there, stay finite."""
+    from learner.loss import sft_loss
+
+    logprobs, entropy = sequence_logprobs(model, batch, with_entropy=True)
+    row = 4 + ZOOMED[1]  # group 1's rows follow group 0's four
+    pads = batch.input_ids[row] == IMAGE_PAD
+    assert pads.sum() > ZOOM_SIZE[0] // 28 * ZOOM_SIZE[1] // 28  # the prompt image's pads and the crop's
+    assert torch.isfinite(logprobs).all() and torch.isfinite(entropy).all()
+    assert logprobs[row][pads].eq(0).all()
+    loss, _ = sft_loss(logprobs, batch.completion_mask)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    model.zero_grad()
+
+
 def test_split_pieces_give_the_rows_of_the_whole(model, batch):
     with torch.no_grad():
         whole, _ = sequence_logprobs(model, batch)
