@@ -6,6 +6,7 @@ SFT and RL steps; the test checks that every stage ran in order and handed its p
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,7 +22,12 @@ TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
 SFT_STEPS, RL_STEPS, EVAL_ROWS = 3, 2, 4
 
 
-def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model_dir, tmp_path):
+# Chain-of-Focus: SFT on zoom traces, RL and evaluation rolling out two turns.
+ZOOM = ["rollout.env.max_turns=2", "rollout.prompt.allow_zoom=true", "sft.zoom_context=1.5"]
+
+
+@pytest.mark.parametrize("zoom", [False, True], ids=["one-turn", "zoom"])
+def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model_dir, tmp_path, zoom):
     run = tmp_path / "run"
     command = [
         sys.executable, "-m", "deploy.cli", "train", str(TINY_CPU),
@@ -31,6 +37,8 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
         "--set", f"sft.steps={SFT_STEPS}", "--set", "sft.batch_samples=8", "--set", "sft.micro_batch_samples=4",
         "--set", "sft.warmup_steps=1", "--set", "sft.log_every=1",
     ]
+    for override in ZOOM if zoom else []:
+        command += ["--set", override]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
                           timeout=900)
@@ -43,6 +51,7 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
     # SFT: every step logged, the loss fell, and its checkpoint is the model RL started from.
     sft_events = [json.loads(line) for line in (run / "sft" / "sft_events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in sft_events] == list(range(1, SFT_STEPS + 1))
+    assert all(math.isfinite(e["loss/sft_nll"]) for e in sft_events)  # zoom turns' image pads once made NaN
     assert sft_events[-1]["loss/sft_nll"] < sft_events[0]["loss/sft_nll"]
     sft_checkpoint = Path(summary["sft_checkpoint"])
     assert sft_checkpoint == run / "sft" / "checkpoints" / f"step_{SFT_STEPS}"
@@ -52,6 +61,7 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
     # RL: its steps ran and its last checkpoint was evaluated.
     rl_events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in rl_events] == list(range(1, RL_STEPS + 1))
+    assert all(math.isfinite(e["learner"]["loss/total"]) for e in rl_events)
     assert summary["rl_checkpoint"].endswith(f"step_{RL_STEPS}")
 
     result = json.loads(Path(summary["eval_json"]).read_text())
