@@ -107,19 +107,25 @@ def clamp_region(box: Sequence[float], *, width: int, height: int, min_side: int
 
 
 def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, context: float,
-                min_side: int) -> tuple[int, int, int, int]:
-    """The square region (original px) a zoom onto ``boxes`` asks for: centred on their union, its side
-    ``context`` times the union's longer side (at least ``min_side``, at most the image's shorter side),
-    shifted to lie inside the image. Square, so a square image's crop is shown at the image's own size."""
+                min_side: int, offset: tuple[float, float] = (0.0, 0.0)) -> tuple[int, int, int, int]:
+    """The square region (original px) a zoom onto ``boxes`` asks for: its side ``context`` times the
+    union's longer side (at least ``min_side``, at most the image's shorter side), centred on the union
+    and then moved by ``offset`` (x, y in [-1, 1]) times the room the union leaves on each side, so the
+    union stays inside; finally shifted to lie inside the image. Square, so a square image's crop is
+    shown at the image's own size."""
     if not boxes:
         raise ValueError("zoom_region: needs at least one box")
     if context < 1.0:
         raise ValueError(f"zoom_region: context must be >= 1 (the region holds the boxes), got {context}")
+    if not all(-1.0 <= v <= 1.0 for v in offset):
+        raise ValueError(f"zoom_region: offset must lie in [-1, 1] per axis, got {offset}")
     x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     side = min(max(math.ceil(max(x2 - x1, y2 - y1) * context - _SNAP), min_side), width, height)
-    left = min(max(round((x1 + x2 - side) / 2), 0), width - side)
-    top = min(max(round((y1 + y2 - side) / 2), 0), height - side)
+    left = (x1 + x2 - side) / 2 + offset[0] * max(side - (x2 - x1), 0) / 2
+    top = (y1 + y2 - side) / 2 + offset[1] * max(side - (y2 - y1), 0) / 2
+    left = min(max(round(left), 0), width - side)
+    top = min(max(round(top), 0), height - side)
     return left, top, left + side, top + side
 
 

@@ -49,6 +49,10 @@ class SFTConfig(BaseModel):
         None, ge=1.0, le=4.0, description="Chain-of-Focus traces: a row with boxes is taught as two turns, a zoom "
         "onto the square region this many times the boxes' longer side (actors.env.zoom_region), then the answer "
         "about the crop; rows without boxes answer at once (None: one turn; needs rollout.env.max_turns >= 2)")
+    zoom_jitter: float = Field(
+        0.0, ge=0.0, le=1.0, description="vary the zoom traces' regions: context drawn from [zoom_context, "
+        "zoom_context * (1 + jitter)], the region moved off-centre by up to jitter times the room the boxes leave "
+        "(0: every crop shows the animal centred at one size, which the answer turn learns instead of looking)")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
     num_cpus_per_rank: float | None = Field(
@@ -120,7 +124,8 @@ class SupervisedBatches:
                                                            (loss_mask 0)          {boxes in the crop's frame}</answer>
     """
 
-    def __init__(self, *, data, rollout_config, processor, think: str, zoom_context: float | None = None):
+    def __init__(self, *, data, rollout_config, processor, think: str, zoom_context: float | None = None,
+                 zoom_jitter: float = 0.0):
         from actors.env import ZoomEnv
 
         if zoom_context is not None and rollout_config.env.max_turns < 2:
@@ -132,6 +137,7 @@ class SupervisedBatches:
         self.end_ids = self.tokenizer("<|im_end|>", add_special_tokens=False)["input_ids"]
         self.think = think
         self.zoom_context = zoom_context
+        self.zoom_jitter = zoom_jitter
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -144,7 +150,7 @@ class SupervisedBatches:
         prompt_ids, episode = self.env.reset(prompt)
         row = self.data.rows[row_id]
         if self.zoom_context is not None and row["boxes"]:
-            trajectory = self._zoom_trace(row, prompt_ids, episode)
+            trajectory = self._zoom_trace(row, prompt_ids, episode, issue=issue)
         else:
             text = target_completion(row, frame=self.frame, think=self.think,
                                      input_size=self.env.limits.input_size(row["width"], row["height"]))
@@ -153,16 +159,23 @@ class SupervisedBatches:
                                     behaviour_logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids), completion_text=text)
         return TrajectoryGroup(prompt=prompt, trajectories=[trajectory], policy_version=0, worker_id="sft")
 
-    def _zoom_trace(self, row: dict, prompt_ids: list[int], episode):
-        """Two model turns around the environment's crop: zoom onto the boxes, then answer about the crop."""
+    def _zoom_trace(self, row: dict, prompt_ids: list[int], episode, *, issue: int):
+        """Two model turns around the environment's crop: zoom onto the boxes, then answer about the crop.
+
+        The region's jitter is drawn from a generator seeded by the row and ``issue`` (the SFT step), so a
+        resumed run rebuilds the same traces and each epoch shows a row through another crop."""
         from actors.env import encode_png, zoom_region
         from actors.types import Trajectory
         from data.prompts import box_to_frame, target_completion
         from rewards.think import brief_think
 
         width, height = row["width"], row["height"]
-        region = zoom_region(row["boxes"], width=width, height=height, context=self.zoom_context,
-                             min_side=self.env.config.min_crop_side)
+        rng = random.Random(f"{row['id']}#{issue}")
+        jitter = self.zoom_jitter
+        context = self.zoom_context * (1.0 + jitter * rng.random())
+        offset = (jitter * rng.uniform(-1.0, 1.0), jitter * rng.uniform(-1.0, 1.0))
+        region = zoom_region(row["boxes"], width=width, height=height, context=context,
+                             min_side=self.env.config.min_crop_side, offset=offset)
         zoom_box = box_to_frame(region, frame=self.frame, width=width, height=height,
                                 input_size=self.env.limits.input_size(width, height))
         think = f"<think>{brief_think(bool(row['present']), row['category'])}</think>"
@@ -212,7 +225,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     data = prepare_training_data(config.data)
     processor = load_processor(model_path)
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think,
-                                zoom_context=sft.zoom_context)
+                                zoom_context=sft.zoom_context, zoom_jitter=sft.zoom_jitter)
     if not ray.is_initialized():
         ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": actor_env()})
     learner = LearnerGroup(sft_learner_config(config.learner, sft, model_path=model_path),

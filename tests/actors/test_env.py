@@ -96,6 +96,14 @@ def test_zoom_region_is_a_square_around_the_boxes_inside_the_image(boxes, contex
     assert zoom_region(boxes, width=112, height=112, context=context, min_side=28) == expected
 
 
+def test_zoom_region_offset_moves_it_within_the_room_the_boxes_leave():
+    # side 40 around a 20 x 20 box: 10 px of room each side; x moved right by all of it, y up by all of it
+    assert zoom_region([[40, 40, 60, 60]], width=112, height=112, context=2.0, min_side=28,
+                       offset=(1.0, -1.0)) == (40, 20, 80, 60)
+    with pytest.raises(ValueError, match="offset"):
+        zoom_region([[40, 40, 60, 60]], width=112, height=112, context=2.0, min_side=28, offset=(1.5, 0.0))
+
+
 def test_zoom_region_needs_boxes_and_a_context_of_at_least_one():
     with pytest.raises(ValueError, match="at least one box"):
         zoom_region([], width=112, height=112, context=1.5, min_side=28)

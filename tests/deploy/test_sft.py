@@ -150,3 +150,29 @@ def test_a_row_with_an_animal_becomes_a_zoom_then_an_answer_about_the_crop(tiny_
     batch = collate(groups, image_processor=processor.image_processor, pad_token_id=tokenizer.pad_token_id,
                     advantages=[[0.0]] * 2)
     assert [len(images) for images in batch.image_index] == [2, 1]
+
+
+def test_jittered_zoom_traces_vary_the_crop_keep_the_animal_in_it_and_are_reproducible(tiny_model_dir, tmp_path):
+    """With zoom_jitter the answer turn cannot learn "the animal is the crop's centre two thirds": the
+    region's size and place vary with the step, always holding the boxes; a step rebuilds the same trace."""
+    from data.synth import synthesize
+    from deploy.training_data import load_training_data
+    from models.processor import load_processor
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
+    config = load_run_config(TINY_CPU, ["sft.steps=20", *ZOOM_SFT, "sft.zoom_jitter=1.0"])
+    processor = load_processor(tiny_model_dir)
+    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think="brief",
+                                zoom_context=1.5, zoom_jitter=1.0)
+    row_id = next(i for i, row in data.rows.items() if row["boxes"])
+    (x1, y1, x2, y2), = data.rows[row_id]["boxes"][:1]
+    regions = set()
+    for issue in range(8):
+        (trajectory,) = batches.group(row_id, issue=issue).trajectories
+        left, top, right, bottom = trajectory.zoom_boxes[0]
+        assert left <= x1 and top <= y1 and x2 <= right + 0.5 and y2 <= bottom + 0.5  # rounding: half a pixel
+        regions.add((left, top, right, bottom))
+    assert len(regions) >= 6  # sizes and places vary from step to step
+    again = batches.group(row_id, issue=3).trajectories[0]
+    assert again.zoom_boxes == batches.group(row_id, issue=3).trajectories[0].zoom_boxes
