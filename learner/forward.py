@@ -99,9 +99,9 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
     targets = batch.input_ids[:, first_scored:]
     log_norm = torch.logsumexp(logits, dim=-1)
     token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
-    # Placeholders are never model tokens (only the environment inserts image pads, in zoom turns). Under
-    # the banned distribution their log-prob is -inf, which a 0 in the loss mask would turn into NaN
-    # (0 * -inf), so they score 0 like padding.
+    # Placeholders are never model tokens: the image pads a zoom turn inserts, or a prompt's own pads where
+    # the row's prompt is longer than the batch's shortest. Under the banned distribution their log-prob
+    # is -inf, which a 0 in the loss mask would turn into NaN (0 * -inf), so they score 0 like padding.
     valid = batch.attention_mask[:, first_scored:].bool() & ~torch.isin(targets, banned)
     unscored = torch.zeros((targets.shape[0], first_scored), dtype=torch.float32, device=logits.device)
     logprobs = torch.cat([unscored, torch.where(valid, token_logp, torch.zeros_like(token_logp))], dim=1)
