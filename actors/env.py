@@ -139,6 +139,14 @@ def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLi
     return limits.input_size(width, height)
 
 
+def show_region(image, region: Sequence[int], *, pixels: int, limits: ImageLimits):
+    """The crop of ``region`` (original px) as the environment shows it: resized, bicubic, to ``zoom_size``."""
+    from PIL import Image
+
+    shown = zoom_size(region[2] - region[0], region[3] - region[1], pixels=pixels, limits=limits)
+    return image.crop(tuple(region)).resize(shown, Image.Resampling.BICUBIC)
+
+
 def crop_frame(kind: str, *, crop_box: Sequence[float], shown_size: tuple[int, int]) -> FrameSpec:
     """The frame of boxes the model writes about a crop of ``crop_box`` (original px) shown at ``shown_size``."""
     crop = tuple(float(v) for v in crop_box)
@@ -302,10 +310,8 @@ class ZoomEnv:
         original = boxes_to_original([box], frame=episode.frame, width=episode.width, height=episode.height)[0]
         region = clamp_region(original, width=episode.width, height=episode.height, min_side=self.config.min_crop_side)
         crop_w, crop_h = region[2] - region[0], region[3] - region[1]
-        shown = zoom_size(crop_w, crop_h, pixels=self.config.zoom_pixels, limits=self.limits)
-        from PIL import Image
-
-        image = episode.image.crop(region).resize(shown, Image.Resampling.BICUBIC)
+        image = show_region(episode.image, region, pixels=self.config.zoom_pixels, limits=self.limits)
+        shown = image.size
         frame = crop_frame(self.kind, crop_box=region, shown_size=shown)
         frame_w, frame_h = frame_size(self.kind, width=crop_w, height=crop_h, input_size=shown)
         text = (f"This is the region {[round(v) for v in box]} enlarged. From now on, coordinates refer to this "

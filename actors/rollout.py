@@ -54,8 +54,11 @@ _SEED_STRIDE = 1 << 20
 
 
 @dataclass
-class _Sample:
-    """A trajectory being built."""
+class TrajectoryBuilder:
+    """A trajectory being built, turn by turn: model turns (trained on) and environment turns (not).
+
+    SFT builds its targets with it too (``deploy.sft``), teacher-forcing the model turns, so a target
+    trajectory has exactly a rollout's layout."""
 
     prompt_ids: list[int]
     episode: Episode
@@ -138,12 +141,12 @@ class RolloutWorker:
             return None
         return base + (self._calls * self.config.env.max_turns + turn) * _SEED_STRIDE
 
-    def _room(self, sample: _Sample) -> int:
+    def _room(self, sample: TrajectoryBuilder) -> int:
         """Tokens ``sample`` may still add: the completion budget and the engine's context length."""
         return min(self.config.env.max_completion_tokens - len(sample.completion_ids),
                    self.config.engine.max_model_len - len(sample.prompt_ids) - len(sample.completion_ids))
 
-    def _turn_limit(self, sample: _Sample) -> int:
+    def _turn_limit(self, sample: TrajectoryBuilder) -> int:
         """Tokens the next model turn of ``sample`` may generate."""
         return min(self.config.sampling.max_tokens, self._room(sample))
 
@@ -157,7 +160,7 @@ class RolloutWorker:
         stop = [ZOOM_STOP] if self.config.env.max_turns > 1 else []
 
         kept: list[PromptGroup] = []
-        groups: list[list[_Sample]] = []
+        groups: list[list[TrajectoryBuilder]] = []
         for prompt in prompts:
             try:
                 prompt_ids, episode = self.env.reset(prompt)
@@ -165,7 +168,8 @@ class RolloutWorker:
                 log.warning("skipping prompt group %s: %s", prompt.group_id, error)
                 self._stats[STAT_BAD_PROMPTS] += 1
                 continue
-            samples = [_Sample(prompt_ids=prompt_ids, episode=Episode(image=episode.image, frame=episode.frame))
+            samples = [TrajectoryBuilder(prompt_ids=prompt_ids,
+                                         episode=Episode(image=episode.image, frame=episode.frame))
                        for _ in range(sampling.n)]
             if self._room(samples[0]) < 1:  # e.g. an overlong question: skip this prompt, not the whole call
                 log.warning("skipping prompt group %s: its %d prompt tokens leave no room in engine.max_model_len "
@@ -176,7 +180,7 @@ class RolloutWorker:
             groups.append(samples)
 
         # Turn 1: all prompts in one call, n samples each.
-        pending: list[_Sample] = []
+        pending: list[TrajectoryBuilder] = []
         if groups:
             t = time.perf_counter()
             outputs = self.engine.generate(
@@ -215,7 +219,7 @@ class RolloutWorker:
         self._stats[STAT_ENV_SECONDS] += env_seconds
         return result
 
-    def _after_turn(self, sample: _Sample, out: EngineSample) -> bool:
+    def _after_turn(self, sample: TrajectoryBuilder, out: EngineSample) -> bool:
         """Record a model turn; serve its zoom request if any. True when the sample continues."""
         sample.add_model_turn(out)
         if out.finish_reason == FINISH_LENGTH:

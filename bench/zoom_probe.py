@@ -33,32 +33,27 @@ SPLITS = ("test_easy", "test_hard")
 
 
 def zoomed_rows(rows: list[dict], *, context: float, min_side: int, zoom_pixels: int, limits, seed: int) -> list[dict]:
-    """``rows`` cut to their oracle zoom regions and resized as the zoom environment shows a crop."""
+    """``rows`` cut to their oracle zoom regions and shown as the zoom environment shows a crop."""
     import numpy as np
-    from PIL import Image
 
-    from actors.env import decode_image, encode_png, zoom_region, zoom_size
+    from actors.env import decode_image, encode_png, show_region, zoom_region
 
     rng = np.random.default_rng(seed)
-    sides = [zoom_region(r["boxes"], width=r["width"], height=r["height"], context=context, min_side=min_side)
-             for r in rows if r["boxes"]]
-    sides = [region[2] - region[0] for region in sides]
+    regions = {r["id"]: zoom_region(r["boxes"], width=r["width"], height=r["height"], context=context,
+                                    min_side=min_side) for r in rows if r["boxes"]}
+    sides = [region[2] - region[0] for region in regions.values()]
     out = []
     for row in rows:
-        if row["boxes"]:
-            region = zoom_region(row["boxes"], width=row["width"], height=row["height"], context=context,
-                                 min_side=min_side)
-        else:
+        region = regions.get(row["id"])
+        if region is None:  # no animal: a region of a present row's size, anywhere
             side = min(int(rng.choice(sides)), row["width"], row["height"])
             left, top = int(rng.integers(0, row["width"] - side + 1)), int(rng.integers(0, row["height"] - side + 1))
             region = (left, top, left + side, top + side)
-        crop_w, crop_h = region[2] - region[0], region[3] - region[1]
-        shown = zoom_size(crop_w, crop_h, pixels=zoom_pixels, limits=limits)
-        image = decode_image(row["image"]).crop(region).resize(shown, Image.Resampling.BICUBIC)
-        sx, sy = shown[0] / crop_w, shown[1] / crop_h
+        image = show_region(decode_image(row["image"]), region, pixels=zoom_pixels, limits=limits)
+        sx, sy = image.width / (region[2] - region[0]), image.height / (region[3] - region[1])
         boxes = [[(b[0] - region[0]) * sx, (b[1] - region[1]) * sy, (b[2] - region[0]) * sx, (b[3] - region[1]) * sy]
                  for b in row["boxes"]]
-        out.append({**row, "image": encode_png(image), "width": shown[0], "height": shown[1], "boxes": boxes})
+        out.append({**row, "image": encode_png(image), "width": image.width, "height": image.height, "boxes": boxes})
     return out
 
 

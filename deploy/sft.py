@@ -117,8 +117,9 @@ def row_order(rows: dict[str, dict], *, seed: int, easy_first: bool) -> Iterator
 class SupervisedBatches:
     """Training rows → ``TrajectoryGroup``s of one target trajectory each (what ``collate`` takes).
 
-    With ``zoom_context`` a row with boxes becomes a Chain-of-Focus trace, built by the rollout's own
-    environment so the tokens are those a rollout would produce::
+    Targets are assembled by the rollout's own ``TrajectoryBuilder`` with the model turns teacher-forced.
+    With ``zoom_context`` a row with boxes becomes a Chain-of-Focus trace, its crop served by the rollout's
+    own environment, so the tokens are those a rollout would produce::
 
         <think>present moth</think><zoom>[region]</zoom> | env: crop shown back | <think>present moth</think><answer>
                                                            (loss_mask 0)          {boxes in the crop's frame}</answer>
@@ -142,31 +143,37 @@ class SupervisedBatches:
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _model_turn(self, text: str, *, ends_turn: bool):
+        """``text`` as the model's turn (teacher forcing: no behaviour log-probs in SFT)."""
+        from actors.engines.base import FINISH_STOP, EngineSample
+
+        ids = self._encode(text) + (self.end_ids if ends_turn else [])
+        return EngineSample(token_ids=ids, logprobs=[0.0] * len(ids), text=text, finish_reason=FINISH_STOP)
+
     def group(self, row_id: str, *, issue: int):
-        from actors.types import Trajectory, TrajectoryGroup
+        from actors.rollout import TrajectoryBuilder
+        from actors.types import TrajectoryGroup
         from data.prompts import target_completion
 
         prompt = self.data.prompt_group(row_id, issue=issue, stage=0)
         prompt_ids, episode = self.env.reset(prompt)
         row = self.data.rows[row_id]
+        built = TrajectoryBuilder(prompt_ids=prompt_ids, episode=episode)
+        seen_size = self.env.limits.input_size(row["width"], row["height"])
         if self.zoom_context is not None and row["boxes"]:
-            trajectory = self._zoom_trace(row, prompt_ids, episode, issue=issue)
-        else:
-            text = target_completion(row, frame=self.frame, think=self.think,
-                                     input_size=self.env.limits.input_size(row["width"], row["height"]))
-            ids = self._encode(text) + self.end_ids
-            trajectory = Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
-                                    behaviour_logprobs=[0.0] * len(ids), loss_mask=[1] * len(ids), completion_text=text)
-        return TrajectoryGroup(prompt=prompt, trajectories=[trajectory], policy_version=0, worker_id="sft")
+            row, seen_size = self._zoom_turn(built, row, issue=issue)
+        text = target_completion(row, frame=self.frame, think=self.think, input_size=seen_size)
+        built.add_model_turn(self._model_turn(text, ends_turn=True))
+        return TrajectoryGroup(prompt=prompt, trajectories=[built.trajectory(0)], policy_version=0, worker_id="sft")
 
-    def _zoom_trace(self, row: dict, prompt_ids: list[int], episode, *, issue: int):
-        """Two model turns around the environment's crop: zoom onto the boxes, then answer about the crop.
+    def _zoom_turn(self, built, row: dict, *, issue: int) -> tuple[dict, tuple[int, int]]:
+        """Teach a zoom onto the row's boxes and show the crop as the rollout would; returns the row as the
+        crop shows it (size and boxes relative to the crop) and the crop's shown size, for the answer turn.
 
         The region's jitter is drawn from a generator seeded by the row and ``issue`` (the SFT step), so a
         resumed run rebuilds the same traces and each epoch shows a row through another crop."""
-        from actors.env import encode_png, zoom_region
-        from actors.types import Trajectory
-        from data.prompts import box_to_frame, target_completion
+        from actors.env import zoom_region
+        from data.prompts import box_to_frame
         from rewards.think import brief_think
 
         width, height = row["width"], row["height"]
@@ -178,21 +185,18 @@ class SupervisedBatches:
                              min_side=self.env.config.min_crop_side, offset=offset)
         zoom_box = box_to_frame(region, frame=self.frame, width=width, height=height,
                                 input_size=self.env.limits.input_size(width, height))
-        think = f"<think>{brief_think(bool(row['present']), row['category'])}</think>"
-        zoom_text = f"{think}<zoom>{json.dumps(zoom_box)}</zoom>"
-        zoom_ids = self._encode(zoom_text)
-        seen = self.env.step(episode, zoom_box, last_token=zoom_ids[-1])
+        think = brief_think(bool(row["present"]), row["category"])
+        turn = self._model_turn(f"<think>{think}</think><zoom>{json.dumps(zoom_box)}</zoom>",
+                                ends_turn=False)  # the environment closes a zoom turn
+        built.add_model_turn(turn)
+        seen = self.env.step(built.episode, zoom_box, last_token=turn.token_ids[-1])
+        built.episode.advance(seen)
+        built.add_env_turn(seen.token_ids, seen.image)
         # The answer is about the crop the environment cut (the box in the frame may round a pixel).
         left, top, right, bottom = seen.crop_box
         in_crop = {**row, "width": right - left, "height": bottom - top,
                    "boxes": [[b[0] - left, b[1] - top, b[2] - left, b[3] - top] for b in row["boxes"]]}
-        answer_text = target_completion(in_crop, frame=self.frame, think=self.think, input_size=seen.image.size)
-        answer_ids = self._encode(answer_text) + self.end_ids
-        ids = zoom_ids + seen.token_ids + answer_ids
-        mask = [1] * len(zoom_ids) + [0] * len(seen.token_ids) + [1] * len(answer_ids)
-        return Trajectory(sample_index=0, prompt_ids=prompt_ids, completion_ids=ids,
-                          behaviour_logprobs=[0.0] * len(ids), loss_mask=mask, completion_text=zoom_text + answer_text,
-                          zoom_images=[encode_png(seen.image)], zoom_boxes=[list(map(float, seen.crop_box))])
+        return in_crop, seen.image.size
 
 
 def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None, resume: bool = False,
