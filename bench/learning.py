@@ -9,7 +9,7 @@ the same with 500 labelled training images for SFT and RL alike):
                 credited for mere extra training
 
 Every model is evaluated greedily on the held-out test_easy and test_hard splits (``train.eval_limit``
-rows each). Prints ONE JSON object::
+rows each). Prints ONE JSON object (also written to ``<out>/result.json``)::
 
     {"sft": {"easy": M, "hard": M}, "sft_control": {...}, "rl": {...},
      "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...}}
@@ -46,6 +46,7 @@ MIOU_MARGIN = 0.05
 MIN_FORMAT = 0.98
 MIN_PRESENCE = 0.90
 SPLITS = {"easy": "test_easy", "hard": "test_hard"}
+RESULT_FILE = "result.json"
 # eval.json key → the benchmark's name for it.
 FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
           M_CATEGORY: "category_accuracy",
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     report["target"]["met"] = any(t["met"] for t in settings)
     report["target"]["met_pooled"] = any(t["met_pooled"] for t in settings)
     report["wall_s"] = round(time.perf_counter() - start, 1)
+    (out / RESULT_FILE).write_text(json.dumps(report, indent=2))  # kept beside the runs it summarises
     print(json.dumps(report, indent=2))
     return 0
 
