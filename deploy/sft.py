@@ -53,6 +53,10 @@ class SFTConfig(BaseModel):
         0.0, ge=0.0, le=1.0, description="vary the zoom traces' regions: context drawn from [zoom_context, "
         "zoom_context * (1 + jitter)], the region moved off-centre by up to jitter times the room the boxes leave "
         "(0: every crop shows the animal centred at one size, which the answer turn learns instead of looking)")
+    zoom_names_after: bool = Field(
+        False, description="zoom traces think only 'present' before the zoom and name the animal in the answer "
+        "turn, from the crop (the tower tells the animals apart on a zoom, not on the whole image: "
+        "bench.category_probe); False: both turns think 'present <category>'")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
     num_cpus_per_rank: float | None = Field(
@@ -74,6 +78,8 @@ class SFTConfig(BaseModel):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
         if self.zoom_context is not None and self.think != "brief":
             raise ValueError("zoom_context: zoom traces use the brief think (set think: brief)")
+        if self.zoom_names_after and self.zoom_context is None:
+            raise ValueError("zoom_names_after: names the animal after a zoom; set zoom_context (zoom traces)")
         return self
 
 
@@ -126,7 +132,7 @@ class SupervisedBatches:
     """
 
     def __init__(self, *, data, rollout_config, processor, think: str, zoom_context: float | None = None,
-                 zoom_jitter: float = 0.0):
+                 zoom_jitter: float = 0.0, zoom_names_after: bool = False):
         from actors.env import ZoomEnv
 
         if zoom_context is not None and rollout_config.env.max_turns < 2:
@@ -139,6 +145,7 @@ class SupervisedBatches:
         self.think = think
         self.zoom_context = zoom_context
         self.zoom_jitter = zoom_jitter
+        self.zoom_names_after = zoom_names_after
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -185,7 +192,9 @@ class SupervisedBatches:
                              min_side=self.env.config.min_crop_side, offset=offset)
         zoom_box = box_to_frame(region, frame=self.frame, width=width, height=height,
                                 input_size=self.env.limits.input_size(width, height))
-        think = brief_think(bool(row["present"]), row["category"])
+        # Only rows with an animal zoom, so the first think is "present"; the category follows it unless the
+        # answer turn names the animal from the crop.
+        think = brief_think(True, None if self.zoom_names_after else row["category"])
         turn = self._model_turn(f"<think>{think}</think><zoom>{json.dumps(zoom_box)}</zoom>",
                                 ends_turn=False)  # the environment closes a zoom turn
         built.add_model_turn(turn)
@@ -229,7 +238,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     data = prepare_training_data(config.data)
     processor = load_processor(model_path)
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think,
-                                zoom_context=sft.zoom_context, zoom_jitter=sft.zoom_jitter)
+                                zoom_context=sft.zoom_context, zoom_jitter=sft.zoom_jitter,
+                                zoom_names_after=sft.zoom_names_after)
     if not ray.is_initialized():
         ray.init(num_cpus=config.cluster.num_cpus, include_dashboard=False, runtime_env={"env_vars": actor_env()})
     learner = LearnerGroup(sft_learner_config(config.learner, sft, model_path=model_path),

@@ -93,6 +93,36 @@ def test_zoom_traces_need_a_rollout_that_zooms_and_the_brief_think():
         SFTConfig(zoom_context=1.5, think="refocus")
     with pytest.raises(ValueError, match="zoom_context"):
         SFTConfig(zoom_context=0.8)
+    with pytest.raises(ValueError, match="zoom_names_after"):
+        SFTConfig(zoom_names_after=True)  # no zoom traces to name the animal after
+
+
+def test_names_after_zoom_the_first_turn_thinks_only_present(tiny_model_dir, tmp_path):
+    from data.synth import synthesize
+    from deploy.training_data import load_training_data
+    from models.processor import load_processor
+    from rewards.parse import parse_completion
+    from rewards.think import follows_brief_think
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
+    config = load_run_config(TINY_CPU, ["sft.steps=20", *ZOOM_SFT, "sft.zoom_names_after=true"])
+    assert config.sft.zoom_names_after
+    processor = load_processor(tiny_model_dir)
+    row_id = next(i for i, row in data.rows.items() if row["boxes"])
+    category = data.rows[row_id]["category"]
+    texts = {}
+    for after in (False, True):
+        batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think="brief",
+                                    zoom_context=1.5, zoom_names_after=after)
+        texts[after] = batches.group(row_id, issue=0).trajectories[0].completion_text
+    assert texts[False].startswith(f"<think>present {category}</think><zoom>")
+    assert texts[True].startswith("<think>present</think><zoom>")
+    # the answer turn is the same: it names the animal, and the brief think rule reads that last think
+    assert texts[True].split("</zoom>")[1] == texts[False].split("</zoom>")[1]
+    assert f"<think>present {category}</think><answer>" in texts[True]
+    parsed = parse_completion(texts[True])
+    assert parsed.strict and follows_brief_think(parsed, synonyms={}) is parsed
 
 
 def test_a_row_with_an_animal_becomes_a_zoom_then_an_answer_about_the_crop(tiny_model_dir, tmp_path):
