@@ -36,13 +36,14 @@ BATCH_IMAGES = 32
 
 
 def view_images(*, view: str, n: int, seed: int, difficulty: tuple[float, float], context: float,
-                image_size: int) -> tuple[list, list[int]]:
+                image_size: int, limits) -> tuple[list, list[int]]:
     """``n`` fresh images with an animal (categories in turn, so balanced) as ``view`` shows them, and
-    each one's category index. The same ``seed`` draws the same animals for every view."""
+    each one's category index. The same ``seed`` draws the same animals for every view. A crop is shown
+    by the zoom environment's own ``show_region`` at the image's area (``limits``: the processor's)."""
     import numpy as np
     from PIL import Image
 
-    from actors.env import zoom_region
+    from actors.env import show_region, zoom_region
     from data.synth import CATEGORIES, generate_sample
 
     if view not in VIEWS:
@@ -56,23 +57,22 @@ def view_images(*, view: str, n: int, seed: int, difficulty: tuple[float, float]
         image = Image.fromarray(sample.image)
         if view == "crop":
             region = zoom_region(sample.boxes, width=image_size, height=image_size, context=context, min_side=1)
-            image = image.crop(region).resize((image_size, image_size), Image.Resampling.BICUBIC)
+            image = show_region(image, region, pixels=image_size * image_size, limits=limits)
         images.append(image)
         labels.append(label)
     return images, labels
 
 
-def train_view(checkpoint: str, *, train: tuple[list, list[int]], test: tuple[list, list[int]], epochs: int,
-               lr: float, seed: int) -> dict:
+def train_view(checkpoint: str, *, processor, train: tuple[list, list[int]], test: tuple[list, list[int]],
+               epochs: int, lr: float, seed: int) -> dict:
     """Fine-tune a fresh copy of ``checkpoint``'s tower and a linear head on ``train``; held-out accuracy
     on ``test`` after each epoch."""
     import torch
-    from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     from data.synth import CATEGORIES
 
     torch.manual_seed(seed)
-    processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     visual = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).model.visual
     head = torch.nn.Linear(visual.config.out_hidden_size, len(CATEGORIES))
     params = list(visual.parameters()) + list(head.parameters())
@@ -125,15 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
+    from transformers import AutoImageProcessor
+
+    from actors.env import ImageLimits
     from data.synth import CATEGORIES
 
-    drawn_as = dict(difficulty=tuple(args.difficulty), context=args.context, image_size=args.image_size)
+    processor = AutoImageProcessor.from_pretrained(args.checkpoint, backend="pil")
+    drawn_as = dict(difficulty=tuple(args.difficulty), context=args.context, image_size=args.image_size,
+                    limits=ImageLimits.of(processor))
     out = {}
     for view in args.views:
         log.info("%s view: %d + %d images, %d epochs", view, args.train, args.test, args.epochs)
         train = view_images(view=view, n=args.train, seed=100, **drawn_as)
         test = view_images(view=view, n=args.test, seed=200, **drawn_as)
-        result = train_view(args.checkpoint, train=train, test=test, epochs=args.epochs, lr=args.lr, seed=0)
+        result = train_view(args.checkpoint, processor=processor, train=train, test=test, epochs=args.epochs,
+                            lr=args.lr, seed=0)
         out[view] = {**result, "chance": 1 / len(CATEGORIES), "train_images": args.train, "test_images": args.test,
                      "difficulty": list(args.difficulty), **({"context": args.context} if view == "crop" else {})}
     print(json.dumps(out))

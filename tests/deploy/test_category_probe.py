@@ -5,9 +5,11 @@ import json
 import numpy as np
 import pytest
 
+from actors.env import ImageLimits
 from bench.category_probe import main, view_images
 
-DRAWN = dict(difficulty=(0.2, 0.45), context=1.2, image_size=112)
+LIMITS = ImageLimits(factor=28, min_pixels=112 * 112, max_pixels=112 * 112)  # the small model's processor
+DRAWN = dict(difficulty=(0.2, 0.45), context=1.2, image_size=112, limits=LIMITS)
 
 
 def test_both_views_show_the_same_balanced_animals_the_crop_enlarged():
