@@ -21,7 +21,12 @@ format validity >= 0.98 and presence accuracy >= 0.90 on each split (``met``; ``
 splits together). The model build (warm start included) happens
 once and is timed separately (``model_build_s``).
 
-    python -m bench.learning [--out runs/bench-learning] [--skip-fewshot] [--set KEY=VALUE ...]
+``--reuse DIR`` measures an RL variant against the SFT and control of an earlier run of this benchmark (same
+SFT settings, its ``--out``): the pipeline takes that SFT instead of training one, and the control is taken
+as it is when it trained at least as long as this run's RL, else continued from its checkpoint for the
+difference. An RL variant then costs its RL and three evaluations (~30 min for zoom) instead of ~2 h.
+
+    python -m bench.learning [--out runs/bench-learning] [--skip-fewshot] [--set KEY=VALUE ...] [--reuse DIR]
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
 from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT, M_FORMAT,  # noqa: E402
                              M_FOUND, M_MIOU, M_MIOU_FOUND, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
+from deploy.pipeline import SFT_DIR  # noqa: E402
+from deploy.sft import SFT_SUMMARY_FILE  # noqa: E402
 
 log = logging.getLogger("bench.learning")
 
@@ -47,6 +54,7 @@ MIN_FORMAT = 0.98
 MIN_PRESENCE = 0.90
 SPLITS = {"easy": "test_easy", "hard": "test_hard"}
 RESULT_FILE = "result.json"
+CONTROL_DIR = "sft_control"
 # eval.json key → the benchmark's name for it.
 FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
           M_CATEGORY: "category_accuracy",
@@ -70,31 +78,65 @@ def baseline(eval_json: str | Path) -> dict:
             for name, split in SPLITS.items()}
 
 
-def run_setting(config, *, out: Path) -> dict:
-    """Main job, SFT eval and SFT control of one setting; returns their summaries and wall times."""
+def take_earlier_sft(earlier: Path, out: Path, *, steps: int) -> None:
+    """Let this run's pipeline take the SFT an earlier run made (``earlier``: that run's setting directory):
+    its summary, copied under ``out``, names its checkpoint (``deploy.pipeline.finished_sft``)."""
+    summary_file = earlier / SFT_DIR / SFT_SUMMARY_FILE
+    summary = json.loads(summary_file.read_text())
+    if summary["steps"] != steps:
+        raise ValueError(f"--reuse: {summary_file} ran {summary['steps']} SFT steps, the config has sft.steps={steps}")
+    (out / SFT_DIR).mkdir(parents=True, exist_ok=True)
+    (out / SFT_DIR / SFT_SUMMARY_FILE).write_text(json.dumps({**summary, "reused_from": str(summary_file)}, indent=2))
+
+
+def control_start(earlier: dict | None, *, sft_checkpoint: str, rl_seconds: float) -> tuple[str, float, float]:
+    """(checkpoint the SFT control continues from, seconds it still has to train, seconds already trained).
+
+    Without an earlier control (``earlier``: its sft_summary), it starts at SFT's checkpoint and trains as long
+    as RL did; with one, it continues that control's checkpoint for whatever RL trained beyond it (0: taken
+    as it is)."""
+    if earlier is None:
+        return sft_checkpoint, rl_seconds, 0.0
+    return earlier["checkpoint"], max(0.0, rl_seconds - earlier["wall_s"]), earlier["wall_s"]
+
+
+def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
+    """Main job, SFT eval and SFT control of one setting; returns their summaries and wall times.
+    ``earlier``: the same setting's directory in an earlier run, whose SFT and control are reused."""
     from deploy.pipeline import evaluate_and_report, run_pipeline
     from deploy.sft import run_sft
 
     config = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(out)})})
+    earlier_control = None
+    if earlier is not None:
+        take_earlier_sft(earlier, out, steps=config.sft.steps)
+        earlier_control = json.loads((earlier / CONTROL_DIR / SFT_SUMMARY_FILE).read_text())
     pipeline = run_pipeline(config, resume=True)
     rl_seconds = pipeline["stages"]["rl"]["wall_s"]
     sft_checkpoint = pipeline["sft_checkpoint"]
 
-    control_config = config.model_copy(update={"sft": config.sft.model_copy(
-        update={"max_seconds": rl_seconds, "steps": config.sft.steps * 100})})
-    began = time.perf_counter()
-    control = run_sft(control_config, out_dir=out / "sft_control", init_from=sft_checkpoint)
-    control_seconds = time.perf_counter() - began
+    start_from, seconds, control_seconds = control_start(earlier_control, sft_checkpoint=sft_checkpoint,
+                                                        rl_seconds=rl_seconds)
+    control_checkpoint, control_steps = start_from, earlier_control["steps"] if earlier_control else 0
+    if seconds > 0:
+        control_config = config.model_copy(update={"sft": config.sft.model_copy(
+            update={"max_seconds": seconds, "steps": config.sft.steps * 100})})
+        began = time.perf_counter()
+        control = run_sft(control_config, out_dir=out / CONTROL_DIR, init_from=start_from)
+        control_seconds += time.perf_counter() - began
+        control_checkpoint, control_steps = control.checkpoint, control.steps
+    else:
+        log.info("SFT control taken from %s (%.0f s >= RL's %.0f s)", start_from, control_seconds, rl_seconds)
 
     evals = {"rl": pipeline["eval_json"]}
-    for name, checkpoint in (("sft", sft_checkpoint), ("sft_control", control.checkpoint)):
+    for name, checkpoint in (("sft", sft_checkpoint), ("sft_control", control_checkpoint)):
         _, files = evaluate_and_report(config, model_path=checkpoint, data=config.data.path, splits=None,
                                        limit=config.train.eval_limit, out=out / "eval" / name, run_dir=None)
         evals[name] = str(files.eval_json)
     result = {name: summarise(path) for name, path in evals.items()}
     result["baseline"] = baseline(evals["sft"])
     result["wall_s"] = {**{k: v["wall_s"] for k, v in pipeline["stages"].items()},
-                        "sft_control": round(control_seconds, 1), "sft_control_steps": control.steps}
+                        "sft_control": round(control_seconds, 1), "sft_control_steps": control_steps}
     result["report"] = pipeline.get("report")
     return result
 
@@ -123,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fewshot-config", default=str(CONFIG_DIR / "fewshot-cpu.yaml"))
     parser.add_argument("--skip-fewshot", action="store_true")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both settings")
+    parser.add_argument("--reuse", metavar="DIR", help="an earlier run's --out: take its SFT and SFT control")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -134,12 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     resolve_model_path(full_config.model)  # the warm-started default, built once for both settings
     report: dict = {"model_build_s": round(time.perf_counter() - began, 1)}
-    full = run_setting(full_config, out=out / "full")
+    earlier = Path(args.reuse) if args.reuse else None
+    full = run_setting(full_config, out=out / "full", earlier=earlier / "full" if earlier else None)
     report.update({name: full[name] for name in ("sft", "sft_control", "rl", "baseline")})
     report["full_wall_s"] = full["wall_s"]
     report["target"] = {"full": target_check(full)}
     if not args.skip_fewshot:
-        fewshot = run_setting(load_run_config(args.fewshot_config, args.set), out=out / "fewshot")
+        fewshot = run_setting(load_run_config(args.fewshot_config, args.set), out=out / "fewshot",
+                              earlier=earlier / "fewshot" if earlier else None)
         report["fewshot"] = {name: fewshot[name] for name in ("sft", "sft_control", "rl")}
         report["fewshot_wall_s"] = fewshot["wall_s"]
         report["target"]["fewshot"] = target_check(fewshot)

@@ -1,10 +1,13 @@
-"""bench.learning's target check, on hand-made summaries (the benchmark itself runs for an hour)."""
+"""bench.learning's target check and its reuse of an earlier run, on hand-made summaries (the benchmark itself
+runs for hours)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from bench.learning import target_check
+from bench.learning import control_start, take_earlier_sft, target_check
 
 
 def m(miou: float, presence: float, fmt: float = 1.0, rows: int = 250) -> dict:
@@ -41,3 +44,29 @@ def test_format_validity_gates_both_readings():
     check = target_check(setting(m(0.6, 0.96), m(0.42, 0.95, fmt=0.97)))
     assert check["format_validity_min"] == 0.97
     assert not check["met"] and not check["met_pooled"]
+
+
+def test_control_starts_at_sft_without_an_earlier_run():
+    assert control_start(None, sft_checkpoint="sft/step_500", rl_seconds=1600.0) == ("sft/step_500", 1600.0, 0.0)
+
+
+def test_an_earlier_control_is_taken_or_continued_for_what_rl_trained_beyond_it():
+    earlier = {"checkpoint": "old/sft_control/step_808", "wall_s": 1595.0, "steps": 808}
+    # RL trained 1,550 s: the earlier control already trained longer, taken as it is.
+    assert control_start(earlier, sft_checkpoint="sft/step_500", rl_seconds=1550.0) == (
+        "old/sft_control/step_808", 0.0, 1595.0)
+    # RL trained 1,700 s: continued from its checkpoint for the missing 105 s.
+    assert control_start(earlier, sft_checkpoint="sft/step_500", rl_seconds=1700.0) == (
+        "old/sft_control/step_808", pytest.approx(105.0), 1595.0)
+
+
+def test_an_earlier_sft_is_taken_only_with_the_same_step_count(tmp_path):
+    earlier = tmp_path / "earlier" / "full"
+    (earlier / "sft").mkdir(parents=True)
+    (earlier / "sft" / "sft_summary.json").write_text(json.dumps({"steps": 500, "checkpoint": "ckpt/step_500"}))
+    out = tmp_path / "new" / "full"
+    with pytest.raises(ValueError, match="sft.steps=300"):
+        take_earlier_sft(earlier, out, steps=300)
+    take_earlier_sft(earlier, out, steps=500)
+    taken = json.loads((out / "sft" / "sft_summary.json").read_text())
+    assert taken["checkpoint"] == "ckpt/step_500" and taken["reused_from"].endswith("sft_summary.json")
