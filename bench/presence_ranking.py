@@ -11,6 +11,9 @@ sees, apart from where it puts its threshold:
     best_threshold_accuracy the best presence accuracy any threshold on P("none") reaches (fitted on the
                             split itself: an upper bound for calibration alone)
     majority_accuracy       the baseline of the same rows: always answer the majority class
+    mixed_groups            the expected share of RL groups (rollout.sampling.n samples at its temperature)
+                            whose presence verdicts disagree: GRPO learns presence from these groups only
+    mixed_groups_of_errors  the same over the rows the greedy verdict gets wrong (those RL would have to flip)
 
 Prints ONE JSON object, {split: {...}} per checkpoint.
 
@@ -78,8 +81,22 @@ def _split_probabilities(model, processor, rows: list[dict], *, prompt_config) -
     return out
 
 
-def ranking(p_none: list[float], absent: list[bool]) -> dict:
-    """The figures of the module docstring for one split."""
+def mixed_group_probability(p_none, *, samples: int, temperature: float):
+    """P(a group of ``samples`` completions sampled at ``temperature`` holds both verdicts), per image.
+
+    ``p_none``: P("none") at temperature 1 (array or float). The verdict is treated as a two-way choice
+    (what is not "none" is "present"), so temperature T samples "none" with q = p^(1/T) / (p^(1/T) + (1-p)^(1/T)),
+    and the group is mixed with probability 1 - q^n - (1-q)^n."""
+    import numpy as np
+
+    p = np.clip(np.asarray(p_none, dtype=float), 1e-12, 1 - 1e-12)
+    none, present = p ** (1 / temperature), (1 - p) ** (1 / temperature)
+    q = none / (none + present)
+    return 1 - q**samples - (1 - q) ** samples
+
+
+def ranking(p_none: list[float], absent: list[bool], *, samples: int = 8, temperature: float = 1.0) -> dict:
+    """The figures of the module docstring for one split (``samples``, ``temperature``: RL's sampling)."""
     import numpy as np
 
     from deploy.evaluate import roc_auc
@@ -87,16 +104,20 @@ def ranking(p_none: list[float], absent: list[bool]) -> dict:
     p, y = np.asarray(p_none), np.asarray(absent, dtype=bool)
     thresholds = np.concatenate([[-1.0], np.unique(p)])  # "none" iff p > t; -1: always "none"
     best = max(float(((p > t) == y).mean()) for t in thresholds)
+    mixed = mixed_group_probability(p, samples=samples, temperature=temperature)
+    wrong = (p > 0.5) != y
     return {"rows": int(len(y)), "absent": int(y.sum()), "auc": roc_auc(p[y], p[~y]),
             "accuracy_at_half": float(((p > 0.5) == y).mean()), "best_threshold_accuracy": best,
-            "majority_accuracy": float(max(y.mean(), 1 - y.mean()))}
+            "majority_accuracy": float(max(y.mean(), 1 - y.mean())), "mixed_groups": float(mixed.mean()),
+            "mixed_groups_of_errors": float(mixed[wrong].mean()) if wrong.any() else None}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data", default="artifacts/data/synth-small")
-    parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"), help="run config: its prompt")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"),
+                        help="run config: its prompt and RL's sampling")
     parser.add_argument("--limit", type=int, default=250, help="first N valid rows of each split")
     parser.add_argument("--splits", nargs="+", default=["test_easy", "test_hard"])
     args = parser.parse_args()
@@ -105,13 +126,15 @@ def main() -> None:
     from deploy.evaluate import load_split
 
     config = load_run_config(args.config)
+    sampling = config.rollout.sampling
     splits = {split: list(load_split(Path(args.data) / f"{split}.parquet", limit=args.limit).rows.values())
               for split in args.splits}
     result: dict = {}
     for checkpoint in args.checkpoints:
         log.info("%s: %s", checkpoint, {split: len(rows) for split, rows in splits.items()})
         p_none = none_probabilities(checkpoint, splits, prompt_config=config.rollout.prompt)
-        result[checkpoint] = {split: ranking(p_none[split], [not row["present"] for row in rows])
+        result[checkpoint] = {split: ranking(p_none[split], [not row["present"] for row in rows],
+                                             samples=sampling.n, temperature=sampling.temperature)
                               for split, rows in splits.items()}
     print(json.dumps(result))
 

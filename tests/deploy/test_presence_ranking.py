@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.presence_ranking import ranking
+from bench.presence_ranking import mixed_group_probability, ranking
 
 
 def test_ranking_hand_computed():
@@ -20,3 +20,20 @@ def test_ranking_hand_computed():
 
 def test_ranking_without_both_classes_has_no_auc():
     assert ranking([0.2, 0.4], [False, False])["auc"] is None
+
+
+def test_mixed_group_probability_hand_computed():
+    # A coin at T = 1: 8 samples agree with probability 2 * 0.5^8, so 1 - 1/128 are mixed.
+    assert mixed_group_probability(0.5, samples=8, temperature=1.0) == pytest.approx(1 - 1 / 128)
+    # P("none") 0.9, two samples at T = 1: mixed 1 - 0.81 - 0.01 = 0.18.
+    assert mixed_group_probability(0.9, samples=2, temperature=1.0) == pytest.approx(0.18)
+    # At T = 0.5 the odds square: q = 0.81 / 0.82, so mixed = 1 - q^2 - (1 - q)^2 = 2 * 0.81 * 0.01 / 0.82^2.
+    assert mixed_group_probability(0.9, samples=2, temperature=0.5) == pytest.approx(2 * 0.81 * 0.01 / 0.82**2)
+
+
+def test_mixed_groups_are_reported_over_all_rows_and_over_the_errors():
+    # Two confident right verdicts and one wrong at 0.6 (an animal the greedy verdict calls "none").
+    got = ranking([0.01, 0.99, 0.6], [False, True, False], samples=2, temperature=1.0)
+    assert got["mixed_groups_of_errors"] == pytest.approx(2 * 0.6 * 0.4)
+    assert got["mixed_groups"] == pytest.approx((2 * 0.01 * 0.99 * 2 + 2 * 0.6 * 0.4) / 3)
+    assert ranking([0.1, 0.9], [False, True])["mixed_groups_of_errors"] is None  # no error to flip
