@@ -21,10 +21,11 @@ format validity >= 0.98 and presence accuracy >= 0.90 on each split (``met``; ``
 splits together). The model build (warm start included) happens
 once and is timed separately (``model_build_s``).
 
-``--reuse DIR`` measures an RL variant against the SFT and control of an earlier run of this benchmark (same
-SFT settings, its ``--out``): the pipeline takes that SFT instead of training one, and the control is taken
-as it is when it trained at least as long as this run's RL, else continued from its checkpoint for the
-difference. An RL variant then costs its RL and three evaluations (~30 min for zoom) instead of ~2 h.
+``--reuse DIR`` measures an RL variant against the SFT and control of an earlier run of this benchmark (its
+``--out``; same SFT settings and data, of which only the step count is checked): the pipeline takes that SFT
+instead of training one, and the control is taken as it is when it trained at least as long as this run's RL,
+else continued from its checkpoint for the difference. An RL variant then costs its RL and three evaluations
+(~30 min for zoom) instead of ~2 h.
 
     python -m bench.learning [--out runs/bench-learning] [--skip-fewshot] [--set KEY=VALUE ...] [--reuse DIR]
 """
