@@ -118,15 +118,15 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
 
     start_from, seconds, control_seconds = control_start(earlier_control, sft_checkpoint=sft_checkpoint,
                                                         rl_seconds=rl_seconds)
-    control_checkpoint, control_steps = start_from, earlier_control["steps"] if earlier_control else 0
     if seconds > 0:
         control_config = config.model_copy(update={"sft": config.sft.model_copy(
             update={"max_seconds": seconds, "steps": config.sft.steps * 100})})
-        began = time.perf_counter()
         control = run_sft(control_config, out_dir=out / CONTROL_DIR, init_from=start_from)
-        control_seconds += time.perf_counter() - began
+        # the seconds it trained (its summary's, as for a reused control), not its learner's start-up
+        control_seconds += control.wall_s
         control_checkpoint, control_steps = control.checkpoint, control.steps
-    else:
+    else:  # only an earlier control can have nothing left to train
+        control_checkpoint, control_steps = start_from, earlier_control["steps"]
         log.info("SFT control taken from %s (%.0f s >= RL's %.0f s)", start_from, control_seconds, rl_seconds)
 
     evals = {"rl": pipeline["eval_json"]}

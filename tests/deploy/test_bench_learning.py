@@ -70,3 +70,55 @@ def test_an_earlier_sft_is_taken_only_with_the_same_step_count(tmp_path):
     take_earlier_sft(earlier, out, steps=500)
     taken = json.loads((out / "sft" / "sft_summary.json").read_text())
     assert taken["checkpoint"] == "ckpt/step_500" and taken["reused_from"].endswith("sft_summary.json")
+
+
+@pytest.mark.parametrize("rl_seconds, continued", [(1500.0, False), (1700.0, True)])
+def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypatch, rl_seconds, continued):
+    # Mocked: the pipeline, SFT and evaluation, which take hours here; what is checked is which checkpoints
+    # run_setting trains and evaluates, and the control seconds it reports.
+    import bench.learning as bench_learning
+    import deploy.pipeline
+    import deploy.sft
+    from deploy.config import CONFIG_DIR, load_run_config
+    from deploy.sft import SFTSummary
+
+    earlier = tmp_path / "earlier" / "full"
+    for name, steps, wall in (("sft", 500, 3600.0), ("sft_control", 808, 1595.0)):
+        (earlier / name).mkdir(parents=True)
+        (earlier / name / "sft_summary.json").write_text(json.dumps(
+            {"steps": steps, "checkpoint": f"old/{name}/step_{steps}", "wall_s": wall}))
+    out = tmp_path / "new" / "full"
+    trained, evaluated = [], []
+
+    def run_pipeline(config, resume):
+        taken = json.loads((out / "sft" / "sft_summary.json").read_text())  # what finished_sft reads
+        return {"stages": {"rl": {"wall_s": rl_seconds}}, "sft_checkpoint": taken["checkpoint"],
+                "eval_json": "rl.json"}
+
+    def run_sft(config, *, out_dir, init_from):
+        trained.append((str(init_from), config.sft.max_seconds))
+        return SFTSummary(steps=830, checkpoint="new/sft_control/step_830", wall_s=110.0, nll=0.3, rows=2000,
+                          events_path="")
+
+    def evaluate_and_report(config, *, model_path, **_):
+        evaluated.append(model_path)
+        return None, type("Files", (), {"eval_json": f"{model_path}.json"})
+
+    monkeypatch.setattr(deploy.pipeline, "run_pipeline", run_pipeline)
+    monkeypatch.setattr(deploy.pipeline, "evaluate_and_report", evaluate_and_report)
+    monkeypatch.setattr(deploy.sft, "run_sft", run_sft)
+    monkeypatch.setattr(bench_learning, "summarise", lambda path: path)
+    monkeypatch.setattr(bench_learning, "baseline", lambda path: None)
+
+    config = load_run_config(CONFIG_DIR / "small-cpu.yaml")
+    result = bench_learning.run_setting(config, out=out, earlier=earlier)
+    assert evaluated[0] == "old/sft/step_500"
+    if continued:  # RL trained 105 s longer than the earlier control: continued from it for those seconds
+        assert trained == [("old/sft_control/step_808", pytest.approx(105.0))]
+        assert evaluated[1] == "new/sft_control/step_830"
+        assert result["wall_s"]["sft_control"] == pytest.approx(1595.0 + 110.0)
+        assert result["wall_s"]["sft_control_steps"] == 830
+    else:
+        assert trained == []
+        assert evaluated[1] == "old/sft_control/step_808"
+        assert result["wall_s"]["sft_control"] == 1595.0 and result["wall_s"]["sft_control_steps"] == 808
