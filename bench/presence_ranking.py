@@ -105,9 +105,9 @@ def ranking(p_none: list[float], absent: list[bool], *, samples: int = 8, temper
     thresholds = np.concatenate([[-1.0], np.unique(p)])  # "none" iff p > t; -1: always "none"
     best = max(float(((p > t) == y).mean()) for t in thresholds)
     mixed = mixed_group_probability(p, samples=samples, temperature=temperature)
-    wrong = (p > 0.5) != y
+    wrong = (p > 0.5) != y  # the greedy verdict's errors
     return {"rows": int(len(y)), "absent": int(y.sum()), "auc": roc_auc(p[y], p[~y]),
-            "accuracy_at_half": float(((p > 0.5) == y).mean()), "best_threshold_accuracy": best,
+            "accuracy_at_half": float(1 - wrong.mean()), "best_threshold_accuracy": best,
             "majority_accuracy": float(max(y.mean(), 1 - y.mean())), "mixed_groups": float(mixed.mean()),
             "mixed_groups_of_errors": float(mixed[wrong].mean()) if wrong.any() else None}
 
