@@ -110,8 +110,11 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
     config = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(out)})})
     earlier_control = None
     if earlier is not None:
+        control_file = earlier / CONTROL_DIR / SFT_SUMMARY_FILE
+        if not control_file.is_file():
+            raise ValueError(f"--reuse: {control_file} is missing (that run's SFT control did not finish)")
         take_earlier_sft(earlier, out, steps=config.sft.steps)
-        earlier_control = json.loads((earlier / CONTROL_DIR / SFT_SUMMARY_FILE).read_text())
+        earlier_control = json.loads(control_file.read_text())
     pipeline = run_pipeline(config, resume=True)
     rl_seconds = pipeline["stages"]["rl"]["wall_s"]
     sft_checkpoint = pipeline["sft_checkpoint"]

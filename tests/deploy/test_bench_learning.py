@@ -122,3 +122,15 @@ def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypat
         assert trained == []
         assert evaluated[1] == "old/sft_control/step_808"
         assert result["wall_s"]["sft_control"] == 1595.0 and result["wall_s"]["sft_control_steps"] == 808
+
+
+def test_reuse_of_a_run_whose_control_did_not_finish_fails_before_anything_runs(tmp_path):
+    from bench.learning import run_setting
+    from deploy.config import CONFIG_DIR, load_run_config
+
+    earlier = tmp_path / "earlier" / "full"
+    (earlier / "sft").mkdir(parents=True)
+    (earlier / "sft" / "sft_summary.json").write_text(json.dumps({"steps": 500, "checkpoint": "ckpt/step_500"}))
+    with pytest.raises(ValueError, match="sft_control.*did not finish"):
+        run_setting(load_run_config(CONFIG_DIR / "small-cpu.yaml"), out=tmp_path / "new", earlier=earlier)
+    assert not (tmp_path / "new").exists()  # nothing written, nothing started
