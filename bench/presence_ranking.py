@@ -8,6 +8,10 @@ sees, apart from where it puts its threshold:
 
     auc                     ROC AUC of P("none") for "no animal" (0.5: cannot tell)
     accuracy_at_half        presence accuracy when "none" is answered iff P("none") > 0.5
+    miss_rate               at P("none") > 0.5: the share of images with an animal answered "none"
+    false_alarm_rate        at P("none") > 0.5: the share of images without one answered "present" (which
+                            kind of error RL meets on its training images decides which way its presence
+                            signal pushes the threshold)
     best_threshold_accuracy the best presence accuracy any threshold on P("none") reaches (fitted on the
                             split itself: an upper bound for calibration alone)
     majority_accuracy       the baseline of the same rows: always answer the majority class
@@ -15,10 +19,11 @@ sees, apart from where it puts its threshold:
                             whose presence verdicts disagree: GRPO learns presence from these groups only
     mixed_groups_of_errors  the same over the rows the greedy verdict gets wrong (those RL would have to flip)
 
-Prints ONE JSON object, {split: {...}} per checkpoint.
+Prints ONE JSON object, {split: {...}} per checkpoint; with ``--by-difficulty`` also {"split/easy": ...,
+"split/hard": ...} for a split that mixes them (train).
 
     python -m bench.presence_ranking CHECKPOINT [CHECKPOINT ...] [--data artifacts/data/synth-small]
-        [--config deploy/configs/small-cpu.yaml] [--limit 250] [--splits test_easy test_hard]
+        [--config deploy/configs/small-cpu.yaml] [--limit 250] [--splits test_easy test_hard] [--by-difficulty]
 """
 
 from __future__ import annotations
@@ -107,7 +112,10 @@ def ranking(p_none: list[float], absent: list[bool], *, samples: int = 8, temper
     mixed = mixed_group_probability(p, samples=samples, temperature=temperature)
     wrong = (p > 0.5) != y  # the greedy verdict's errors
     return {"rows": int(len(y)), "absent": int(y.sum()), "auc": roc_auc(p[y], p[~y]),
-            "accuracy_at_half": float(1 - wrong.mean()), "best_threshold_accuracy": best,
+            "accuracy_at_half": float(1 - wrong.mean()),
+            "miss_rate": float(wrong[~y].mean()) if (~y).any() else None,
+            "false_alarm_rate": float(wrong[y].mean()) if y.any() else None,
+            "best_threshold_accuracy": best,
             "majority_accuracy": float(max(y.mean(), 1 - y.mean())), "mixed_groups": float(mixed.mean()),
             "mixed_groups_of_errors": float(mixed[wrong].mean()) if wrong.any() else None}
 
@@ -120,6 +128,7 @@ def main() -> None:
                         help="run config: its prompt and RL's sampling")
     parser.add_argument("--limit", type=int, default=250, help="first N valid rows of each split")
     parser.add_argument("--splits", nargs="+", default=["test_easy", "test_hard"])
+    parser.add_argument("--by-difficulty", action="store_true", help="also report each split's easy and hard rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -133,9 +142,17 @@ def main() -> None:
     for checkpoint in args.checkpoints:
         log.info("%s: %s", checkpoint, {split: len(rows) for split, rows in splits.items()})
         p_none = none_probabilities(checkpoint, splits, prompt_config=config.rollout.prompt)
-        result[checkpoint] = {split: ranking(p_none[split], [not row["present"] for row in rows],
-                                             samples=sampling.n, temperature=sampling.temperature)
-                              for split, rows in splits.items()}
+        result[checkpoint] = {}
+        for split, rows in splits.items():
+            groups = {split: range(len(rows))}
+            if args.by_difficulty:
+                for difficulty in sorted({row["difficulty"] for row in rows}):
+                    groups[f"{split}/{difficulty}"] = [i for i, row in enumerate(rows)
+                                                       if row["difficulty"] == difficulty]
+            for name, index in groups.items():
+                result[checkpoint][name] = ranking([p_none[split][i] for i in index],
+                                                   [not rows[i]["present"] for i in index],
+                                                   samples=sampling.n, temperature=sampling.temperature)
     print(json.dumps(result))
 
 

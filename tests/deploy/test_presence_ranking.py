@@ -13,13 +13,23 @@ def test_ranking_hand_computed():
     # Pairs (no animal vs animal 0.1, 0.6, 0.3): 0.6 -> 1 + 0.5 (tie) + 1; 0.9 -> 3; 0.4 -> 1 + 0 + 1. AUC 7.5 / 9.
     assert got["auc"] == pytest.approx(7.5 / 9)
     assert got["accuracy_at_half"] == pytest.approx(4 / 6)  # wrong: the animal at 0.6, the empty image at 0.4
+    assert got["miss_rate"] == pytest.approx(1 / 3)  # the animal at 0.6, of three animals
+    assert got["false_alarm_rate"] == pytest.approx(1 / 3)  # the empty image at 0.4, of three
     assert got["best_threshold_accuracy"] == pytest.approx(5 / 6)  # "none" iff p > 0.3
     assert got["majority_accuracy"] == pytest.approx(0.5)
     assert (got["rows"], got["absent"]) == (6, 3)
 
 
 def test_ranking_without_both_classes_has_no_auc():
-    assert ranking([0.2, 0.4], [False, False])["auc"] is None
+    got = ranking([0.2, 0.6], [False, False])
+    assert got["auc"] is None and got["false_alarm_rate"] is None
+    assert got["miss_rate"] == pytest.approx(0.5)
+
+
+def test_errors_by_class_when_the_classes_are_unbalanced():
+    # Four animals (one called "none") and one empty image called "present": misses 1/4, false alarms 1/1.
+    got = ranking([0.1, 0.2, 0.7, 0.3, 0.2], [False, False, False, False, True])
+    assert (got["miss_rate"], got["false_alarm_rate"]) == (pytest.approx(0.25), pytest.approx(1.0))
 
 
 def test_mixed_group_probability_hand_computed():
