@@ -109,10 +109,13 @@ def test_a_config_can_start_from_a_base_file(tmp_path):
         load_run_config(tmp_path / "loop.yaml")
 
 
-def test_the_fewshot_config_is_the_main_job_on_500_images():
-    main = load_run_config(CONFIG_DIR / "small-cpu.yaml")
-    fewshot = load_run_config(CONFIG_DIR / "fewshot-cpu.yaml")
+@pytest.mark.parametrize("main_file, fewshot_file", [("small-cpu.yaml", "fewshot-cpu.yaml"),
+                                                     ("zoom-cpu.yaml", "fewshot-zoom-cpu.yaml")])
+def test_a_fewshot_config_is_its_main_job_on_500_images(main_file, fewshot_file):
+    main = load_run_config(CONFIG_DIR / main_file)
+    fewshot = load_run_config(CONFIG_DIR / fewshot_file)
     assert fewshot.data.train_limit == 500 and main.data.train_limit is None
+    assert fewshot.rollout == main.rollout
     assert fewshot.sft == main.sft and fewshot.learner == main.learner and fewshot.curriculum == main.curriculum
     assert fewshot.train.output_dir != main.train.output_dir
 
