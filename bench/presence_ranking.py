@@ -9,9 +9,8 @@ sees, apart from where it puts its threshold:
     auc                     ROC AUC of P("none") for "no animal" (0.5: cannot tell)
     accuracy_at_half        presence accuracy when "none" is answered iff P("none") > 0.5
     miss_rate               at P("none") > 0.5: the share of images with an animal answered "none"
-    false_alarm_rate        at P("none") > 0.5: the share of images without one answered "present" (which
-                            kind of error RL meets on its training images decides which way its presence
-                            signal pushes the threshold)
+    false_alarm_rate        at P("none") > 0.5: the share of images without one answered "present" (on the
+                            training images: which errors RL's presence reward could correct)
     best_threshold_accuracy the best presence accuracy any threshold on P("none") reaches (fitted on the
                             split itself: an upper bound for calibration alone)
     majority_accuracy       the baseline of the same rows: always answer the majority class
@@ -20,7 +19,7 @@ sees, apart from where it puts its threshold:
     mixed_groups_of_errors  the same over the rows the greedy verdict gets wrong (those RL would have to flip)
 
 Prints ONE JSON object, {split: {...}} per checkpoint; with ``--by-difficulty`` also {"split/easy": ...,
-"split/hard": ...} for a split that mixes them (train).
+"split/hard": ...} for each split that mixes them (train).
 
     python -m bench.presence_ranking CHECKPOINT [CHECKPOINT ...] [--data artifacts/data/synth-small]
         [--config deploy/configs/small-cpu.yaml] [--limit 250] [--splits test_easy test_hard] [--by-difficulty]
@@ -145,8 +144,9 @@ def main() -> None:
         result[checkpoint] = {}
         for split, rows in splits.items():
             groups = {split: range(len(rows))}
-            if args.by_difficulty:
-                for difficulty in sorted({row["difficulty"] for row in rows}):
+            difficulties = sorted({row["difficulty"] for row in rows})
+            if args.by_difficulty and len(difficulties) > 1:
+                for difficulty in difficulties:
                     groups[f"{split}/{difficulty}"] = [i for i, row in enumerate(rows)
                                                        if row["difficulty"] == difficulty]
             for name, index in groups.items():
