@@ -119,6 +119,17 @@ def ranking(p_none: list[float], absent: list[bool], *, samples: int = 8, temper
             "mixed_groups_of_errors": float(mixed[wrong].mean()) if wrong.any() else None}
 
 
+def row_groups(split: str, rows: list[dict], by_difficulty: bool) -> dict[str, list[int]]:
+    """{name: row indices} to report for one split: the whole split, and with ``by_difficulty`` also
+    "split/easy" and "split/hard" where the split mixes difficulties (train; a test split holds one)."""
+    groups = {split: list(range(len(rows)))}
+    difficulties = sorted({row["difficulty"] for row in rows}) if by_difficulty else []
+    if len(difficulties) > 1:
+        for difficulty in difficulties:
+            groups[f"{split}/{difficulty}"] = [i for i, row in enumerate(rows) if row["difficulty"] == difficulty]
+    return groups
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+")
@@ -141,18 +152,10 @@ def main() -> None:
     for checkpoint in args.checkpoints:
         log.info("%s: %s", checkpoint, {split: len(rows) for split, rows in splits.items()})
         p_none = none_probabilities(checkpoint, splits, prompt_config=config.rollout.prompt)
-        result[checkpoint] = {}
-        for split, rows in splits.items():
-            groups = {split: range(len(rows))}
-            difficulties = sorted({row["difficulty"] for row in rows})
-            if args.by_difficulty and len(difficulties) > 1:
-                for difficulty in difficulties:
-                    groups[f"{split}/{difficulty}"] = [i for i, row in enumerate(rows)
-                                                       if row["difficulty"] == difficulty]
-            for name, index in groups.items():
-                result[checkpoint][name] = ranking([p_none[split][i] for i in index],
-                                                   [not rows[i]["present"] for i in index],
-                                                   samples=sampling.n, temperature=sampling.temperature)
+        result[checkpoint] = {
+            name: ranking([p_none[split][i] for i in index], [not rows[i]["present"] for i in index],
+                          samples=sampling.n, temperature=sampling.temperature)
+            for split, rows in splits.items() for name, index in row_groups(split, rows, args.by_difficulty).items()}
     print(json.dumps(result))
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from bench.presence_ranking import mixed_group_probability, ranking
+from bench.presence_ranking import mixed_group_probability, ranking, row_groups
 
 
 def test_ranking_hand_computed():
@@ -47,3 +47,10 @@ def test_mixed_groups_are_reported_over_all_rows_and_over_the_errors():
     assert got["mixed_groups_of_errors"] == pytest.approx(2 * 0.6 * 0.4)
     assert got["mixed_groups"] == pytest.approx((2 * 0.01 * 0.99 * 2 + 2 * 0.6 * 0.4) / 3)
     assert ranking([0.1, 0.9], [False, True])["mixed_groups_of_errors"] is None  # no error to flip
+
+
+def test_row_groups_split_by_difficulty_only_where_a_split_mixes_them():
+    train = [{"difficulty": d} for d in ("hard", "easy", "hard")]
+    assert row_groups("train", train, True) == {"train": [0, 1, 2], "train/easy": [1], "train/hard": [0, 2]}
+    assert row_groups("train", train, False) == {"train": [0, 1, 2]}
+    assert row_groups("test_hard", [{"difficulty": "hard"}] * 2, True) == {"test_hard": [0, 1]}
