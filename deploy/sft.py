@@ -59,6 +59,9 @@ class SFTConfig(BaseModel):
         "bench.category_probe); False: both turns think 'present <category>'")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
     max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
+    checkpoint_every: int = Field(
+        0, ge=0, description="also checkpoint every N steps (0: only at the end); a run's later checkpoints show "
+        "how far one is from the next (bench.checkpoint_curve)")
     num_cpus_per_rank: float | None = Field(
         None, gt=0.0, description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); "
         "nothing else runs beside SFT, and torch takes as many threads as the rank reserves")
@@ -255,6 +258,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         next(order)
 
     start, first_step = time.perf_counter(), step
+    saved_step = step  # the step of the last checkpoint written (or started from)
     recent: list[float] = []
     checkpoint = str(start_from) if start_from else None
     end_step = sft.steps
@@ -274,11 +278,14 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 events.flush()
                 if progress is not None:
                     progress(step, end_step)
+                if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < end_step:
+                    checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
+                    saved_step = step
                 if step % sft.log_every == 0 or step == end_step:
                     elapsed = time.perf_counter() - start
                     log.info("sft step %d/%d  nll %.4f  lr %.2e  %.1f s/step", step, end_step,
                              sum(recent) / len(recent), stats["learner/lr"], elapsed / (step - first_step))
-            if step > first_step:
+            if step > saved_step:
                 checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
     finally:
         learner.shutdown()
