@@ -56,6 +56,9 @@ MIN_PRESENCE = 0.90
 SPLITS = {"easy": "test_easy", "hard": "test_hard"}
 RESULT_FILE = "result.json"
 CONTROL_DIR = "sft_control"
+# The control as a whole: {"checkpoint", "steps", "wall_s"}, wall_s counting an earlier run's control it continued
+# (its sft_summary.json counts only what that run_sft trained).
+CONTROL_SUMMARY_FILE = "control_summary.json"
 # eval.json key → the benchmark's name for it.
 FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
           M_CATEGORY: "category_accuracy",
@@ -90,6 +93,22 @@ def take_earlier_sft(earlier: Path, out: Path, *, steps: int) -> None:
     (out / SFT_DIR / SFT_SUMMARY_FILE).write_text(json.dumps({**summary, "reused_from": str(summary_file)}, indent=2))
 
 
+def earlier_control(earlier: Path) -> dict:
+    """The SFT control of an earlier run's setting directory: {"checkpoint", "steps", "wall_s"} with all the
+    training it had (``CONTROL_SUMMARY_FILE``; runs from before that file: their control's sft_summary.json,
+    which is the whole control only when that run did not itself continue a reused one)."""
+    whole = earlier / CONTROL_DIR / CONTROL_SUMMARY_FILE
+    if whole.is_file():
+        return json.loads(whole.read_text())
+    control_file = earlier / CONTROL_DIR / SFT_SUMMARY_FILE
+    if not control_file.is_file():
+        raise ValueError(f"--reuse: {control_file} is missing (that run's SFT control did not finish)")
+    if "reused_from" in json.loads((earlier / SFT_DIR / SFT_SUMMARY_FILE).read_text()):
+        raise ValueError(f"--reuse: {earlier} reused an earlier run and has no {CONTROL_SUMMARY_FILE}: its control's "
+                         "summary counts only its own continuation")
+    return json.loads(control_file.read_text())
+
+
 def control_start(earlier: dict | None, *, sft_checkpoint: str, rl_seconds: float) -> tuple[str, float, float]:
     """(checkpoint the SFT control continues from, seconds it still has to train, seconds already trained).
 
@@ -108,18 +127,15 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
     from deploy.sft import run_sft
 
     config = config.model_copy(update={"train": config.train.model_copy(update={"output_dir": str(out)})})
-    earlier_control = None
+    reused_control = None
     if earlier is not None:
-        control_file = earlier / CONTROL_DIR / SFT_SUMMARY_FILE
-        if not control_file.is_file():
-            raise ValueError(f"--reuse: {control_file} is missing (that run's SFT control did not finish)")
+        reused_control = earlier_control(earlier)
         take_earlier_sft(earlier, out, steps=config.sft.steps)
-        earlier_control = json.loads(control_file.read_text())
     pipeline = run_pipeline(config, resume=True)
     rl_seconds = pipeline["stages"]["rl"]["wall_s"]
     sft_checkpoint = pipeline["sft_checkpoint"]
 
-    start_from, seconds, control_seconds = control_start(earlier_control, sft_checkpoint=sft_checkpoint,
+    start_from, seconds, control_seconds = control_start(reused_control, sft_checkpoint=sft_checkpoint,
                                                         rl_seconds=rl_seconds)
     if seconds > 0:
         control_config = config.model_copy(update={"sft": config.sft.model_copy(
@@ -129,8 +145,11 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
         control_seconds += control.wall_s
         control_checkpoint, control_steps = control.checkpoint, control.steps
     else:  # only an earlier control can have nothing left to train
-        control_checkpoint, control_steps = start_from, earlier_control["steps"]
+        control_checkpoint, control_steps = start_from, reused_control["steps"]
         log.info("SFT control taken from %s (%.0f s >= RL's %.0f s)", start_from, control_seconds, rl_seconds)
+    (out / CONTROL_DIR).mkdir(parents=True, exist_ok=True)
+    (out / CONTROL_DIR / CONTROL_SUMMARY_FILE).write_text(json.dumps(
+        {"checkpoint": control_checkpoint, "steps": control_steps, "wall_s": control_seconds}, indent=2))
 
     evals = {"rl": pipeline["eval_json"]}
     for name, checkpoint in (("sft", sft_checkpoint), ("sft_control", control_checkpoint)):

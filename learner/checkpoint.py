@@ -47,19 +47,23 @@ def is_complete(path: str | Path) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
-def latest_complete(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or None (partial ones skipped)."""
+def complete_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, directory) of every complete checkpoint under ``root``, by step (partial ones skipped)."""
     root = Path(root)
     if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
+        return []
+    found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
         if match and path.is_dir() and is_complete(path):
-            step = int(match.group(1))
-            if best is None or step > best[0]:
-                best = (step, path)
-    return None if best is None else best[1]
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def latest_complete(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root``, or None (partial ones skipped)."""
+    found = complete_checkpoints(root)
+    return found[-1][1] if found else None
 
 
 def capture_rng() -> dict:

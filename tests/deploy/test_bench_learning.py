@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench.learning import control_start, take_earlier_sft, target_check
+from bench.learning import control_start, earlier_control, take_earlier_sft, target_check
 
 
 def m(miou: float, presence: float, fmt: float = 1.0, rows: int = 250) -> dict:
@@ -118,10 +118,25 @@ def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypat
         assert evaluated[1] == "new/sft_control/step_830"
         assert result["wall_s"]["sft_control"] == pytest.approx(1595.0 + 110.0)
         assert result["wall_s"]["sft_control_steps"] == 830
+        # A later --reuse of this run continues its control from all 1,705 s, not the 110 s its run_sft trained.
+        assert earlier_control(out) == {"checkpoint": "new/sft_control/step_830", "steps": 830,
+                                        "wall_s": pytest.approx(1705.0)}
     else:
         assert trained == []
         assert evaluated[1] == "old/sft_control/step_808"
         assert result["wall_s"]["sft_control"] == 1595.0 and result["wall_s"]["sft_control_steps"] == 808
+
+
+def test_a_reused_run_without_a_control_summary_is_refused(tmp_path):
+    # Runs from before control_summary.json: a control that continued a reused one has a summary counting only
+    # its continuation, so its wall time is unknown.
+    earlier = tmp_path / "earlier" / "full"
+    for name, fields in (("sft", {"reused_from": "older/full/sft/sft_summary.json"}), ("sft_control", {})):
+        (earlier / name).mkdir(parents=True)
+        (earlier / name / "sft_summary.json").write_text(json.dumps(
+            {"steps": 500, "checkpoint": f"{name}/step_500", "wall_s": 45.0, **fields}))
+    with pytest.raises(ValueError, match="only its own continuation"):
+        earlier_control(earlier)
 
 
 def test_reuse_of_a_run_whose_control_did_not_finish_fails_before_anything_runs(tmp_path):

@@ -35,7 +35,7 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
         "--set", f"train.output_dir={run}", "--set", f"train.steps={RL_STEPS}", "--set", "train.checkpoint_every=0",
         "--set", f"train.eval_limit={EVAL_ROWS}", "--set", "train.eval_modes=[greedy]",
         "--set", f"sft.steps={SFT_STEPS}", "--set", "sft.batch_samples=8", "--set", "sft.micro_batch_samples=4",
-        "--set", "sft.warmup_steps=1", "--set", "sft.log_every=1",
+        "--set", "sft.warmup_steps=1", "--set", "sft.log_every=1", "--set", "sft.checkpoint_every=2",
     ]
     for override in ZOOM if zoom else []:
         command += ["--set", override]
@@ -57,6 +57,8 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
     assert sft_checkpoint == run / "sft" / "checkpoints" / f"step_{SFT_STEPS}"
     assert (sft_checkpoint / "config.json").is_file() and (sft_checkpoint / "model.safetensors").is_file()
     assert str(sft_checkpoint) in done.stderr  # the RL driver logged the model it loaded
+    # sft.checkpoint_every=2 of 3 steps: one checkpoint on the way, one at the end (not written twice).
+    assert sorted(p.name for p in (run / "sft" / "checkpoints").iterdir()) == ["step_2", "step_3"]
 
     # RL: its steps ran and its last checkpoint was evaluated.
     rl_events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]

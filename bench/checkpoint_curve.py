@@ -1,0 +1,189 @@
+"""RL against its SFT control checkpoint by checkpoint: is RL's held-out margin larger than the spread of one series?
+
+One checkpoint of SFT at its constant lr can be 0.04 hard mIoU from the next (issue #9), the size of the margin the
+learning benchmark asks of RL. A run of ``bench.learning`` with ``--set train.checkpoint_every=N --set
+sft.checkpoint_every=N`` leaves RL and its SFT control checkpointed every N steps; this evaluates every checkpoint
+the way bench.learning does (greedy, ``train.eval_limit`` rows of test_easy and test_hard) and compares the series
+over their last checkpoints instead of at their last one:
+
+    sft          the SFT checkpoint both start from (training wall time 0)
+    sft_control  the control's checkpoints at their training wall time; with ``--reuse`` the earlier run's control
+                 is the first point and this run's checkpoints continue it (its wall time added)
+    rl           RL's checkpoints at their step's wall time (``events.jsonl``; RL's start-up is not counted, while
+                 the control was given RL's whole stage time)
+
+A checkpoint is evaluated once: an eval.json already written for it (bench.learning's own, an earlier run's, an
+earlier call of this script) is found by the model path it names.
+
+Prints ONE JSON object (also ``<out>/curve.json``): every point, and for each series over its last ``--last``
+checkpoints the mean, min and max of hard mIoU, found rate, mIoU of found boxes and presence accuracy (``late``).
+``margin_late`` is RL's late mean hard mIoU minus the better of SFT's and the control's late mean. Draws
+``<out>/curve.png``: hard mIoU and hard found rate against training wall time.
+
+    python -m bench.checkpoint_curve runs/bench-zoom-curve/full --config deploy/configs/zoom-cpu.yaml [--last 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: do not let bench/ shadow the top-level packages
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
+
+log = logging.getLogger("bench.checkpoint_curve")
+
+SERIES = ("sft", "sft_control", "rl")
+LATE_FIELDS = ("miou", "found_rate", "miou_found", "presence_accuracy")
+CURVE_FILE = "curve.json"
+PLOT_FILE = "curve.png"
+
+
+def step_walls(events_path: str | Path, *, offset: float = 0.0) -> dict[int, float]:
+    """step → training wall seconds (+ ``offset``) from a JSON-lines file of {"step", "wall_s"} events (RL's
+    events.jsonl, SFT's sft_events.jsonl); a step logged twice (a resumed run) keeps its last time."""
+    walls = {}
+    for line in Path(events_path).read_text().splitlines():
+        if line.strip():
+            event = json.loads(line)
+            walls[int(event["step"])] = offset + float(event["wall_s"])
+    return walls
+
+
+def checkpoint_series(setting_dir: str | Path) -> dict[str, list[dict]]:
+    """{series: [{"step", "wall_s", "checkpoint"}, ...]} of a bench.learning setting directory (``<out>/full``)."""
+    from deploy.pipeline import SFT_DIR
+    from deploy.sft import SFT_EVENTS_FILE, SFT_SUMMARY_FILE
+    from learner.checkpoint import complete_checkpoints
+
+    from bench.learning import CONTROL_DIR, earlier_control
+
+    setting = Path(setting_dir)
+    sft = json.loads((setting / SFT_DIR / SFT_SUMMARY_FILE).read_text())
+    series = {"sft": [{"step": sft["steps"], "wall_s": 0.0, "checkpoint": sft["checkpoint"]}], "sft_control": [],
+              "rl": []}
+    offset = 0.0
+    if "reused_from" in sft:  # bench.learning --reuse: the earlier run's control is where this one's continues
+        control = earlier_control(Path(sft["reused_from"]).parent.parent)
+        offset = float(control["wall_s"])
+        series["sft_control"].append({"step": control["steps"], "wall_s": offset, "checkpoint": control["checkpoint"]})
+    control_dir = setting / CONTROL_DIR
+    if (control_dir / SFT_EVENTS_FILE).is_file():
+        walls = step_walls(control_dir / SFT_EVENTS_FILE, offset=offset)
+        series["sft_control"] += [{"step": step, "wall_s": walls[step], "checkpoint": str(path)}
+                                  for step, path in complete_checkpoints(control_dir / "checkpoints")]
+    walls = step_walls(setting / "events.jsonl")
+    series["rl"] = [{"step": step, "wall_s": walls[step], "checkpoint": str(path)}
+                    for step, path in complete_checkpoints(setting / "checkpoints")]
+    return series
+
+
+def known_evals(roots: list[Path], *, limit: int, data_dir: str) -> dict[str, Path]:
+    """resolved model path → an eval.json under ``roots`` made on the same rows (``limit`` of ``data_dir``)."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("eval.json")):
+            head = json.loads(path.read_text())
+            if head.get("limit") == limit and Path(head.get("data_dir", "")).resolve() == Path(data_dir).resolve():
+                found[str(Path(head["model_path"]).resolve())] = path
+    return found
+
+
+def late_summary(points: list[dict], *, last: int) -> dict:
+    """Mean, min and max of each of LATE_FIELDS on the hard split over the last ``last`` points (by wall time),
+    and the mean easy mIoU. ``points``: [{"wall_s", "easy": M, "hard": M}]."""
+    window = sorted(points, key=lambda p: p["wall_s"])[-last:]
+    out: dict = {"points": len(window), "steps": [p["step"] for p in window]}
+    for name in LATE_FIELDS:
+        values = [p["hard"][name] for p in window]
+        out[f"hard_{name}"] = {"mean": round(sum(values) / len(values), 4), "min": min(values), "max": max(values)}
+    out["easy_miou_mean"] = round(sum(p["easy"]["miou"] for p in window) / len(window), 4)
+    return out
+
+
+def late_margin(late: dict[str, dict]) -> float:
+    """RL's late mean hard mIoU minus the better of SFT's and the control's (a series without points is skipped)."""
+    others = [late[name]["hard_miou"]["mean"] for name in ("sft", "sft_control") if name in late]
+    return round(late["rl"]["hard_miou"]["mean"] - max(others), 4)
+
+
+def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path: str | Path) -> None:
+    """Hard mIoU and hard found rate against training wall time, one line per series; dashed: late means."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    figure = Figure(figsize=(10, 4))
+    colours = {"sft": "black", "sft_control": "tab:blue", "rl": "tab:red"}
+    for axis, field, title in zip(figure.subplots(1, 2), ("miou", "found_rate"),
+                                  ("held-out hard mIoU", "held-out hard found rate")):
+        for name, series in points.items():
+            if not series:
+                continue
+            walls = [p["wall_s"] for p in series]
+            axis.plot(walls, [p["hard"][field] for p in series], "o-" if len(series) > 1 else "*",
+                      color=colours[name], label=name, markersize=8 if len(series) == 1 else 4)
+            if name in late and len(series) > 1:
+                start = sorted(walls)[-late[name]["points"]]
+                axis.hlines(late[name][f"hard_{field}"]["mean"], start, max(walls), colors=colours[name],
+                            linestyles="dashed")
+        axis.set_xlabel("training wall time after SFT (s)")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    figure.axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("setting_dir", help="a bench.learning setting directory (<out>/full or <out>/fewshot)")
+    parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"), help="the run's config (evaluation)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--last", type=int, default=4, help="checkpoints per series in the late mean")
+    parser.add_argument("--out", help="default: <setting_dir>/curve")
+    args = parser.parse_args(argv)
+    if args.last < 1:
+        parser.error("--last must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from bench.learning import summarise
+    from deploy.pipeline import evaluate_and_report
+
+    config = load_run_config(args.config, args.set)
+    setting = Path(args.setting_dir)
+    out = Path(args.out) if args.out else setting / "curve"
+    out.mkdir(parents=True, exist_ok=True)
+    series = checkpoint_series(setting)
+    roots = {setting, out} | {Path(p["checkpoint"]).parents[2] for p in series["sft_control"]}
+    evals = known_evals(sorted(roots), limit=config.train.eval_limit, data_dir=config.data.path)
+    todo = [p for ps in series.values() for p in ps if str(Path(p["checkpoint"]).resolve()) not in evals]
+    log.info("%d checkpoints, %d to evaluate", sum(map(len, series.values())), len(todo))
+    done = 0
+    points: dict[str, list[dict]] = {}
+    for name, ps in series.items():
+        points[name] = []
+        for p in ps:
+            key = str(Path(p["checkpoint"]).resolve())
+            if key not in evals:
+                done += 1
+                log.info("evaluating %d/%d: %s", done, len(todo), p["checkpoint"])
+                _, files = evaluate_and_report(config, model_path=p["checkpoint"], data=config.data.path, splits=None,
+                                               limit=config.train.eval_limit, out=out / name / f"step_{p['step']}",
+                                               run_dir=None)
+                evals[key] = files.eval_json
+            points[name].append({**p, "eval_json": str(evals[key]), **summarise(evals[key])})
+    late = {name: late_summary(ps, last=args.last) for name, ps in points.items() if ps}
+    result = {"points": points, "late": late, "last": args.last,
+              "margin_late": late_margin(late) if "rl" in late else None}
+    plot_curve(points, late, out_path=out / PLOT_FILE)
+    (out / CURVE_FILE).write_text(json.dumps(result, indent=2))
+    print(json.dumps({"late": late, "margin_late": result["margin_late"], "plot": str(out / PLOT_FILE)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""bench.checkpoint_curve on hand-made run directories (the runs it reads take an hour and more): which checkpoints
+form each series at which wall time, which evaluations are reused, and the late means compared."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.checkpoint_curve import (checkpoint_series, known_evals, late_margin, late_summary, plot_curve,
+                                    step_walls)
+
+
+def write_events(path: Path, walls: dict[int, float]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"step": s, "wall_s": w, "loss": 0.1}) + "\n" for s, w in walls.items()))
+
+
+def checkpoint(root: Path, step: int, *, complete: bool = True) -> Path:
+    path = root / "checkpoints" / f"step_{step}"
+    path.mkdir(parents=True)
+    if complete:
+        (path / "COMPLETE").write_text("")
+    return path
+
+
+def summary(path: Path, **fields) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(fields))
+
+
+def test_step_walls_adds_the_offset_and_a_resumed_step_keeps_its_last_time(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"step": 1, "wall_s": 4.0}\n{"step": 2, "wall_s": 9.0}\n\n{"step": 2, "wall_s": 11.5}\n')
+    assert step_walls(events, offset=100.0) == {1: 104.0, 2: 111.5}
+
+
+def test_series_of_a_run_that_trained_its_own_sft_and_control(tmp_path):
+    setting = tmp_path / "full"
+    sft = checkpoint(setting / "sft", 500)
+    summary(setting / "sft" / "sft_summary.json", steps=500, checkpoint=str(sft), wall_s=3000.0)
+    control = setting / "sft_control"
+    for step in (525, 550):
+        checkpoint(control, step)
+    checkpoint(control, 575, complete=False)  # a crash mid-write: not a checkpoint
+    write_events(control / "sft_events.jsonl", {501: 4.0, 525: 100.0, 550: 200.0, 575: 300.0})
+    for step in (25, 50):
+        checkpoint(setting, step)
+    write_events(setting / "events.jsonl", {25: 390.0, 50: 780.0})
+
+    series = checkpoint_series(setting)
+    assert series["sft"] == [{"step": 500, "wall_s": 0.0, "checkpoint": str(sft)}]
+    assert [(p["step"], p["wall_s"]) for p in series["sft_control"]] == [(525, 100.0), (550, 200.0)]
+    assert [(p["step"], p["wall_s"]) for p in series["rl"]] == [(25, 390.0), (50, 780.0)]
+
+
+def test_a_reused_control_is_the_first_point_and_this_runs_continuation_adds_its_wall_time(tmp_path):
+    earlier = tmp_path / "earlier" / "full"
+    summary(earlier / "sft" / "sft_summary.json", steps=500, checkpoint="earlier/sft/step_500", wall_s=3000.0)
+    summary(earlier / "sft_control" / "sft_summary.json", steps=808, checkpoint="earlier/ctl/step_808", wall_s=1595.0)
+    setting = tmp_path / "now" / "full"
+    summary(setting / "sft" / "sft_summary.json", steps=500, checkpoint="earlier/sft/step_500", wall_s=3000.0,
+            reused_from=str(earlier / "sft" / "sft_summary.json"))
+    checkpoint(setting / "sft_control", 825)
+    write_events(setting / "sft_control" / "sft_events.jsonl", {825: 70.0})
+    write_events(setting / "events.jsonl", {})
+
+    controls = checkpoint_series(setting)["sft_control"]
+    assert [(p["step"], p["wall_s"]) for p in controls] == [(808, 1595.0), (825, 1665.0)]
+    assert controls[0]["checkpoint"] == "earlier/ctl/step_808"
+
+
+
+def test_known_evals_are_keyed_by_model_path_and_only_on_the_same_rows(tmp_path):
+    data = tmp_path / "data"
+    for name, limit in (("a", 250), ("b", 100)):
+        summary(tmp_path / name / "eval.json", model_path=str(tmp_path / f"ckpt_{name}"), limit=limit,
+                data_dir=str(data))
+    found = known_evals([tmp_path], limit=250, data_dir=str(data))
+    assert found == {str((tmp_path / "ckpt_a").resolve()): tmp_path / "a" / "eval.json"}
+
+
+def point(step: int, wall: float, hard_miou: float, found: float = 0.9, easy_miou: float = 0.6) -> dict:
+    hard = {"miou": hard_miou, "found_rate": found, "miou_found": hard_miou / found, "presence_accuracy": 0.88}
+    return {"step": step, "wall_s": wall, "easy": {"miou": easy_miou}, "hard": hard}
+
+
+def test_late_summary_takes_the_last_points_by_wall_time():
+    points = [point(75, 300.0, 0.44), point(25, 100.0, 0.30), point(100, 400.0, 0.46), point(50, 200.0, 0.42)]
+    late = late_summary(points, last=3)
+    assert late["steps"] == [50, 75, 100]
+    assert late["hard_miou"] == {"mean": pytest.approx(0.44), "min": 0.42, "max": 0.46}  # (0.42 + 0.44 + 0.46) / 3
+    assert late["easy_miou_mean"] == pytest.approx(0.6)
+    assert late_summary(points, last=10)["points"] == 4
+
+
+def test_late_margin_is_over_the_better_of_sft_and_the_control():
+    late = {"sft": {"hard_miou": {"mean": 0.42}}, "sft_control": {"hard_miou": {"mean": 0.415}},
+            "rl": {"hard_miou": {"mean": 0.47}}}
+    assert late_margin(late) == pytest.approx(0.05)
+    del late["sft_control"]
+    assert late_margin(late) == pytest.approx(0.05)
+
+
+def test_plot_curve_writes_a_png(tmp_path):
+    points = {"sft": [point(500, 0.0, 0.42)], "sft_control": [point(525, 100.0, 0.40), point(550, 200.0, 0.43)],
+              "rl": [point(25, 90.0, 0.44), point(50, 190.0, 0.45)]}
+    late = {name: late_summary(ps, last=2) for name, ps in points.items()}
+    plot_curve(points, late, out_path=tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
