@@ -17,10 +17,13 @@ earlier call of this script) is found by the model path it names.
 
 Prints ONE JSON object (also ``<out>/curve.json``): every point, and for each series over its last ``--last``
 checkpoints the mean, min and max of hard mIoU, found rate, mIoU of found boxes and presence accuracy (``late``).
-``margin_late`` is RL's late mean hard mIoU minus the better of SFT's and the control's late mean. Draws
-``<out>/curve.png``: hard mIoU and hard found rate against training wall time.
+``margin_late`` is RL's late mean hard mIoU minus the better of SFT's and the control's late mean. With
+``--average``, the weights of those last checkpoints are also averaged into one model per series
+(``models.average``), evaluated the same way (``averaged``, ``margin_averaged``). Draws ``<out>/curve.png``: hard
+mIoU and hard found rate against training wall time.
 
     python -m bench.checkpoint_curve runs/bench-zoom-curve/full --config deploy/configs/zoom-cpu.yaml [--last 4]
+        [--average]
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
+from models.average import AVERAGED_FROM_FILE, average_checkpoints  # noqa: E402
 
 log = logging.getLogger("bench.checkpoint_curve")
 
@@ -97,7 +101,7 @@ def known_evals(roots: list[Path], *, limit: int, data_dir: str) -> dict[str, Pa
 def late_summary(points: list[dict], *, last: int) -> dict:
     """Mean, min and max of each of LATE_FIELDS on the hard split over the last ``last`` points (by wall time),
     and the mean easy mIoU. ``points``: [{"wall_s", "easy": M, "hard": M}]."""
-    window = sorted(points, key=lambda p: p["wall_s"])[-last:]
+    window = late_window(points, last=last)
     out: dict = {"points": len(window), "steps": [p["step"] for p in window]}
     for name in LATE_FIELDS:
         values = [p["hard"][name] for p in window]
@@ -106,10 +110,14 @@ def late_summary(points: list[dict], *, last: int) -> dict:
     return out
 
 
-def late_margin(late: dict[str, dict]) -> float:
-    """RL's late mean hard mIoU minus the better of SFT's and the control's (a series without points is skipped)."""
-    others = [late[name]["hard_miou"]["mean"] for name in ("sft", "sft_control") if name in late]
-    return round(late["rl"]["hard_miou"]["mean"] - max(others), 4)
+def late_margin(hard_miou: dict[str, float]) -> float:
+    """RL's hard mIoU minus the better of SFT's and the control's (a series missing is skipped)."""
+    return round(hard_miou["rl"] - max(hard_miou[name] for name in ("sft", "sft_control") if name in hard_miou), 4)
+
+
+def late_window(points: list[dict], *, last: int) -> list[dict]:
+    """The last ``last`` points by wall time."""
+    return sorted(points, key=lambda p: p["wall_s"])[-last:]
 
 
 def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path: str | Path) -> None:
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"), help="the run's config (evaluation)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--last", type=int, default=4, help="checkpoints per series in the late mean")
+    parser.add_argument("--average", action="store_true", help="also evaluate each series' late weight average")
     parser.add_argument("--out", help="default: <setting_dir>/curve")
     args = parser.parse_args(argv)
     if args.last < 1:
@@ -158,30 +167,49 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out) if args.out else setting / "curve"
     out.mkdir(parents=True, exist_ok=True)
     series = checkpoint_series(setting)
+    averages = {}  # series → {"steps", "checkpoint"}: the weight average of its late window
+    for name in ("sft_control", "rl") if args.average else ():
+        window = late_window(series[name], last=args.last)
+        steps = [p["step"] for p in window]
+        if len(steps) < 2:
+            continue
+        model = out / name / ("average_" + "_".join(map(str, steps))) / "model"
+        if not (model / AVERAGED_FROM_FILE).is_file():  # written last: the average is complete
+            average_checkpoints([p["checkpoint"] for p in window], model)
+        averages[name] = {"steps": steps, "checkpoint": str(model)}
     roots = {setting, out} | {Path(p["checkpoint"]).parents[2] for p in series["sft_control"]}
     evals = known_evals(sorted(roots), limit=config.train.eval_limit, data_dir=config.data.path)
-    todo = [p for ps in series.values() for p in ps if str(Path(p["checkpoint"]).resolve()) not in evals]
-    log.info("%d checkpoints, %d to evaluate", sum(map(len, series.values())), len(todo))
-    done = 0
-    points: dict[str, list[dict]] = {}
-    for name, ps in series.items():
-        points[name] = []
-        for p in ps:
-            key = str(Path(p["checkpoint"]).resolve())
-            if key not in evals:
-                done += 1
-                log.info("evaluating %d/%d: %s", done, len(todo), p["checkpoint"])
-                _, files = evaluate_and_report(config, model_path=p["checkpoint"], data=config.data.path, splits=None,
-                                               limit=config.train.eval_limit, out=out / name / f"step_{p['step']}",
-                                               run_dir=None)
-                evals[key] = files.eval_json
-            points[name].append({**p, "eval_json": str(evals[key]), **summarise(evals[key])})
+    wanted = [p["checkpoint"] for ps in series.values() for p in ps] + [a["checkpoint"] for a in averages.values()]
+    todo = [c for c in wanted if str(Path(c).resolve()) not in evals]
+    log.info("%d models, %d to evaluate", len(wanted), len(todo))
+
+    def evaluation(checkpoint: str, out_dir: Path) -> dict:
+        key = str(Path(checkpoint).resolve())
+        if key not in evals:
+            log.info("evaluating %d/%d: %s", todo.index(checkpoint) + 1, len(todo), checkpoint)
+            _, files = evaluate_and_report(config, model_path=checkpoint, data=config.data.path, splits=None,
+                                           limit=config.train.eval_limit, out=out_dir, run_dir=None)
+            evals[key] = files.eval_json
+        return {"eval_json": str(evals[key]), **summarise(evals[key])}
+
+    points = {name: [{**p, **evaluation(p["checkpoint"], out / name / f"step_{p['step']}")} for p in ps]
+              for name, ps in series.items()}
     late = {name: late_summary(ps, last=args.last) for name, ps in points.items() if ps}
-    result = {"points": points, "late": late, "last": args.last,
-              "margin_late": late_margin(late) if "rl" in late else None}
+    result = {"points": points, "late": late, "last": args.last, "margin_late": None}
+    if "rl" in late:
+        result["margin_late"] = late_margin({name: v["hard_miou"]["mean"] for name, v in late.items()})
+    if averages:
+        sft = points["sft"][0]
+        result["averaged"] = {"sft": {"steps": [sft["step"]], "easy": sft["easy"], "hard": sft["hard"]}}
+        for name, average in averages.items():
+            result["averaged"][name] = {**average, **evaluation(average["checkpoint"],
+                                                                Path(average["checkpoint"]).parent)}
+        result["margin_averaged"] = (late_margin({name: v["hard"]["miou"] for name, v in result["averaged"].items()})
+                                     if "rl" in averages else None)
     plot_curve(points, late, out_path=out / PLOT_FILE)
     (out / CURVE_FILE).write_text(json.dumps(result, indent=2))
-    print(json.dumps({"late": late, "margin_late": result["margin_late"], "plot": str(out / PLOT_FILE)}, indent=2))
+    print(json.dumps({key: value for key, value in result.items() if key != "points"} | {"plot": str(out / PLOT_FILE)},
+                     indent=2))
     return 0
 
 

@@ -96,11 +96,11 @@ def test_late_summary_takes_the_last_points_by_wall_time():
 
 
 def test_late_margin_is_over_the_better_of_sft_and_the_control():
-    late = {"sft": {"hard_miou": {"mean": 0.42}}, "sft_control": {"hard_miou": {"mean": 0.415}},
-            "rl": {"hard_miou": {"mean": 0.47}}}
-    assert late_margin(late) == pytest.approx(0.05)
-    del late["sft_control"]
-    assert late_margin(late) == pytest.approx(0.05)
+    hard_miou = {"sft": 0.42, "sft_control": 0.415, "rl": 0.47}
+    assert late_margin(hard_miou) == pytest.approx(0.05)
+    assert late_margin({**hard_miou, "sft_control": 0.43}) == pytest.approx(0.04)
+    del hard_miou["sft_control"]
+    assert late_margin(hard_miou) == pytest.approx(0.05)
 
 
 def test_plot_curve_writes_a_png(tmp_path):

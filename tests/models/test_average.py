@@ -1,0 +1,67 @@
+"""models.average: the uniform mean of checkpoints' weights, written as a plain model directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.average import AVERAGED_FROM_FILE, average_checkpoints
+
+
+def checkpoint(root: Path, name: str, weights: dict[str, torch.Tensor], *, config: str) -> Path:
+    path = root / name
+    (path / "state").mkdir(parents=True)
+    save_file(weights, path / "model.safetensors")
+    (path / "config.json").write_text(config)
+    (path / "COMPLETE").write_text("ok")
+    (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_the_average_is_the_mean_of_float_tensors_in_their_dtype_with_the_last_configs(tmp_path):
+    steps = torch.arange(3, dtype=torch.int64)
+    a = checkpoint(tmp_path, "a", {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5], dtype=torch.bfloat16),
+                                   "steps": steps}, config="first")
+    b = checkpoint(tmp_path, "b", {"w": torch.tensor([2.0, 4.0]), "h": torch.tensor([1.0], dtype=torch.bfloat16),
+                                   "steps": steps}, config="second")
+    c = checkpoint(tmp_path, "c", {"w": torch.tensor([6.0, 0.0]), "h": torch.tensor([3.0], dtype=torch.bfloat16),
+                                   "steps": steps}, config="third")
+    out = average_checkpoints([a, b, c], tmp_path / "avg")
+    weights = load_file(out / "model.safetensors")
+    assert weights["w"].tolist() == [3.0, 2.0]  # (1 + 2 + 6) / 3, (2 + 4 + 0) / 3
+    assert weights["h"].dtype == torch.bfloat16 and weights["h"].item() == 1.5  # (0.5 + 1 + 3) / 3
+    assert torch.equal(weights["steps"], steps)
+    assert (out / "config.json").read_text() == "third"
+    # A plain model directory: no resumable learner state that would pass for one of the run's checkpoints.
+    assert sorted(p.name for p in out.iterdir()) == [AVERAGED_FROM_FILE, "config.json", "model.safetensors"]
+    assert json.loads((out / AVERAGED_FROM_FILE).read_text()) == [str(a), str(b), str(c)]
+
+
+def test_checkpoints_that_do_not_match_are_refused(tmp_path):
+    a = checkpoint(tmp_path, "a", {"w": torch.zeros(2), "n": torch.tensor([1])}, config="")
+    other_name = checkpoint(tmp_path, "b", {"v": torch.zeros(2), "n": torch.tensor([1])}, config="")
+    other_shape = checkpoint(tmp_path, "c", {"w": torch.zeros(3), "n": torch.tensor([1])}, config="")
+    other_int = checkpoint(tmp_path, "d", {"w": torch.zeros(2), "n": torch.tensor([2])}, config="")
+    with pytest.raises(ValueError, match="tensor names differ"):
+        average_checkpoints([a, other_name], tmp_path / "out")
+    with pytest.raises(ValueError, match=r"w has shape \(3,\)"):
+        average_checkpoints([a, other_shape], tmp_path / "out")
+    with pytest.raises(ValueError, match="non-float tensor n differs"):
+        average_checkpoints([a, other_int], tmp_path / "out")
+    with pytest.raises(ValueError, match="missing"):
+        average_checkpoints([tmp_path / "nowhere"], tmp_path / "out")
+
+
+def test_the_average_of_a_model_with_itself_loads_in_transformers_and_answers_alike(tiny_model_dir, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    out = average_checkpoints([tiny_model_dir, tiny_model_dir], tmp_path / "avg")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        original = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir).eval()(input_ids=ids).logits
+        averaged = Qwen2_5_VLForConditionalGeneration.from_pretrained(out).eval()(input_ids=ids).logits
+    torch.testing.assert_close(averaged, original)
