@@ -120,8 +120,10 @@ def late_window(points: list[dict], *, last: int) -> list[dict]:
     return sorted(points, key=lambda p: p["wall_s"])[-last:]
 
 
-def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path: str | Path) -> None:
-    """Hard mIoU and hard found rate against training wall time, one line per series; dashed: late means."""
+def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path: str | Path,
+               averaged: dict[str, dict] | None = None) -> None:
+    """Hard mIoU and hard found rate against training wall time, one line per series; dashed: late means;
+    diamonds (``averaged``): each series' late weight average, at the end of its window."""
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     figure = Figure(figsize=(10, 4))
@@ -138,6 +140,9 @@ def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path
                 start = sorted(walls)[-late[name]["points"]]
                 axis.hlines(late[name][f"hard_{field}"]["mean"], start, max(walls), colors=colours[name],
                             linestyles="dashed")
+            if averaged and name in averaged and len(series) > 1:
+                axis.plot([max(walls)], [averaged[name]["hard"][field]], "D", color=colours[name], markersize=9,
+                          markerfacecolor="white", label=f"{name} weight average")
         axis.set_xlabel("training wall time after SFT (s)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                 Path(average["checkpoint"]).parent)}
         result["margin_averaged"] = (late_margin({name: v["hard"]["miou"] for name, v in result["averaged"].items()})
                                      if "rl" in averages else None)
-    plot_curve(points, late, out_path=out / PLOT_FILE)
+    plot_curve(points, late, out_path=out / PLOT_FILE, averaged=result.get("averaged"))
     (out / CURVE_FILE).write_text(json.dumps(result, indent=2))
     print(json.dumps({key: value for key, value in result.items() if key != "points"} | {"plot": str(out / PLOT_FILE)},
                      indent=2))

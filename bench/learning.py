@@ -27,6 +27,10 @@ instead of training one, and the control is taken as it is when it trained at le
 else continued from its checkpoint for the difference. An RL variant then costs its RL and three evaluations
 (~30 min for zoom) instead of ~2 h.
 
+One checkpoint is a noisy point (SFT checkpoints 25 steps apart differ by up to 0.04 hard mIoU): with ``--set
+train.checkpoint_every=N --set sft.checkpoint_every=N`` RL and the control checkpoint on the way, and
+``python -m bench.checkpoint_curve <out>/full`` compares them over their last checkpoints and weight averages.
+
     python -m bench.learning [--out runs/bench-learning] [--skip-fewshot] [--set KEY=VALUE ...] [--reuse DIR]
 """
 

@@ -107,5 +107,5 @@ def test_plot_curve_writes_a_png(tmp_path):
     points = {"sft": [point(500, 0.0, 0.42)], "sft_control": [point(525, 100.0, 0.40), point(550, 200.0, 0.43)],
               "rl": [point(25, 90.0, 0.44), point(50, 190.0, 0.45)]}
     late = {name: late_summary(ps, last=2) for name, ps in points.items()}
-    plot_curve(points, late, out_path=tmp_path / "curve.png")
+    plot_curve(points, late, out_path=tmp_path / "curve.png", averaged={"rl": point(50, 190.0, 0.46)})
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
