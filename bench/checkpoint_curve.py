@@ -146,7 +146,7 @@ def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path
         axis.set_xlabel("training wall time after SFT (s)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
-    figure.axes[0].legend()
+    figure.axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out_path, dpi=100)
 
