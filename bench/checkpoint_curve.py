@@ -15,8 +15,9 @@ over their last checkpoints instead of at their last one:
 A checkpoint is evaluated once: an eval.json already written for it (bench.learning's own, an earlier run's, an
 earlier call of this script) is found by the model path it names.
 
-Prints ONE JSON object (also ``<out>/curve.json``): every point, and for each series over its last ``--last``
-checkpoints the mean, min and max of hard mIoU, found rate, mIoU of found boxes and presence accuracy (``late``).
+Writes ``<out>/curve.json`` and prints it as ONE JSON object without its ``points`` (every checkpoint's
+evaluation): for each series over its last ``--last`` checkpoints the mean, min and max of hard mIoU, found
+rate, mIoU of found boxes and presence accuracy (``late``).
 ``margin_late`` is RL's late mean hard mIoU minus the better of SFT's and the control's late mean. With
 ``--average``, the weights of those last checkpoints are also averaged into one model per series
 (``models.average``), evaluated the same way (``averaged``, ``margin_averaged``). Draws ``<out>/curve.png``: hard
@@ -42,7 +43,6 @@ from models.average import AVERAGED_FROM_FILE, average_checkpoints  # noqa: E402
 
 log = logging.getLogger("bench.checkpoint_curve")
 
-SERIES = ("sft", "sft_control", "rl")
 LATE_FIELDS = ("miou", "found_rate", "miou_found", "presence_accuracy")
 CURVE_FILE = "curve.json"
 PLOT_FILE = "curve.png"
