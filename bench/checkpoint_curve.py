@@ -12,6 +12,9 @@ over their last checkpoints instead of at their last one:
     rl           RL's checkpoints at their step's wall time (``events.jsonl``; RL's start-up is not counted, while
                  the control was given RL's whole stage time)
 
+Any other run directory with checkpoints (``refocus train`` without SFT, ``refocus sft --out DIR``) gives one
+series, ``run``, and no margin: how one run's checkpoints scatter, and what their average is worth.
+
 A checkpoint is evaluated once: an eval.json already written for it (bench.learning's own, an earlier run's, an
 earlier call of this script) is found by the model path it names.
 
@@ -25,6 +28,7 @@ mIoU and hard found rate against training wall time.
 
     python -m bench.checkpoint_curve runs/bench-zoom-curve/full --config deploy/configs/zoom-cpu.yaml [--last 4]
         [--average]
+    python -m bench.checkpoint_curve runs/sft-avg-small --average
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ log = logging.getLogger("bench.checkpoint_curve")
 
 LATE_FIELDS = ("miou", "found_rate", "miou_found", "presence_accuracy")
 CURVE_FILE = "curve.json"
+RUN_SERIES = "run"  # the one series of a run directory that is not a bench.learning setting
 PLOT_FILE = "curve.png"
 
 
@@ -59,31 +64,42 @@ def step_walls(events_path: str | Path, *, offset: float = 0.0) -> dict[int, flo
     return walls
 
 
-def checkpoint_series(setting_dir: str | Path) -> dict[str, list[dict]]:
-    """{series: [{"step", "wall_s", "checkpoint"}, ...]} of a bench.learning setting directory (``<out>/full``)."""
-    from deploy.pipeline import SFT_DIR
-    from deploy.sft import SFT_EVENTS_FILE, SFT_SUMMARY_FILE
+def run_checkpoints(run_dir: str | Path, *, events_file: str, offset: float = 0.0) -> list[dict]:
+    """[{"step", "wall_s", "checkpoint"}] of the complete checkpoints under ``<run_dir>/checkpoints``, each at its
+    step's wall time in ``<run_dir>/<events_file>`` (+ ``offset``); [] where the run wrote no events."""
     from learner.checkpoint import complete_checkpoints
+
+    run = Path(run_dir)
+    if not (run / events_file).is_file():
+        return []
+    walls = step_walls(run / events_file, offset=offset)
+    return [{"step": step, "wall_s": walls[step], "checkpoint": str(path)}
+            for step, path in complete_checkpoints(run / "checkpoints")]
+
+
+def checkpoint_series(run_dir: str | Path) -> dict[str, list[dict]]:
+    """{series: [{"step", "wall_s", "checkpoint"}, ...]} of a run directory: a bench.learning setting (``<out>/full``)
+    or a ``refocus train`` output_dir with an SFT stage gives "sft", "sft_control" (empty without one) and "rl";
+    any other (``refocus train`` without SFT, ``refocus sft --out DIR``) one series, "run", of its checkpoints."""
+    from deploy.pipeline import SFT_DIR
+    from deploy.report import EVENTS_FILE
+    from deploy.sft import SFT_EVENTS_FILE, SFT_SUMMARY_FILE
 
     from bench.learning import CONTROL_DIR, earlier_control
 
-    setting = Path(setting_dir)
-    sft = json.loads((setting / SFT_DIR / SFT_SUMMARY_FILE).read_text())
-    series = {"sft": [{"step": sft["steps"], "wall_s": 0.0, "checkpoint": sft["checkpoint"]}], "sft_control": [],
-              "rl": []}
+    run = Path(run_dir)
+    if not (run / SFT_DIR / SFT_SUMMARY_FILE).is_file():
+        events = EVENTS_FILE if (run / EVENTS_FILE).is_file() else SFT_EVENTS_FILE
+        return {RUN_SERIES: run_checkpoints(run, events_file=events)}
+    sft = json.loads((run / SFT_DIR / SFT_SUMMARY_FILE).read_text())
+    series = {"sft": [{"step": sft["steps"], "wall_s": 0.0, "checkpoint": sft["checkpoint"]}], "sft_control": []}
     offset = 0.0
     if "reused_from" in sft:  # bench.learning --reuse: the earlier run's control is where this one's continues
         control = earlier_control(Path(sft["reused_from"]).parent.parent)
         offset = float(control["wall_s"])
         series["sft_control"].append({"step": control["steps"], "wall_s": offset, "checkpoint": control["checkpoint"]})
-    control_dir = setting / CONTROL_DIR
-    if (control_dir / SFT_EVENTS_FILE).is_file():
-        walls = step_walls(control_dir / SFT_EVENTS_FILE, offset=offset)
-        series["sft_control"] += [{"step": step, "wall_s": walls[step], "checkpoint": str(path)}
-                                  for step, path in complete_checkpoints(control_dir / "checkpoints")]
-    walls = step_walls(setting / "events.jsonl")
-    series["rl"] = [{"step": step, "wall_s": walls[step], "checkpoint": str(path)}
-                    for step, path in complete_checkpoints(setting / "checkpoints")]
+    series["sft_control"] += run_checkpoints(run / CONTROL_DIR, events_file=SFT_EVENTS_FILE, offset=offset)
+    series["rl"] = run_checkpoints(run, events_file=EVENTS_FILE)
     return series
 
 
@@ -127,7 +143,7 @@ def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
 
     figure = Figure(figsize=(10, 4))
-    colours = {"sft": "black", "sft_control": "tab:blue", "rl": "tab:red"}
+    colours = {"sft": "black", "sft_control": "tab:blue", "rl": "tab:red", RUN_SERIES: "tab:green"}
     for axis, field, title in zip(figure.subplots(1, 2), ("miou", "found_rate"),
                                   ("held-out hard mIoU", "held-out hard found rate")):
         for name, series in points.items():
@@ -153,7 +169,8 @@ def plot_curve(points: dict[str, list[dict]], late: dict[str, dict], *, out_path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("setting_dir", help="a bench.learning setting directory (<out>/full or <out>/fewshot)")
+    parser.add_argument("setting_dir", help="a bench.learning setting directory (<out>/full or <out>/fewshot), or "
+                        "any run directory with checkpoints (refocus train's output_dir, refocus sft's --out)")
     parser.add_argument("--config", default=str(CONFIG_DIR / "small-cpu.yaml"), help="the run's config (evaluation)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--last", type=int, default=4, help="checkpoints per series in the late mean")
@@ -173,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     series = checkpoint_series(setting)
     averages = {}  # series → {"steps", "checkpoint"}: the weight average of its late window
-    for name in ("sft_control", "rl") if args.average else ():
+    for name in [n for n in series if n != "sft"] if args.average else ():
         window = late_window(series[name], last=args.last)
         steps = [p["step"] for p in window]
         if len(steps) < 2:
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (model / AVERAGED_FROM_FILE).is_file():  # written last: the average is complete
             average_checkpoints([p["checkpoint"] for p in window], model)
         averages[name] = {"steps": steps, "checkpoint": str(model)}
-    roots = {setting, out} | {Path(p["checkpoint"]).parents[2] for p in series["sft_control"]}
+    roots = {setting, out} | {Path(p["checkpoint"]).parents[2] for p in series.get("sft_control", [])}
     evals = known_evals(sorted(roots), limit=config.train.eval_limit, data_dir=config.data.path)
     wanted = [p["checkpoint"] for ps in series.values() for p in ps] + [a["checkpoint"] for a in averages.values()]
     todo = [c for c in wanted if str(Path(c).resolve()) not in evals]
@@ -204,11 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     if "rl" in late:
         result["margin_late"] = late_margin({name: v["hard_miou"]["mean"] for name, v in late.items()})
     if averages:
-        sft = points["sft"][0]
-        result["averaged"] = {"sft": {"steps": [sft["step"]], "easy": sft["easy"], "hard": sft["hard"]}}
-        for name, average in averages.items():
-            result["averaged"][name] = {**average, **evaluation(average["checkpoint"],
-                                                                Path(average["checkpoint"]).parent)}
+        result["averaged"] = {name: {**average, **evaluation(average["checkpoint"], Path(average["checkpoint"]).parent)}
+                              for name, average in averages.items()}
+        if "sft" in points:  # one checkpoint: its own "average"
+            sft = points["sft"][0]
+            result["averaged"]["sft"] = {"steps": [sft["step"]], "easy": sft["easy"], "hard": sft["hard"]}
         result["margin_averaged"] = (late_margin({name: v["hard"]["miou"] for name, v in result["averaged"].items()})
                                      if "rl" in averages else None)
     plot_curve(points, late, out_path=out / PLOT_FILE, averaged=result.get("averaged"))

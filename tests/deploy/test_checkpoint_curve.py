@@ -72,6 +72,19 @@ def test_a_reused_control_is_the_first_point_and_this_runs_continuation_adds_its
 
 
 
+def test_a_run_directory_that_is_no_bench_setting_is_one_series_at_its_own_events_wall_times(tmp_path):
+    rl = tmp_path / "rl-run"  # refocus train without SFT: events.jsonl
+    checkpoint(rl, 25)
+    write_events(rl / "events.jsonl", {25: 300.0})
+    sft = tmp_path / "sft-run"  # refocus sft --out: sft_events.jsonl
+    checkpoint(sft, 450)
+    checkpoint(sft, 475)
+    write_events(sft / "sft_events.jsonl", {450: 900.0, 475: 950.0})
+    assert [(p["step"], p["wall_s"]) for p in checkpoint_series(rl)["run"]] == [(25, 300.0)]
+    assert list(checkpoint_series(sft)) == ["run"]
+    assert [(p["step"], p["wall_s"]) for p in checkpoint_series(sft)["run"]] == [(450, 900.0), (475, 950.0)]
+
+
 def test_known_evals_are_keyed_by_model_path_and_only_on_the_same_rows(tmp_path):
     data = tmp_path / "data"
     for name, limit in (("a", 250), ("b", 100)):
