@@ -4,9 +4,10 @@ For each setting (full: ``deploy/configs/small-cpu.yaml``; few-shot: ``deploy/co
 the same with 500 labelled training images for SFT and RL alike):
 
     main job    ``deploy.pipeline.run_pipeline``: SFT, then RL with the curriculum, then evaluation
-    sft         the SFT checkpoint RL started from, evaluated the same way
-    sft_control SFT continued from that checkpoint for as long as RL trained (wall time), so RL is not
-                credited for mere extra training
+    sft         the SFT model RL started from, evaluated the same way
+    sft_control SFT continued from SFT's last checkpoint for as long as RL trained (wall time), so RL is not
+                credited for mere extra training; with ``sft.average_last`` both are weight averages of their
+                own last snapshots (``deploy.sft``)
 
 Every model is evaluated greedily on the held-out test_easy and test_hard splits (``train.eval_limit``
 rows each). Prints ONE JSON object (also written to ``<out>/result.json``)::
@@ -47,8 +48,8 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
-from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT, M_FORMAT,  # noqa: E402
-                             M_FOUND, M_MIOU, M_MIOU_FOUND, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
+from deploy.evaluate import (ALL_TASKS, B_FIXED_BOX_MIOU, GREEDY, M_AP50, M_CATEGORY, M_DISTINCT,  # noqa: E402
+                             M_FORMAT, M_FOUND, M_MIOU, M_MIOU_FOUND, M_PRESENCE, M_PRESENCE_AUC, M_ROWS)
 from deploy.pipeline import SFT_DIR  # noqa: E402
 from deploy.sft import SFT_SUMMARY_FILE  # noqa: E402
 
@@ -60,8 +61,8 @@ MIN_PRESENCE = 0.90
 SPLITS = {"easy": "test_easy", "hard": "test_hard"}
 RESULT_FILE = "result.json"
 CONTROL_DIR = "sft_control"
-# The control as a whole: {"checkpoint", "steps", "wall_s"}, wall_s counting an earlier run's control it continued
-# (its sft_summary.json counts only what that run_sft trained).
+# The control as a whole: {"checkpoint", "model", "steps", "wall_s"}, wall_s counting an earlier run's control it
+# continued (its sft_summary.json counts only what that run_sft trained).
 CONTROL_SUMMARY_FILE = "control_summary.json"
 # eval.json key → the benchmark's name for it.
 FIELDS = {M_FORMAT: "format_validity", M_PRESENCE: "presence_accuracy", M_PRESENCE_AUC: "presence_auc",
@@ -98,19 +99,22 @@ def take_earlier_sft(earlier: Path, out: Path, *, steps: int) -> None:
 
 
 def earlier_control(earlier: Path) -> dict:
-    """The SFT control of an earlier run's setting directory: {"checkpoint", "steps", "wall_s"} with all the
+    """The SFT control of an earlier run's setting directory: {"checkpoint", "model", "steps", "wall_s"} (runs from
+    before ``model`` existed: the checkpoint, which was the model) with all the
     training it had (``CONTROL_SUMMARY_FILE``; runs from before that file: their control's sft_summary.json,
     which is the whole control only when that run did not itself continue a reused one)."""
     whole = earlier / CONTROL_DIR / CONTROL_SUMMARY_FILE
     if whole.is_file():
-        return json.loads(whole.read_text())
+        control = json.loads(whole.read_text())
+        return {"model": control["checkpoint"], **control}
     control_file = earlier / CONTROL_DIR / SFT_SUMMARY_FILE
     if not control_file.is_file():
         raise ValueError(f"--reuse: {control_file} is missing (that run's SFT control did not finish)")
     if "reused_from" in json.loads((earlier / SFT_DIR / SFT_SUMMARY_FILE).read_text()):
         raise ValueError(f"--reuse: {earlier} reused an earlier run and has no {CONTROL_SUMMARY_FILE}: its control's "
                          "summary counts only its own continuation")
-    return json.loads(control_file.read_text())
+    control = json.loads(control_file.read_text())
+    return {"model": control["checkpoint"], **control}
 
 
 def control_start(earlier: dict | None, *, sft_checkpoint: str, rl_seconds: float) -> tuple[str, float, float]:
@@ -137,7 +141,7 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
         take_earlier_sft(earlier, out, steps=config.sft.steps)
     pipeline = run_pipeline(config, resume=True)
     rl_seconds = pipeline["stages"]["rl"]["wall_s"]
-    sft_checkpoint = pipeline["sft_checkpoint"]
+    sft_checkpoint, sft_model = pipeline["sft_checkpoint"], pipeline["sft_model"]
 
     start_from, seconds, control_seconds = control_start(reused_control, sft_checkpoint=sft_checkpoint,
                                                         rl_seconds=rl_seconds)
@@ -147,17 +151,18 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
         control = run_sft(control_config, out_dir=out / CONTROL_DIR, init_from=start_from)
         # the seconds it trained (its summary's, as for a reused control), not its learner's start-up
         control_seconds += control.wall_s
-        control_checkpoint, control_steps = control.checkpoint, control.steps
+        control_checkpoint, control_model, control_steps = control.checkpoint, control.model, control.steps
     else:  # only an earlier control can have nothing left to train
-        control_checkpoint, control_steps = start_from, reused_control["steps"]
+        control_checkpoint, control_model, control_steps = start_from, reused_control["model"], reused_control["steps"]
         log.info("SFT control taken from %s (%.0f s >= RL's %.0f s)", start_from, control_seconds, rl_seconds)
     (out / CONTROL_DIR).mkdir(parents=True, exist_ok=True)
     (out / CONTROL_DIR / CONTROL_SUMMARY_FILE).write_text(json.dumps(
-        {"checkpoint": control_checkpoint, "steps": control_steps, "wall_s": control_seconds}, indent=2))
+        {"checkpoint": control_checkpoint, "model": control_model, "steps": control_steps, "wall_s": control_seconds},
+        indent=2))
 
     evals = {"rl": pipeline["eval_json"]}
-    for name, checkpoint in (("sft", sft_checkpoint), ("sft_control", control_checkpoint)):
-        _, files = evaluate_and_report(config, model_path=checkpoint, data=config.data.path, splits=None,
+    for name, model in (("sft", sft_model), ("sft_control", control_model)):
+        _, files = evaluate_and_report(config, model_path=model, data=config.data.path, splits=None,
                                        limit=config.train.eval_limit, out=out / "eval" / name, run_dir=None)
         evals[name] = str(files.eval_json)
     result = {name: summarise(path) for name, path in evals.items()}

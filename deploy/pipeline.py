@@ -3,8 +3,9 @@
 Each stage reuses what an earlier run already made: the builtin model and the synthetic data are
 built once (``models.config.resolve_model_path``, ``deploy.training_data.prepare_training_data``), a
 finished SFT (its summary names its checkpoint) is not run again, and ``resume`` continues an
-interrupted SFT or RL from its last complete checkpoint. RL starts from SFT's last checkpoint, which
-is a plain model directory, so the RL driver treats it like any ``model.path``.
+interrupted SFT or RL from its last complete checkpoint. RL starts from SFT's model (its last checkpoint, or
+with ``sft.average_last`` the weight average of its last snapshots), a plain model directory, so the RL driver
+treats it like any ``model.path``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,19 @@ EVAL_DIR = "eval"
 PIPELINE_SUMMARY_FILE = "pipeline_summary.json"
 
 
-def finished_sft(out_dir: Path, *, steps: int) -> str | None:
-    """The checkpoint of an SFT under ``out_dir`` that already ran all ``steps``, else None."""
+def finished_sft(out_dir: Path, *, steps: int) -> tuple[str, str] | None:
+    """(last checkpoint, model) of an SFT under ``out_dir`` that already ran all ``steps``, else None (summaries
+    from before ``model`` existed name the checkpoint, which was the model)."""
     from deploy.sft import SFT_SUMMARY_FILE
 
     summary_file = out_dir / SFT_SUMMARY_FILE
     if not summary_file.is_file():
         return None
     summary = json.loads(summary_file.read_text())
-    if summary.get("steps") == steps and Path(summary.get("checkpoint", "")).is_dir():
-        return summary["checkpoint"]
+    checkpoint = summary.get("checkpoint", "")
+    model = summary.get("model", checkpoint)
+    if summary.get("steps") == steps and Path(checkpoint).is_dir() and Path(model).is_dir():
+        return checkpoint, model
     return None
 
 
@@ -64,17 +68,18 @@ def run_pipeline(config, *, resume: bool = False,
     if config.sft is not None:
         began = time.perf_counter()
         sft_out = out / SFT_DIR
-        checkpoint = finished_sft(sft_out, steps=config.sft.steps)
-        if checkpoint is None:
+        finished = finished_sft(sft_out, steps=config.sft.steps)
+        if finished is None:
             result = run_sft(config, out_dir=sft_out, resume=resume,
                              progress=progress("sft") if progress else None)
-            checkpoint = result.checkpoint
+            checkpoint, model = result.checkpoint, result.model
         else:
-            log.info("pipeline: SFT already finished (%s)", checkpoint)
-        timed("sft", began, checkpoint=checkpoint)
-        # RL starts from SFT's weights: one model per run, that model.
-        rl_config = config.model_copy(update={"model": config.model.model_copy(update={"path": checkpoint})})
-        summary["sft_checkpoint"] = checkpoint
+            checkpoint, model = finished
+            log.info("pipeline: SFT already finished (%s)", model)
+        timed("sft", began, checkpoint=checkpoint, model=model)
+        # RL starts from SFT's model: one model per run, that model.
+        rl_config = config.model_copy(update={"model": config.model.model_copy(update={"path": model})})
+        summary["sft_checkpoint"], summary["sft_model"] = checkpoint, model
 
     began = time.perf_counter()
     driver = Driver(rl_config, resume=resume)

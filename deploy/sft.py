@@ -10,6 +10,11 @@ have the same format and RL starts from SFT's last one as from any model directo
 A run goes through the training rows in shuffled epochs; with ``easy_first`` the first epoch shows
 the easy rows before the hard ones. ``max_seconds`` stops early on wall time: the "SFT control" of
 the learning benchmark continues SFT from a checkpoint for as long as RL trained.
+
+At a constant lr one step's weights are a draw from a wide scatter (issue #9: held-out hard mIoU 0.41-0.46 between
+checkpoints 25 steps apart). With ``average_last: K`` the run keeps weight snapshots every ``average_every`` steps
+(the last K, plain model directories) and ends with their uniform average (``models.average``): the model RL starts
+from and the one evaluated as "SFT". The last checkpoint, with its optimiser state, stays what a control continues.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ log = logging.getLogger(__name__)
 
 SFT_EVENTS_FILE = "sft_events.jsonl"  # one JSON object per SFT step
 SFT_SUMMARY_FILE = "sft_summary.json"
+SNAPSHOT_DIR = "snapshots"  # <out>/snapshots/step_N: the weights average_last averages (the last K are kept)
+AVERAGE_DIR = "average"  # <out>/average: their weight average, a plain model directory
 
 
 class SFTConfig(BaseModel):
@@ -62,6 +69,10 @@ class SFTConfig(BaseModel):
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every N steps (0: only at the end); a run's later checkpoints show "
         "how far one is from the next (bench.checkpoint_curve)")
+    average_last: int = Field(
+        0, ge=0, description="end with the uniform weight average of the last K snapshots, taken every "
+        "average_every steps and at the last step, as the run's model (0: the last step's weights)")
+    average_every: int = Field(25, ge=1, description="steps between the snapshots average_last averages")
     num_cpus_per_rank: float | None = Field(
         None, gt=0.0, description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); "
         "nothing else runs beside SFT, and torch takes as many threads as the rank reserves")
@@ -83,17 +94,22 @@ class SFTConfig(BaseModel):
             raise ValueError("zoom_context: zoom traces use the brief think (set think: brief)")
         if self.zoom_names_after and self.zoom_context is None:
             raise ValueError("zoom_names_after: names the animal after a zoom; set zoom_context (zoom traces)")
+        if (self.average_last - 1) * self.average_every >= self.steps:
+            raise ValueError(f"average_last ({self.average_last}) snapshots every average_every ({self.average_every}) "
+                             f"steps reach back before step 1 of {self.steps}")
         return self
 
 
 @dataclass
 class SFTSummary:
     steps: int
-    checkpoint: str  # the last checkpoint: a model directory RL (or eval) can start from
+    checkpoint: str  # the last checkpoint (weights and optimiser state): what a resume or a control continues
+    model: str  # the model the run produced, for RL and evaluation: the weight average, else the last checkpoint
     wall_s: float
     nll: float  # mean NLL per token over the last log_every steps
     rows: int  # training rows available
     events_path: str
+    averaged_steps: list[int]  # the snapshots ``model`` averages ([]: average_last is 0)
 
 
 def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
@@ -211,12 +227,53 @@ class SupervisedBatches:
         return in_crop, seen.image.size
 
 
+class WeightSnapshots:
+    """The last ``keep`` weight snapshots of a run, ``<root>/step_N`` model directories, and their average."""
+
+    def __init__(self, root: Path, *, keep: int):
+        self.root, self.keep = root, keep
+
+    def steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(d.name.removeprefix("step_")) for d in self.root.glob("step_*") if d.is_dir())
+
+    def take(self, learner, step: int) -> None:
+        """Save the learner's weights as ``step_<step>`` and delete those beyond the last ``keep``."""
+        import shutil
+
+        learner.save_pretrained(self.root / f"step_{step}")
+        for old in self.steps()[:-self.keep]:
+            shutil.rmtree(self.root / f"step_{old}")
+
+    def discard_after(self, step: int) -> None:
+        """Delete snapshots past ``step``: left by a run that stopped after its last checkpoint, which a resume
+        from that checkpoint trains again."""
+        import shutil
+
+        for later in (s for s in self.steps() if s > step):
+            shutil.rmtree(self.root / f"step_{later}")
+
+    def average(self, out_dir: Path) -> list[int]:
+        """Write the average of the kept snapshots to ``out_dir``; returns their steps."""
+        from models.average import average_checkpoints
+
+        steps = self.steps()
+        if len(steps) < self.keep:
+            log.info("SFT average: %d snapshots (steps %s), fewer than average_last=%d: the run was shorter",
+                     len(steps), steps, self.keep)
+        average_checkpoints([self.root / f"step_{step}" for step in steps], out_dir)
+        log.info("SFT model: the weight average of the snapshots at steps %s (%s)", steps, out_dir)
+        return steps
+
+
 def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None, resume: bool = False,
             progress: Callable[[int, int], None] | None = None) -> SFTSummary:
     """Supervised fine-tuning of ``config.model`` on ``config.data``'s training rows (``config.sft``).
 
     Writes ``<out_dir>/checkpoints/step_N`` (learner checkpoints, each also a model directory),
-    ``sft_events.jsonl`` and ``sft_summary.json``. ``init_from``: start from that checkpoint's full state
+    ``sft_events.jsonl`` and ``sft_summary.json``; with ``sft.average_last``, ``snapshots/step_N`` and their
+    weight average ``average/`` (the summary's ``model``). ``init_from``: start from that checkpoint's full state
     (weights, optimiser, step) and write to ``out_dir`` (the SFT control); ``resume``: continue from
     ``out_dir``'s last complete checkpoint. Starts a local Ray when none is running.
     """
@@ -253,6 +310,9 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     if start_from is not None:
         step = int(learner.load_checkpoint(start_from).get("sft_step", 0))
         log.info("SFT continues from %s at step %d", start_from, step)
+    snapshots = WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last) if sft.average_last else None
+    if snapshots is not None:
+        snapshots.discard_after(step)
     order = row_order(data.rows, seed=sft.seed, easy_first=sft.easy_first)
     for _ in range(step * sft.batch_samples):  # the rows earlier steps consumed (exact resume)
         next(order)
@@ -281,18 +341,26 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < end_step:
                     checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
                     saved_step = step
+                if snapshots is not None and step % sft.average_every == 0:
+                    snapshots.take(learner, step)
                 if step % sft.log_every == 0 or step == end_step:
                     elapsed = time.perf_counter() - start
                     log.info("sft step %d/%d  nll %.4f  lr %.2e  %.1f s/step", step, end_step,
                              sum(recent) / len(recent), stats["learner/lr"], elapsed / (step - first_step))
             if step > saved_step:
                 checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
+            if snapshots is not None and step > first_step and step not in snapshots.steps():
+                snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
     finally:
         learner.shutdown()
     if checkpoint is None:
         raise ValueError("SFT made no step (max_seconds too small?) and had no checkpoint to start from")
-    summary = SFTSummary(steps=step, checkpoint=checkpoint, wall_s=time.perf_counter() - start,
+    model, averaged_steps = checkpoint, []
+    if snapshots is not None and snapshots.steps():
+        averaged_steps = snapshots.average(out / AVERAGE_DIR)
+        model = str(out / AVERAGE_DIR)
+    summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=time.perf_counter() - start,
                          nll=sum(recent) / len(recent) if recent else float("nan"), rows=len(data.rows),
-                         events_path=str(out / SFT_EVENTS_FILE))
+                         events_path=str(out / SFT_EVENTS_FILE), averaged_steps=averaged_steps)
     (out / SFT_SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary

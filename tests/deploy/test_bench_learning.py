@@ -93,12 +93,12 @@ def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypat
     def run_pipeline(config, resume):
         taken = json.loads((out / "sft" / "sft_summary.json").read_text())  # what finished_sft reads
         return {"stages": {"rl": {"wall_s": rl_seconds}}, "sft_checkpoint": taken["checkpoint"],
-                "eval_json": "rl.json"}
+                "sft_model": taken.get("model", taken["checkpoint"]), "eval_json": "rl.json"}
 
     def run_sft(config, *, out_dir, init_from):
         trained.append((str(init_from), config.sft.max_seconds))
-        return SFTSummary(steps=830, checkpoint="new/sft_control/step_830", wall_s=110.0, nll=0.3, rows=2000,
-                          events_path="")
+        return SFTSummary(steps=830, checkpoint="new/sft_control/step_830", model="new/sft_control/average",
+                          wall_s=110.0, nll=0.3, rows=2000, events_path="", averaged_steps=[825, 830])
 
     def evaluate_and_report(config, *, model_path, **_):
         evaluated.append(model_path)
@@ -115,12 +115,12 @@ def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypat
     assert evaluated[0] == "old/sft/step_500"
     if continued:  # RL trained 105 s longer than the earlier control: continued from it for those seconds
         assert trained == [("old/sft_control/step_808", pytest.approx(105.0))]
-        assert evaluated[1] == "new/sft_control/step_830"
+        assert evaluated[1] == "new/sft_control/average"  # the control's model: its own weight average
         assert result["wall_s"]["sft_control"] == pytest.approx(1595.0 + 110.0)
         assert result["wall_s"]["sft_control_steps"] == 830
         # A later --reuse of this run continues its control from all 1,705 s, not the 110 s its run_sft trained.
-        assert earlier_control(out) == {"checkpoint": "new/sft_control/step_830", "steps": 830,
-                                        "wall_s": pytest.approx(1705.0)}
+        assert earlier_control(out) == {"checkpoint": "new/sft_control/step_830", "model": "new/sft_control/average",
+                                        "steps": 830, "wall_s": pytest.approx(1705.0)}
     else:
         assert trained == []
         assert evaluated[1] == "old/sft_control/step_808"

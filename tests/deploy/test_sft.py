@@ -3,6 +3,7 @@
 import itertools
 
 import pytest
+import torch
 
 from deploy.config import load_run_config, shipped_configs
 from deploy.sft import SFTConfig, SupervisedBatches, row_order, sft_learner_config
@@ -205,3 +206,55 @@ def test_jittered_zoom_traces_vary_the_crop_keep_the_animal_in_it_and_are_reprod
         regions.append(trajectory.zoom_boxes[0])
     assert len({tuple(r) for r in regions}) >= 6  # sizes and places vary from step to step
     assert batches.group(row_id, issue=3).trajectories[0].zoom_boxes == [regions[3]]  # a step rebuilds its crop
+
+
+def test_an_average_window_must_fit_in_the_run():
+    SFTConfig(steps=500, average_last=8, average_every=25)  # snapshots at 325 ... 500
+    with pytest.raises(ValueError, match="average_last"):
+        SFTConfig(steps=100, average_last=8, average_every=25)  # would reach back to step -75
+
+
+class _SavesWeights:
+    """Stands in for the LearnerGroup (Ray actors, minutes to start): save_pretrained writes the tiny model's
+    weights scaled by the step, so each snapshot differs and their mean is known. The real group saves snapshots
+    in tests/e2e/test_pipeline.py."""
+
+    def __init__(self, model_dir):
+        self.model_dir, self.step = model_dir, 0
+
+    def save_pretrained(self, out_dir):
+        import shutil
+
+        from safetensors.torch import load_file, save_file
+
+        shutil.copytree(self.model_dir, out_dir)
+        weights = load_file(out_dir / "model.safetensors")
+        save_file({k: t * self.step if t.is_floating_point() else t for k, t in weights.items()},
+                  out_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_snapshots_keep_the_last_k_and_average_them(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from deploy.sft import WeightSnapshots
+
+    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=3), _SavesWeights(tiny_model_dir)
+    for step in (25, 50, 75, 100, 113):  # 113: the last step of a run stopped on max_seconds
+        learner.step = step
+        snapshots.take(learner, step)
+    assert snapshots.steps() == [75, 100, 113]
+    assert snapshots.average(tmp_path / "average") == [75, 100, 113]
+    original = load_file(tiny_model_dir / "model.safetensors")
+    averaged = load_file(tmp_path / "average" / "model.safetensors")
+    name = next(k for k, t in original.items() if t.is_floating_point() and t.abs().sum() > 0)
+    torch.testing.assert_close(averaged[name], original[name] * (75 + 100 + 113) / 3, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_drops_the_snapshots_past_its_checkpoint(tiny_model_dir, tmp_path):
+    from deploy.sft import WeightSnapshots
+
+    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=4), _SavesWeights(tiny_model_dir)
+    for step in (25, 50, 75):
+        snapshots.take(learner, step)
+    snapshots.discard_after(50)  # the run died after step 75's snapshot; its last checkpoint was at 50
+    assert snapshots.steps() == [25, 50]

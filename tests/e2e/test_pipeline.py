@@ -37,7 +37,8 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
         "--set", f"sft.steps={SFT_STEPS}", "--set", "sft.batch_samples=8", "--set", "sft.micro_batch_samples=4",
         "--set", "sft.warmup_steps=1", "--set", "sft.log_every=1", "--set", "sft.checkpoint_every=2",
     ]
-    for override in ZOOM if zoom else []:
+    # One turn also ends SFT with a weight average: snapshots at step 2 and at the last step (3).
+    for override in ZOOM if zoom else ["sft.average_last=2", "sft.average_every=2"]:
         command += ["--set", override]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
@@ -48,7 +49,7 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
     assert list(summary["stages"]) == ["model", "data", "sft", "rl", "eval"]
     assert summary["stages"]["data"]["rows"] == 48  # 80 % of 60 synthetic images
 
-    # SFT: every step logged, the loss fell, and its checkpoint is the model RL started from.
+    # SFT: every step logged, the loss fell, and its model (checkpoint or average) is the one RL started from.
     sft_events = [json.loads(line) for line in (run / "sft" / "sft_events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in sft_events] == list(range(1, SFT_STEPS + 1))
     assert all(math.isfinite(e["loss/sft_nll"]) for e in sft_events)  # zoom turns' image pads once made NaN
@@ -56,7 +57,17 @@ def test_train_runs_sft_then_rl_then_evaluation_and_writes_the_report(tiny_model
     sft_checkpoint = Path(summary["sft_checkpoint"])
     assert sft_checkpoint == run / "sft" / "checkpoints" / f"step_{SFT_STEPS}"
     assert (sft_checkpoint / "config.json").is_file() and (sft_checkpoint / "model.safetensors").is_file()
-    assert str(sft_checkpoint) in done.stderr  # the RL driver logged the model it loaded
+    sft_model = Path(summary["sft_model"])
+    if zoom:
+        assert sft_model == sft_checkpoint
+    else:
+        assert sft_model == run / "sft" / "average"
+        averaged = json.loads((sft_model / "averaged_from.json").read_text())
+        assert [Path(d).name for d in averaged] == ["step_2", "step_3"]
+        assert sorted(p.name for p in (run / "sft" / "snapshots").iterdir()) == ["step_2", "step_3"]
+        assert (sft_model / "model.safetensors").is_file() and (sft_model / "tokenizer.json").is_file()
+        assert not (sft_model / "state").exists()  # a model directory, not a resumable checkpoint
+    assert str(sft_model) in done.stderr  # the RL driver logged the model it loaded
     # sft.checkpoint_every=2 of 3 steps: one checkpoint on the way, one at the end (not written twice).
     assert sorted(p.name for p in (run / "sft" / "checkpoints").iterdir()) == ["step_2", "step_3"]
 
