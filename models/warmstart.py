@@ -76,6 +76,10 @@ class WarmStartConfig(BaseModel):
     bf16: bool = Field(
         False, description="bfloat16 autocast of the tower's forward and the losses (fp32 weights and optimiser)")
     seed: int = Field(0, ge=0, description="seed of the image stream and the head's initialisation")
+    loader_workers: int = Field(
+        0, ge=0, le=64, description="render the images in this many DataLoader worker processes, each its own "
+        "stream (0: in the training loop, one stream; on 2 cores workers gained nothing, on a GPU machine the "
+        "rendering is the bottleneck)")
     log_every: int = Field(25, ge=1, description="steps between progress lines")
 
 
@@ -248,14 +252,42 @@ def presence_auc(scores: torch.Tensor, present: torch.Tensor) -> float:
     return float("nan") if auc is None else auc
 
 
+class StreamShards(torch.utils.data.IterableDataset):
+    """The steps' batches rendered by DataLoader workers: worker w renders steps w, w + W, ... from its own stream
+    (seed + 1000 (w + 1)), so a loader yields them in step order (difficulty follows the step)."""
+
+    def __init__(self, *, config: WarmStartConfig, image_processor, grid: int):
+        self.config, self.image_processor, self.grid = config, image_processor, grid
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        config = self.config.model_copy(update={"seed": self.config.seed + 1000 * (worker + 1)})
+        stream = ImageStream(config=config, image_processor=self.image_processor, grid=self.grid)
+        for step in range(worker, self.config.steps, workers):
+            yield stream.batch(step)
+
+
+def step_batches(config: WarmStartConfig, *, image_processor, grid: int):
+    """Each step's batch, in step order: rendered in the loop (``loader_workers`` 0) or by DataLoader workers."""
+    if config.loader_workers == 0:
+        stream = ImageStream(config=config, image_processor=image_processor, grid=grid)
+        return (stream.batch(step) for step in range(config.steps))
+    shards = StreamShards(config=config, image_processor=image_processor, grid=grid)
+    return iter(torch.utils.data.DataLoader(shards, batch_size=None, num_workers=config.loader_workers,
+                                            prefetch_factor=4, persistent_workers=False))
+
+
 def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
                       progress: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, float]:
     """Train ``model``'s vision tower in place with the dense objective; returns the last step's losses
     and the last held-out diagnostics (``WS_HELD_*``).
 
-    ``model`` is a ``Qwen2_5_VLForConditionalGeneration``; only ``model.model.visual`` changes.
+    ``model`` is a ``Qwen2_5_VLForConditionalGeneration``; only ``model.model.visual`` changes. It trains on the
+    device the model is on (the default build: the CPU; bench.warmstart_scale moves it to a GPU).
     """
     visual = model.model.visual
+    device = next(visual.parameters()).device
     merge = visual.spatial_merge_size
     patch = image_processor.patch_size
     probe = image_processor(images=[np.zeros((config.image_size, config.image_size, 3), np.uint8)],
@@ -269,20 +301,20 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
     torch.manual_seed(config.seed)
     from data.synth import CATEGORIES
 
-    head = DenseHead(model.config.text_config.hidden_size, len(CATEGORIES))
+    head = DenseHead(model.config.text_config.hidden_size, len(CATEGORIES)).to(device)
     params = list(visual.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    stream = ImageStream(config=config, image_processor=image_processor, grid=grid)
     held_config = config.model_copy(update={"seed": config.seed + 1, "batch_images": HELD_OUT_IMAGES,
                                             "easy_first_fraction": 0.0})
     held_out = ImageStream(config=held_config, image_processor=image_processor, grid=grid).batch(0)
+    held_out = {key: value.to(device) for key, value in held_out.items()}
     visual.train()
     start, last = time.perf_counter(), {}
-    for step in range(config.steps):
-        batch = stream.batch(step)
+    for step, batch in enumerate(step_batches(config, image_processor=image_processor, grid=grid)):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config=config)
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=config.bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16):
             tokens = visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
             losses = dense_losses(head, tokens, batch, config=config,
                                   category_weight=category_weight_at(step, config=config))
@@ -291,8 +323,6 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         last = {name: float(value.detach()) for name, value in losses.items()}
-        if progress is not None:
-            progress(step, last)
         if step % config.log_every == 0 or step == config.steps - 1:
             last.update(held_out_report(visual, head, held_out))
             elapsed = time.perf_counter() - start
@@ -303,5 +333,7 @@ def warm_start_vision(model, *, image_processor, config: WarmStartConfig,
                      last[WS_OBJECTNESS], last[WS_CATEGORY], last[WS_IMAGE_CATEGORY], last[WS_BOX], last[WS_HELD_HIT],
                      last[WS_HELD_HIT_CHANCE], last[WS_HELD_CATEGORY], 1 / head.num_categories,
                      last[WS_HELD_PRESENCE_AUC])
+        if progress is not None:
+            progress(step, last)  # with the held-out diagnostics on the steps that log them
     visual.eval()
     return last

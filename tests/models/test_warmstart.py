@@ -117,3 +117,24 @@ def test_presence_auc_hand_computed():
     # Pairs (present, absent): 0.9>0.4, 0.9>0.1, 0.4=0.4 (half), 0.4>0.1 → 3.5 / 4.
     assert presence_auc(scores, present) == pytest.approx(0.875)
     assert math.isnan(presence_auc(scores, torch.ones(4, dtype=torch.bool)))
+
+
+def test_loader_workers_render_every_step_in_order_from_their_own_streams(tiny_model_dir):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoImageProcessor
+
+    from models.warmstart import ImageStream, step_batches
+
+    processor = AutoImageProcessor.from_pretrained(tiny_model_dir, backend="pil")
+    # easy_first_fraction 1: the difficulty range widens with every step, so a batch out of order would differ.
+    config = WarmStartConfig(steps=6, batch_images=2, image_size=56, easy_first_fraction=1.0)
+    inline = list(step_batches(config, image_processor=processor, grid=1))
+    loaded = list(step_batches(config.model_copy(update={"loader_workers": 2}), image_processor=processor, grid=1))
+    assert len(inline) == len(loaded) == 6
+    # Worker w renders steps w, w + 2, w + 4 from its own stream (seed + 1000 (w + 1)); the loader yields step order.
+    for worker in (0, 1):
+        stream = ImageStream(config=config.model_copy(update={"seed": 1000 * (worker + 1)}), image_processor=processor,
+                             grid=1)
+        for step in range(worker, 6, 2):
+            torch.testing.assert_close(loaded[step]["pixel_values"], stream.batch(step)["pixel_values"])
+    assert not torch.equal(loaded[0]["pixel_values"], inline[0]["pixel_values"])  # not the in-loop stream
