@@ -11,15 +11,44 @@ would accumulate into the vision weights.
 
 Pass the Hugging Face model itself (under DeepSpeed, ``engine.module``); ZeRO-3 gathers parameters
 through module hooks, so calling the vision tower and the full model separately is fine.
+
+``mm_encoder_outputs`` is a parameter of Qwen2.5-VL's forward in transformers 5.19 but not in 5.17 (the
+pin admits both): there it lands in ``**kwargs`` and is ignored, so the language model would read the
+bare ``<|image_pad|>`` embeddings: no image, and no gradient for the vision tower. Where the model's
+forward does not name it, each row's images are encoded by the model itself (the reference path).
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
+import logging
 
 import torch
 from torch import Tensor
 
 from actors.types import placeholder_token_ids
 from learner.batch import LearnerBatch
+
+log = logging.getLogger(__name__)
+
+
+def accepts_encoder_outputs(model) -> bool:
+    """Whether ``model``'s forward takes precomputed image embeddings (``mm_encoder_outputs``).
+
+    ``model`` may be the HF model, a peft wrapper of it, or anything that forwards attribute reads to
+    one (the learner's ``EngineForward``).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+
+
+@functools.cache
+def _warn_no_encoder_outputs() -> None:
+    import transformers
+
+    log.warning("transformers %s: Qwen2.5-VL's forward takes no mm_encoder_outputs; images are encoded once "
+                "per sample instead of once per group (same result, more vision compute)", transformers.__version__)
 
 
 def _check_image_pads(batch: LearnerBatch, *, image_token_id: int, merge_size: int) -> None:
@@ -52,6 +81,7 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
         batch: from ``learner.batch.collate`` (already on the model's device).
         encode_images_once_per_group: True runs the vision tower once on the unique images; False is
             the reference path: a plain model forward with every row's images repeated.
+            True falls back to False where the model's forward takes no ``mm_encoder_outputs``.
         with_entropy: also return the per-token entropy of the predicting distribution [B, L]
             (detached; for metrics only), same alignment.
         temperature: the distribution the rollout sampled from (the engines' behaviour log-probs are
@@ -79,6 +109,9 @@ def sequence_logprobs(model, batch: LearnerBatch, *, encode_images_once_per_grou
         use_cache=False,
         logits_to_keep=keep,
     )
+    if encode_images_once_per_group and not accepts_encoder_outputs(model):
+        _warn_no_encoder_outputs()
+        encode_images_once_per_group = False
     if encode_images_once_per_group:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 

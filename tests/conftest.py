@@ -11,8 +11,20 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# DeepSpeed picks its accelerator at import time; on machines without CUDA it must be told.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+def _has_cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# DeepSpeed picks its accelerator at import time; on machines without CUDA it must be told. Where torch
+# sees a GPU it is left to DeepSpeed's detection (cuda), so the tests marked gpu run on its CUDA path.
+if not _has_cuda():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # Caches and temp files stay inside the checkout (CI rule); nothing is ever fetched from a hub.
 for _var, _sub in (
     ("HF_HOME", ".cache/huggingface"),
@@ -23,14 +35,6 @@ for _var, _sub in (
     os.environ.setdefault(_var, str(REPO / _sub))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_TMPDIR", str(REPO / ".tmp" / "ray"))
-
-
-def _has_cuda() -> bool:
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _has_vllm() -> bool:
