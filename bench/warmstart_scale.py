@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,11 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(spec, token_ids=token_ids))
     model.model.visual.to(device)
     pixels = args.image_size * args.image_size
-    work = Path(args.out).parent if args.out else Path(".tmp")
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(min_pixels=pixels,
-                                                                                  max_pixels=pixels)))
-    image_processor = AutoImageProcessor.from_pretrained(work, backend="pil")
+    with tempfile.TemporaryDirectory() as work:  # the processor is read from a directory: every image at its size
+        (Path(work) / "preprocessor_config.json").write_text(
+            json.dumps(preprocessor_config(min_pixels=pixels, max_pixels=pixels)))
+        image_processor = AutoImageProcessor.from_pretrained(work, backend="pil")
     config = WarmStartConfig(steps=args.steps, batch_images=args.batch_images, lr=args.lr, box_weight=args.box_weight,
                              category_weight=args.category_weight, category_start_fraction=args.category_start,
                              image_size=args.image_size, loader_workers=args.workers, log_every=args.log_every,

@@ -168,6 +168,13 @@ RECIPES: dict[str, BuildRecipe] = {
     # the objectness hit fell from 0.50-0.57 to 0.42-0.52 (stopped at step 900). Yet this recipe's finished
     # tower, fine-tuned on tight centred crops (1.2x) with the category as its only objective, learns them:
     # 0.58 against 0.27 on whole images (bench.category_probe). Categories are left to SFT for now.
+    # What more compute does (bench.warmstart_scale on an H100, images rendered by DataLoader workers; held-out
+    # category from the tokens pooled over the animal's true cells, chance 0.14): at weight 1.0 from 10 % of the
+    # steps the tower learnt no categories in 6,500 steps × 32 images at 112 px (0.14-0.24) and its objectness hit
+    # fell from 0.65 to 0.12-0.29 once they joined; at weight 0.2 from 30 % it keeps the hit (0.63-0.69) and learns
+    # them slowly: 0.25 / 0.30 / 0.41 at 400 / 1,400 / 3,400 steps after they joined (112 px, 7,000-step schedule);
+    # at 224 px (64 tokens) 0.52 at step 2,750 of 3,000, hit 0.93. Those are 1-2 h builds on 2 CPU cores (0.62 s per
+    # step at 112 px, 2.5 s at 224).
     # 1500 steps (969 s against ~580 for 900) see better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
     # images (bench.tower_probe), and after the same SFT hard presence 0.892 vs 0.832, hard mIoU 0.421 vs
     # 0.350; the fresh-machine main job stays under its 45 minutes (timed: 43.9). Rendering the images in a
