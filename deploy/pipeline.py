@@ -2,7 +2,7 @@
 
 Each stage reuses what an earlier run already made: the builtin model and the synthetic data are
 built once (``models.config.resolve_model_path``, ``deploy.training_data.prepare_training_data``), a
-finished SFT (its summary names its checkpoint) is not run again, and ``resume`` continues an
+finished SFT (its summary names its checkpoint and model) is not run again, and ``resume`` continues an
 interrupted SFT or RL from its last complete checkpoint. RL starts from SFT's model (its last checkpoint, or
 with ``sft.average_last`` the weight average of its last snapshots), a plain model directory, so the RL driver
 treats it like any ``model.path``.

@@ -5,7 +5,7 @@ token ids come from the rollout's own ``ZoomEnv.reset`` (same chat template, sys
 pads and coordinate frame), the completion is ``data.prompts.target_completion`` (brief or refocus
 think, then the exact answer) followed by the end-of-turn token, and only the completion tokens are
 trained on. The learner is the same ``LearnerGroup`` of ZeRO-3 ranks the RL loop uses, so checkpoints
-have the same format and RL starts from SFT's last one as from any model directory.
+have the same format and RL starts from SFT's model as from any model directory.
 
 A run goes through the training rows in shuffled epochs; with ``easy_first`` the first epoch shows
 the easy rows before the hard ones. ``max_seconds`` stops early on wall time: the "SFT control" of
@@ -338,19 +338,21 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 events.flush()
                 if progress is not None:
                     progress(step, end_step)
+                # The snapshot before the checkpoint of the same step: a run that dies while writing it has no
+                # checkpoint at that step, so its resume starts earlier and discards the partial snapshot.
+                if snapshots is not None and step % sft.average_every == 0:
+                    snapshots.take(learner, step)
                 if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < end_step:
                     checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
                     saved_step = step
-                if snapshots is not None and step % sft.average_every == 0:
-                    snapshots.take(learner, step)
                 if step % sft.log_every == 0 or step == end_step:
                     elapsed = time.perf_counter() - start
                     log.info("sft step %d/%d  nll %.4f  lr %.2e  %.1f s/step", step, end_step,
                              sum(recent) / len(recent), stats["learner/lr"], elapsed / (step - first_step))
-            if step > saved_step:
-                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
             if snapshots is not None and step > first_step and step not in snapshots.steps():
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
+            if step > saved_step:
+                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
     finally:
         learner.shutdown()
     if checkpoint is None:
