@@ -174,7 +174,8 @@ RECIPES: dict[str, BuildRecipe] = {
     # fell from 0.65 to 0.12-0.29 once they joined; at weight 0.2 from 30 % it keeps the hit (0.63-0.69) and learns
     # them slowly: 0.25 / 0.30 / 0.41 at 400 / 1,400 / 3,400 steps after they joined (112 px, 7,000-step schedule);
     # at 224 px (64 tokens) 0.52 at step 2,750 of 3,000, hit 0.93. Those are 1-2 h builds on 2 CPU cores (0.62 s per
-    # step at 112 px, 2.5 s at 224).
+    # step at 112 px, 2.5 s at 224). Squeezed into this recipe's 1,500 CPU steps (905 s), the gentle objective gave
+    # category 0.23 but hit 0.47 and presence AUC 0.74, against this recipe's 0.67 and 0.94: not adopted.
     # 1500 steps (969 s against ~580 for 900) see better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
     # images (bench.tower_probe), and after the same SFT hard presence 0.892 vs 0.832, hard mIoU 0.421 vs
     # 0.350; the fresh-machine main job stays under its 45 minutes (timed: 43.9). Rendering the images in a
