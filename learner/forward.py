@@ -40,7 +40,14 @@ def accepts_encoder_outputs(model) -> bool:
     one (the learner's ``EngineForward``).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "mm_encoder_outputs" in inspect.signature(base.forward).parameters
+    forward = base.forward
+    return _takes_encoder_outputs(getattr(forward, "__func__", forward))
+
+
+@functools.cache
+def _takes_encoder_outputs(forward_function) -> bool:
+    """Read once per forward function: ``sequence_logprobs`` asks on every micro-batch."""
+    return "mm_encoder_outputs" in inspect.signature(forward_function).parameters
 
 
 @functools.cache
