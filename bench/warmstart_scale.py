@@ -50,29 +50,24 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
-    from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    from models.build import SIZES, preprocessor_config, qwen2_5_vl_config
-    from models.tokenizer import SPECIAL_TOKENS, train_tokenizer
-    from models.warmstart import (WS_HELD_CATEGORY, WS_HELD_HIT, WS_HELD_HIT_CHANCE, WS_HELD_PRESENCE_AUC,
-                                  WarmStartConfig)
     from data.synth import CATEGORIES
-    from models.warmstart import warm_start_vision
+    from models.build import RECIPES, build_model
+    from models.warmstart import (WS_HELD_CATEGORY, WS_HELD_HIT, WS_HELD_HIT_CHANCE, WS_HELD_PRESENCE_AUC,
+                                  WarmStartConfig, warm_start_vision)
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    spec = SIZES["small"]
-    tokenizer = train_tokenizer(vocab_size=spec.vocab_size, seed=0)
-    token_ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    spec = spec.model_copy(update={"vocab_size": max(spec.vocab_size, len(tokenizer))})
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(qwen2_5_vl_config(spec, token_ids=token_ids))
-    model.model.visual.to(device)
+    # The small model as the builder makes it, without its warm start (run here instead), showing every image at
+    # --image-size.
     pixels = args.image_size * args.image_size
-    with tempfile.TemporaryDirectory() as work:  # the processor is read from a directory: every image at its size
-        (Path(work) / "preprocessor_config.json").write_text(
-            json.dumps(preprocessor_config(min_pixels=pixels, max_pixels=pixels)))
-        image_processor = AutoImageProcessor.from_pretrained(work, backend="pil")
+    recipe = RECIPES["small"].model_copy(update={"min_pixels": pixels, "max_pixels": pixels, "warm_start": None})
+    with tempfile.TemporaryDirectory() as work:
+        model_dir = build_model(size="small", out_dir=Path(work) / "small", recipe=recipe)
+        model = AutoModelForImageTextToText.from_pretrained(model_dir)
+        image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+    model.model.visual.to(device)
     config = WarmStartConfig(steps=args.steps, batch_images=args.batch_images, lr=args.lr, box_weight=args.box_weight,
                              category_weight=args.category_weight, category_start_fraction=args.category_start,
                              image_size=args.image_size, loader_workers=args.workers, log_every=args.log_every,
