@@ -104,13 +104,10 @@ def earlier_control(earlier: Path) -> dict:
     training it had (``CONTROL_SUMMARY_FILE``; runs from before that file: their control's sft_summary.json,
     which is the whole control only when that run did not itself continue a reused one)."""
     whole = earlier / CONTROL_DIR / CONTROL_SUMMARY_FILE
-    if whole.is_file():
-        control = json.loads(whole.read_text())
-        return {"model": control["checkpoint"], **control}
-    control_file = earlier / CONTROL_DIR / SFT_SUMMARY_FILE
+    control_file = whole if whole.is_file() else earlier / CONTROL_DIR / SFT_SUMMARY_FILE
     if not control_file.is_file():
         raise ValueError(f"--reuse: {control_file} is missing (that run's SFT control did not finish)")
-    if "reused_from" in json.loads((earlier / SFT_DIR / SFT_SUMMARY_FILE).read_text()):
+    if control_file != whole and "reused_from" in json.loads((earlier / SFT_DIR / SFT_SUMMARY_FILE).read_text()):
         raise ValueError(f"--reuse: {earlier} reused an earlier run and has no {CONTROL_SUMMARY_FILE}: its control's "
                          "summary counts only its own continuation")
     control = json.loads(control_file.read_text())

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -240,8 +241,6 @@ class WeightSnapshots:
 
     def take(self, learner, step: int) -> None:
         """Save the learner's weights as ``step_<step>`` and delete those beyond the last ``keep``."""
-        import shutil
-
         learner.save_pretrained(self.root / f"step_{step}")
         for old in self.steps()[:-self.keep]:
             shutil.rmtree(self.root / f"step_{old}")
@@ -249,8 +248,6 @@ class WeightSnapshots:
     def discard_after(self, step: int) -> None:
         """Delete snapshots past ``step``: left by a run that stopped after its last checkpoint, which a resume
         from that checkpoint trains again."""
-        import shutil
-
         for later in (s for s in self.steps() if s > step):
             shutil.rmtree(self.root / f"step_{later}")
 
