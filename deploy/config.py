@@ -155,6 +155,12 @@ class RunConfig(BaseModel):
                 f"learner.global_batch_samples ({self.learner.global_batch_samples}) must equal "
                 f"train.prompts_per_step × rollout.sampling.n ({samples})"
             )
+        if self.learner.schedule != "constant" and self.learner.max_steps != self.train.steps:
+            # One RL step is one optimiser step: a decay that ends elsewhere stops early or never gets low.
+            raise ValueError(
+                f"learner.max_steps ({self.learner.max_steps}) must equal train.steps ({self.train.steps}) "
+                f"when learner.schedule is {self.learner.schedule!r}: the decay ends at max_steps"
+            )
         if self.train.prompts_per_step % self.cluster.rollout_workers:
             raise ValueError(
                 f"train.prompts_per_step ({self.train.prompts_per_step}) must divide evenly across "

@@ -61,6 +61,8 @@ INVALID = [
     (["learner.cpu_cores=3-1"], "runs backwards"),
     (["learner.cpu_cores=0|1|2", "learner.world_size=2", "learner.global_batch_samples=16"], "3 lists for 2 ranks"),
     (["rollout.engine.backend=hf", "rollout.engine.cpu_cores=0"], "cpu_cores"),
+    (["learner.schedule=cosine", "learner.max_steps=1000", "train.steps=100"],
+     "learner.max_steps (1000) must equal train.steps (100)"),
 ]
 
 
@@ -130,3 +132,8 @@ def test_cpu_core_lists_per_rank():
     split = LearnerConfig(cpu_cores="0-1|2-3", world_size=2, global_batch_samples=8)
     assert (split.rank_cpu_cores(0), split.rank_cpu_cores(1)) == ([0, 1], [2, 3])
     assert LearnerConfig().rank_cpu_cores(0) is None
+
+
+def test_a_decaying_rl_schedule_ending_at_the_last_step_validates():
+    config = load_run_config(None, ["learner.schedule=cosine", "learner.max_steps=100", "train.steps=100"])
+    assert (config.learner.schedule, config.learner.max_steps) == ("cosine", 100)
