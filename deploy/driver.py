@@ -114,6 +114,9 @@ class Driver:
         self._putting: dict = {}
         self._buckets: list = []  # the current version's weight buckets (for restarted workers)
         self._started = False
+        # Training seconds of the run before this process (a resumed run's checkpoint records them), so wall
+        # times in events and the summary count the whole run, as the SFT control that matches RL's time needs.
+        self._wall_offset = 0.0
         self._last_poll = 0.0
         self._recovery = threading.RLock()  # async mode: the learner thread's weight sync may recover too
 
@@ -547,7 +550,7 @@ class Driver:
         rewards = self._observe_rewards(batch)
         event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
                  "trained_tokens": tokens, "group_ids": [g.group_id for g in batch],
-                 "policy_versions": [g.policy_version for g in batch], "wall_s": time.perf_counter() - self._t0}
+                 "policy_versions": [g.policy_version for g in batch], "wall_s": self._elapsed()}
         events.write(json.dumps(event) + "\n")
         events.flush()
         log.info("step %d/%d stage %d reward %.3f loss %.4f (%.1fs learn, %.2fs sync)", self.step,
@@ -644,6 +647,7 @@ class Driver:
             "issue_counter": self._issue_counter,
             "curriculum": self.curriculum.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "wall_s": self._elapsed(),
         }
         leftover = self.out / "checkpoints" / step_dir_name(self.step)
         if leftover.is_dir() and not is_complete(leftover):
@@ -667,6 +671,7 @@ class Driver:
         self._issue_counter = extra["issue_counter"]
         self.curriculum.load_state_dict(extra["curriculum"])
         self.sampler.load_state_dict(extra["sampler"])
+        self._wall_offset = float(extra.get("wall_s", 0.0))  # checkpoints before it was recorded: 0
         # Groups the previous run had buffered (spilled to Parquet) are trained on like fresh ones.
         held = ray.get(self.buffer.held_ids.remote())
         for group_id in held:
@@ -678,6 +683,10 @@ class Driver:
         log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
 
     # ------------------------------------------------------------------ the loop
+    def _elapsed(self) -> float:
+        """Seconds this run has trained: this process's since ``run`` began, plus those before a resume."""
+        return self._wall_offset + time.perf_counter() - self._t0
+
     def run(self) -> RunSummary:
         self._t0 = time.perf_counter()
         if not self._started:
@@ -699,7 +708,7 @@ class Driver:
         summary = RunSummary(steps=self.step, version=self.version, stage=self.curriculum.current_stage,
                              ledger=self.ledger.summary(), events_path=str(self.out / EVENTS_FILE),
                              checkpoint=self.last_checkpoint, metrics_port=self.metrics_port,
-                             wall_s=time.perf_counter() - self._t0)
+                             wall_s=self._elapsed())
         (self.out / SUMMARY_FILE).write_text(json.dumps(summary.__dict__, indent=2))
         return summary
 

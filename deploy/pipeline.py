@@ -53,8 +53,9 @@ def run_pipeline(config, *, resume: bool = False,
     start = time.perf_counter()
     summary: dict = {"stages": {}}
 
-    def timed(name: str, began: float, **fields) -> None:
-        summary["stages"][name] = {"wall_s": round(time.perf_counter() - began, 1), **fields}
+    def timed(name: str, began: float, wall_s: float | None = None, **fields) -> None:
+        wall_s = time.perf_counter() - began if wall_s is None else wall_s
+        summary["stages"][name] = {"wall_s": round(wall_s, 1), **fields}
         log.info("pipeline: %s done in %.0f s", name, summary["stages"][name]["wall_s"])
 
     began = time.perf_counter()
@@ -87,7 +88,8 @@ def run_pipeline(config, *, resume: bool = False,
         rl = driver.run()
     finally:
         driver.shutdown()
-    timed("rl", began, checkpoint=rl.checkpoint, steps=rl.steps, stage=rl.stage)
+    # The driver's seconds count the whole RL run, those before a resume too (what the SFT control matches).
+    timed("rl", began, wall_s=rl.wall_s, checkpoint=rl.checkpoint, steps=rl.steps, stage=rl.stage)
     summary["rl_checkpoint"] = rl.checkpoint
 
     if config.train.eval_at_end:

@@ -63,7 +63,13 @@ def _train_command(overrides: list[str]) -> list[str]:
 
 
 def _extra_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
+    """The driver's state in a checkpoint, without its wall seconds (which differ from run to run)."""
+    extra = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
+    return {key: value for key, value in extra.items() if key != "wall_s"}
+
+
+def _wall_s(checkpoint: Path) -> float:
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]["wall_s"]
 
 
 def _events(out: Path) -> list[dict]:
@@ -142,6 +148,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
         shutil.copytree(killed_at, partial, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
     assert latest_complete(run_b / "checkpoints") == killed_at
     events_before = len(_events(run_b))
+    trained_before = _wall_s(killed_at)
 
     config = load_run_config(TINY_CPU, _overrides(model=tiny_model_dir, data=data_dir, out=run_b))
     driver = Driver(config, resume=True)
@@ -151,7 +158,9 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
         assert not driver.ledger.issued, f"run B was killed after step-{KILL_AFTER + 1} groups were buffered"
         restored = {"step": driver.step, "version": driver.version, "issue_counter": driver._issue_counter,
                     "curriculum": driver.curriculum.state_dict(), "sampler": driver.sampler.state_dict()}
+        began = time.perf_counter()
         summary = driver.run()
+        run_seconds = time.perf_counter() - began
     finally:
         driver.shutdown()
         ray.shutdown()
@@ -162,6 +171,10 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     resumed = _events(run_b)[events_before:]
     assert [e["step"] for e in resumed] == list(range(KILL_AFTER + 1, STEPS + 1))
     assert summary.steps == STEPS and summary.version == STEPS
+    # Wall times count the seconds B trained before the kill too (the SFT control matches RL's whole time).
+    assert trained_before > 1.0
+    assert summary.wall_s == pytest.approx(trained_before + run_seconds, abs=0.5)
+    assert trained_before < resumed[0]["wall_s"] <= resumed[-1]["wall_s"] <= summary.wall_s
     first, expected = resumed[0], a_events[KILL_AFTER + 1]
     assert sorted(g.split("#")[0] for g in first["group_ids"]) == sorted(g.split("#")[0] for g in expected["group_ids"])
     assert sorted(first["group_ids"]) == sorted(expected["group_ids"])
