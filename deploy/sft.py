@@ -245,6 +245,18 @@ class WeightSnapshots:
         for old in self.steps()[:-self.keep]:
             shutil.rmtree(self.root / f"step_{old}")
 
+    def continue_from(self, earlier_root: Path, *, step: int) -> None:
+        """Copy in the snapshots of the run this one continues (``earlier_root``, up to ``step``, those not here
+        already), keeping the last ``keep``: a continued run averages over its whole trajectory, not only over
+        the steps it trained itself (an SFT control continued from an earlier control for a few more steps)."""
+        if earlier_root.resolve() == self.root.resolve():
+            return
+        earlier = WeightSnapshots(earlier_root, keep=self.keep)
+        for old in (s for s in earlier.steps() if s <= step and s not in self.steps()):
+            shutil.copytree(earlier_root / f"step_{old}", self.root / f"step_{old}")
+        for old in self.steps()[:-self.keep]:
+            shutil.rmtree(self.root / f"step_{old}")
+
     def discard_after(self, step: int) -> None:
         """Delete snapshots past ``step``: left by a run that stopped after its last checkpoint, which a resume
         from that checkpoint trains again."""
@@ -271,7 +283,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     Writes ``<out_dir>/checkpoints/step_N`` (learner checkpoints, each also a model directory),
     ``sft_events.jsonl`` and ``sft_summary.json``; with ``sft.average_last``, ``snapshots/step_N`` and their
     weight average ``average/`` (the summary's ``model``). ``init_from``: start from that checkpoint's full state
-    (weights, optimiser, step) and write to ``out_dir`` (the SFT control); ``resume``: continue from
+    (weights, optimiser, step) and write to ``out_dir`` (the SFT control), its run's snapshots up to that step
+    counting as this run's earlier ones (the average spans the whole trajectory); ``resume``: continue from
     ``out_dir``'s last complete checkpoint. Starts a local Ray when none is running.
     """
     import ray
@@ -310,6 +323,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     snapshots = WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last) if sft.average_last else None
     if snapshots is not None:
         snapshots.discard_after(step)
+        if init_from is not None:  # <run>/checkpoints/step_N: that run's snapshots are this one's past
+            snapshots.continue_from(Path(init_from).parent.parent / SNAPSHOT_DIR, step=step)
     order = row_order(data.rows, seed=sft.seed, easy_first=sft.easy_first)
     for _ in range(step * sft.batch_samples):  # the rows earlier steps consumed (exact resume)
         next(order)

@@ -258,3 +258,20 @@ def test_a_resume_drops_the_snapshots_past_its_checkpoint(tiny_model_dir, tmp_pa
         snapshots.take(learner, step)
     snapshots.discard_after(50)  # the run died after step 75's snapshot; its last checkpoint was at 50
     assert snapshots.steps() == [25, 50]
+
+
+def test_a_continued_run_averages_over_the_snapshots_of_the_run_it_continues(tiny_model_dir, tmp_path):
+    from deploy.sft import WeightSnapshots
+
+    earlier, learner = WeightSnapshots(tmp_path / "earlier", keep=4), _SavesWeights(tiny_model_dir)
+    for step in (25, 50, 75, 80):  # 80: the earlier run's last step, past the checkpoint (75) continued from
+        learner.step = step
+        earlier.take(learner, step)
+    continued = WeightSnapshots(tmp_path / "continued", keep=3)
+    continued.continue_from(tmp_path / "earlier", step=75)  # not 80: the continued run trains its own steps 76+
+    assert continued.steps() == [25, 50, 75] and earlier.steps() == [25, 50, 75, 80]
+    learner.step = 100
+    continued.take(learner, 100)
+    assert continued.steps() == [50, 75, 100]
+    continued.continue_from(tmp_path / "continued", step=100)  # its own directory: nothing to take in
+    assert continued.steps() == [50, 75, 100]
