@@ -242,6 +242,9 @@ class WeightSnapshots:
     def take(self, learner, step: int) -> None:
         """Save the learner's weights as ``step_<step>`` and delete those beyond the last ``keep``."""
         learner.save_pretrained(self.root / f"step_{step}")
+        self._keep_last()
+
+    def _keep_last(self) -> None:
         for old in self.steps()[:-self.keep]:
             shutil.rmtree(self.root / f"step_{old}")
 
@@ -254,8 +257,7 @@ class WeightSnapshots:
         earlier = WeightSnapshots(earlier_root, keep=self.keep)
         for old in (s for s in earlier.steps() if s <= step and s not in self.steps()):
             shutil.copytree(earlier_root / f"step_{old}", self.root / f"step_{old}")
-        for old in self.steps()[:-self.keep]:
-            shutil.rmtree(self.root / f"step_{old}")
+        self._keep_last()
 
     def discard_after(self, step: int) -> None:
         """Delete snapshots past ``step``: left by a run that stopped after its last checkpoint, which a resume

@@ -62,14 +62,13 @@ def _train_command(overrides: list[str]) -> list[str]:
     return command
 
 
+def _driver_state(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
+
+
 def _extra_state(checkpoint: Path) -> dict:
     """The driver's state in a checkpoint, without its wall seconds (which differ from run to run)."""
-    extra = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
-    return {key: value for key, value in extra.items() if key != "wall_s"}
-
-
-def _wall_s(checkpoint: Path) -> float:
-    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]["wall_s"]
+    return {key: value for key, value in _driver_state(checkpoint).items() if key != "wall_s"}
 
 
 def _events(out: Path) -> list[dict]:
@@ -148,7 +147,7 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
         shutil.copytree(killed_at, partial, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
     assert latest_complete(run_b / "checkpoints") == killed_at
     events_before = len(_events(run_b))
-    trained_before = _wall_s(killed_at)
+    trained_before = _driver_state(killed_at)["wall_s"]
 
     config = load_run_config(TINY_CPU, _overrides(model=tiny_model_dir, data=data_dir, out=run_b))
     driver = Driver(config, resume=True)
