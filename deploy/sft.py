@@ -251,9 +251,8 @@ class WeightSnapshots:
     def continue_from(self, earlier_root: Path, *, step: int) -> None:
         """Copy in the snapshots of the run this one continues (``earlier_root``, up to ``step``, those not here
         already), keeping the last ``keep``: a continued run averages over its whole trajectory, not only over
-        the steps it trained itself (an SFT control continued from an earlier control for a few more steps)."""
-        if earlier_root.resolve() == self.root.resolve():
-            return
+        the steps it trained itself (an SFT control continued from an earlier control for a few more steps).
+        Its own directory adds nothing: every step there is here already."""
         earlier = WeightSnapshots(earlier_root, keep=self.keep)
         for old in (s for s in earlier.steps() if s <= step and s not in self.steps()):
             shutil.copytree(earlier_root / f"step_{old}", self.root / f"step_{old}")
