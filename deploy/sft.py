@@ -66,7 +66,9 @@ class SFTConfig(BaseModel):
         "turn, from the crop (the tower tells the animals apart on a zoom, not on the whole image: "
         "bench.category_probe); False: both turns think 'present <category>'")
     easy_first: bool = Field(True, description="first epoch: easy rows before hard ones")
-    max_seconds: float | None = Field(None, gt=0.0, description="stop after this wall time (None: run all steps)")
+    max_seconds: float | None = Field(
+        None, gt=0.0, description="stop once the run has trained this long, the seconds before a resume included "
+        "(a run started from another run's checkpoint counts from 0); None: run all steps")
     checkpoint_every: int = Field(
         0, ge=0, description="also checkpoint every N steps (0: only at the end); a run's later checkpoints show "
         "how far one is from the next (bench.checkpoint_curve)")
@@ -106,7 +108,7 @@ class SFTSummary:
     steps: int
     checkpoint: str  # the last checkpoint (weights and optimiser state): what a resume or a control continues
     model: str  # the model the run produced, for RL and evaluation: the weight average, else the last checkpoint
-    wall_s: float
+    wall_s: float  # seconds this run trained, those before a resume included
     nll: float  # mean NLL per token over the last log_every steps
     rows: int  # training rows available
     events_path: str
@@ -317,10 +319,14 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                            image_processor=processor.image_processor,
                            pad_token_id=processor.tokenizer.pad_token_id, env_vars=actor_env())
     start_from = Path(init_from) if init_from else (latest_complete(ckpt_root) if resume else None)
-    step = 0
+    step, seconds_before = 0, 0.0
     if start_from is not None:
-        step = int(learner.load_checkpoint(start_from).get("sft_step", 0))
-        log.info("SFT continues from %s at step %d", start_from, step)
+        extra = learner.load_checkpoint(start_from)
+        step = int(extra.get("sft_step", 0))
+        # A resume counts the seconds this run trained before it (``max_seconds`` and ``wall_s`` are the whole
+        # run's); a run started from another run's checkpoint (the SFT control) counts from 0.
+        seconds_before = float(extra.get("wall_s", 0.0)) if init_from is None else 0.0
+        log.info("SFT continues from %s at step %d (%.0f s trained before)", start_from, step, seconds_before)
     snapshots = WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last) if sft.average_last else None
     if snapshots is not None:
         snapshots.discard_after(step)
@@ -331,6 +337,10 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         next(order)
 
     start, first_step = time.perf_counter(), step
+
+    def trained_s() -> float:
+        return seconds_before + time.perf_counter() - start
+
     saved_step = step  # the step of the last checkpoint written (or started from)
     recent: list[float] = []
     checkpoint = str(start_from) if start_from else None
@@ -338,7 +348,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     try:
         with (out / SFT_EVENTS_FILE).open("a") as events:
             while step < end_step:
-                if sft.max_seconds is not None and time.perf_counter() - start >= sft.max_seconds:
+                if sft.max_seconds is not None and trained_s() >= sft.max_seconds:
                     log.info("SFT stops on max_seconds (%.0f s) after step %d", sft.max_seconds, step)
                     break
                 groups = [batches.group(next(order), issue=step) for _ in range(sft.batch_samples)]
@@ -347,7 +357,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 stats = learner.sft_step(batch)
                 step += 1
                 recent = (recent + [stats[SFT_NLL]])[-sft.log_every:]
-                events.write(json.dumps({"step": step, "wall_s": time.perf_counter() - start, **stats}) + "\n")
+                events.write(json.dumps({"step": step, "wall_s": trained_s(), **stats}) + "\n")
                 events.flush()
                 if progress is not None:
                     progress(step, end_step)
@@ -356,7 +366,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 if snapshots is not None and step % sft.average_every == 0:
                     snapshots.take(learner, step)
                 if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < end_step:
-                    checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
+                    checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step,
+                                                                                  "wall_s": trained_s()})
                     saved_step = step
                 if step % sft.log_every == 0 or step == end_step:
                     elapsed = time.perf_counter() - start
@@ -365,7 +376,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
             if snapshots is not None and step > first_step and step not in snapshots.steps():
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
             if step > saved_step:
-                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step})
+                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": trained_s()})
     finally:
         learner.shutdown()
     if checkpoint is None:
@@ -374,7 +385,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     if snapshots is not None and snapshots.steps():
         averaged_steps = snapshots.average(out / AVERAGE_DIR)
         model = str(out / AVERAGE_DIR)
-    summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=time.perf_counter() - start,
+    summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=trained_s(),
                          nll=sum(recent) / len(recent) if recent else float("nan"), rows=len(data.rows),
                          events_path=str(out / SFT_EVENTS_FILE), averaged_steps=averaged_steps)
     (out / SFT_SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))

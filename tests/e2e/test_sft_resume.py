@@ -1,0 +1,64 @@
+"""SFT's wall time across a resume: ``max_seconds`` and ``wall_s`` count the seconds before it.
+
+Run A trains ``STEPS`` SFT steps on the tiny model (the real ZeRO-3 learner group on a local Ray); its last
+checkpoint records the seconds it trained (W). Then:
+
+- A resumed with more steps and ``max_seconds`` = W stops at once: it has already trained W seconds. (Before
+  the checkpoints recorded them, a resumed run counted from 0 and trained another W seconds.)
+- A run started from A's checkpoint in another directory (``init_from``: the SFT control, which continues SFT
+  for as long as RL trained) counts from 0, so the same ``max_seconds`` lets it train.
+"""
+
+import json
+
+import pytest
+
+from deploy.config import load_run_config, shipped_configs
+from deploy.sft import SFT_EVENTS_FILE, run_sft
+from learner.checkpoint import read_trainer_state, step_dir_name
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+STEPS = 2
+TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
+
+
+def _config(*, model, data, steps: int, max_seconds: float | None = None):
+    overrides = [f"model.path={model}", f"data.path={data}", f"sft.steps={steps}", "sft.batch_samples=4",
+                 "sft.micro_batch_samples=4", "sft.warmup_steps=1", "sft.average_last=0"]
+    if max_seconds is not None:
+        overrides.append(f"sft.max_seconds={max_seconds}")
+    return load_run_config(TINY_CPU, overrides)
+
+
+def _recorded_seconds(checkpoint) -> float:
+    return float(read_trainer_state(checkpoint)["extra_state"]["wall_s"])
+
+
+def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_zero(tiny_model_dir, data_dir,
+                                                                                     tmp_path):
+    import ray
+
+    try:
+        first = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS), out_dir=tmp_path / "a")
+        checkpoint = tmp_path / "a" / "checkpoints" / step_dir_name(STEPS)
+        assert first.steps == STEPS and first.checkpoint == str(checkpoint)
+        trained = _recorded_seconds(checkpoint)
+        assert 0.0 < trained <= first.wall_s
+
+        resumed = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 4, max_seconds=trained),
+                          out_dir=tmp_path / "a", resume=True)
+        assert resumed.steps == STEPS  # no step: the run had trained its max_seconds before the resume
+        assert resumed.checkpoint == str(checkpoint)
+        assert resumed.wall_s >= trained
+
+        control = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 4, max_seconds=trained),
+                          out_dir=tmp_path / "control", init_from=checkpoint)
+        assert control.steps > STEPS
+        events = [json.loads(line) for line in (tmp_path / "control" / SFT_EVENTS_FILE).read_text().splitlines()]
+        assert [e["step"] for e in events] == list(range(STEPS + 1, control.steps + 1))
+        assert 0.0 < events[0]["wall_s"] < events[-1]["wall_s"] <= control.wall_s
+        last = tmp_path / "control" / "checkpoints" / step_dir_name(control.steps)
+        assert control.wall_s == pytest.approx(_recorded_seconds(last), abs=0.5)
+    finally:
+        ray.shutdown()
