@@ -6,7 +6,8 @@ sft.checkpoint_every=N`` leaves RL and its SFT control checkpointed every N step
 the way bench.learning does (greedy, ``train.eval_limit`` rows of test_easy and test_hard) and compares the series
 over their last checkpoints instead of at their last one:
 
-    sft          the SFT checkpoint both start from (training wall time 0)
+    sft          the SFT model both start from (training wall time 0): its weight average where SFT ended with one
+                 (``sft.average_last``), else its last checkpoint
     sft_control  the control's checkpoints at their training wall time; with ``--reuse`` the earlier run's control
                  is the first point and this run's checkpoints continue it (its wall time added)
     rl           RL's checkpoints at their step's wall time (``events.jsonl``; RL's start-up is not counted, while
@@ -92,7 +93,10 @@ def checkpoint_series(run_dir: str | Path) -> dict[str, list[dict]]:
         events = EVENTS_FILE if (run / EVENTS_FILE).is_file() else SFT_EVENTS_FILE
         return {RUN_SERIES: run_checkpoints(run, events_file=events)}
     sft = json.loads((run / SFT_DIR / SFT_SUMMARY_FILE).read_text())
-    series = {"sft": [{"step": sft["steps"], "wall_s": 0.0, "checkpoint": sft["checkpoint"]}], "sft_control": []}
+    # SFT's model: the weight average of its snapshots where the run averaged (sft.average_last), the one RL
+    # started from and bench.learning scores as "SFT"; else its last checkpoint. Older summaries lack "model".
+    sft_model = sft.get("model", sft["checkpoint"])
+    series = {"sft": [{"step": sft["steps"], "wall_s": 0.0, "checkpoint": sft_model}], "sft_control": []}
     offset = 0.0
     if "reused_from" in sft:  # bench.learning --reuse: the earlier run's control is where this one's continues
         control = earlier_control(Path(sft["reused_from"]).parent.parent)
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if averages:
         result["averaged"] = {name: {**average, **evaluation(average["checkpoint"], Path(average["checkpoint"]).parent)}
                               for name, average in averages.items()}
-        if "sft" in points:  # one checkpoint: its own "average"
+        if "sft" in points:  # one model (averaged already where SFT averaged): its own "average"
             sft = points["sft"][0]
             result["averaged"]["sft"] = {"steps": [sft["step"]], "easy": sft["easy"], "hard": sft["hard"]}
         result["margin_averaged"] = (late_margin({name: v["hard"]["miou"] for name, v in result["averaged"].items()})

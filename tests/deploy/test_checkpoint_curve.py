@@ -54,6 +54,11 @@ def test_series_of_a_run_that_trained_its_own_sft_and_control(tmp_path):
     assert [(p["step"], p["wall_s"]) for p in series["sft_control"]] == [(525, 100.0), (550, 200.0)]
     assert [(p["step"], p["wall_s"]) for p in series["rl"]] == [(25, 390.0), (50, 780.0)]
 
+    # An SFT that ended with a weight average: that model is its point (RL started from it), not the checkpoint.
+    average = setting / "sft" / "average"
+    summary(setting / "sft" / "sft_summary.json", steps=500, checkpoint=str(sft), model=str(average), wall_s=3000.0)
+    assert checkpoint_series(setting)["sft"] == [{"step": 500, "wall_s": 0.0, "checkpoint": str(average)}]
+
 
 def test_a_reused_control_is_the_first_point_and_this_runs_continuation_adds_its_wall_time(tmp_path):
     earlier = tmp_path / "earlier" / "full"
