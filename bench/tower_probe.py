@@ -47,22 +47,32 @@ def probe_images(*, n: int, seed: int, difficulty: tuple[float, float], image_si
     return images, present
 
 
-def tower_features(checkpoint: str, images: list):
-    """[I, 2·width]: each image's merged tokens, max-pooled then mean-pooled."""
+def tower_tokens(checkpoint: str, images: list, *, progress_every: int = 0):
+    """[I, T, width]: each image's merged tokens (the embeddings the language model reads), in grid order.
+    Every image must have the same size (one grid). Logs progress every ``progress_every`` images (0: never)."""
     import torch
     from transformers import AutoImageProcessor, Qwen2_5_VLForConditionalGeneration
 
     processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
     visual = Qwen2_5_VLForConditionalGeneration.from_pretrained(checkpoint).eval().model.visual
-    features = []
+    chunks = []
     with torch.no_grad():
         for start in range(0, len(images), BATCH_IMAGES):
             chunk = images[start : start + BATCH_IMAGES]
             inputs = processor(images=chunk, return_tensors="pt")
             tokens = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]).pooler_output
-            tokens = tokens.view(len(chunk), -1, tokens.shape[-1])  # every image has the same grid here
-            features.append(torch.cat([tokens.amax(dim=1), tokens.mean(dim=1)], dim=1))
-    return torch.cat(features)
+            chunks.append(tokens.view(len(chunk), -1, tokens.shape[-1]))
+            if progress_every and (start // BATCH_IMAGES + 1) % max(1, progress_every // BATCH_IMAGES) == 0:
+                log.info("tower tokens: %d / %d images", start + len(chunk), len(images))
+    return torch.cat(chunks)
+
+
+def tower_features(checkpoint: str, images: list):
+    """[I, 2·width]: each image's merged tokens, max-pooled then mean-pooled."""
+    import torch
+
+    tokens = tower_tokens(checkpoint, images)
+    return torch.cat([tokens.amax(dim=1), tokens.mean(dim=1)], dim=1)
 
 
 def fit_probe(features, labels, *, l2: float = L2):

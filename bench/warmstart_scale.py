@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--save", help="keep the warm-started model in this directory (a model directory that "
+                        "bench.box_probe and bench.tower_probe read)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = args.image_size * args.image_size
     recipe = RECIPES["small"].model_copy(update={"min_pixels": pixels, "max_pixels": pixels, "warm_start": None})
     with tempfile.TemporaryDirectory() as work:
-        model_dir = build_model(size="small", out_dir=Path(work) / "small", recipe=recipe)
+        model_dir = build_model(size="small", out_dir=Path(args.save or Path(work) / "small"), recipe=recipe)
         model = AutoModelForImageTextToText.from_pretrained(model_dir)
         image_processor = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
     model.model.visual.to(device)
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     warm_start_vision(model, image_processor=image_processor, config=config, progress=progress)
     wall = time.perf_counter() - start
+    if args.save:  # the build's tokenizer and processor files are already there; the weights are the warm start's
+        model.to("cpu").save_pretrained(args.save)
     at_cpu = min(curve, key=lambda point: abs(point["step"] - CPU_RECIPE_STEPS))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "config": config.model_dump(mode="json"), "wall_s": round(wall, 1),
