@@ -176,6 +176,10 @@ RECIPES: dict[str, BuildRecipe] = {
     # at 224 px (64 tokens) 0.52 at step 2,750 of 3,000, hit 0.93. Those are 1-2 h builds on 2 CPU cores (0.62 s per
     # step at 112 px, 2.5 s at 224). Squeezed into this recipe's 1,500 CPU steps (905 s), the gentle objective gave
     # category 0.23 but hit 0.47 and presence AUC 0.74, against this recipe's 0.67 and 0.94: not adopted.
+    # Where the boxes are, more compute does help: a box head trained on the tower's tokens alone (bench.box_probe,
+    # 2,000 fresh images, every present held-out animal boxed) reads hard mIoU 0.513 from this recipe's tower,
+    # 0.606 after 4,500 steps and 0.610 after 7,500 (H100, category weight 0); but 4,500 steps are 47 min here,
+    # and on that tower RL still trailed the SFT control (README, "What any readout of the tower can reach").
     # 1500 steps (969 s against ~580 for 900) see better: tower presence probe 0.890 vs 0.863 ROC AUC on hard
     # images (bench.tower_probe), and after the same SFT hard presence 0.892 vs 0.832, hard mIoU 0.421 vs
     # 0.350; the fresh-machine main job stays under its 45 minutes (timed: 43.9). Rendering the images in a
