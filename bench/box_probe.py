@@ -123,13 +123,17 @@ class BoxProbe:
         return {"epochs": epoch, "best_epoch": best[1], "val_miou": best[0]}
 
 
+def box_area(boxes):
+    """Areas of boxes [I, 4] (x1, y1, x2, y2) → [I]; 0 for an inverted box."""
+    return (boxes[:, 2:] - boxes[:, :2]).clamp(min=0).prod(dim=1)
+
+
 def box_iou(a, b):
     """Row-wise IoU of boxes a, b [I, 4] (x1, y1, x2, y2) → [I]."""
     import torch
 
-    inter = ((torch.minimum(a[:, 2:], b[:, 2:]) - torch.maximum(a[:, :2], b[:, :2])).clamp(min=0)).prod(dim=1)
-    area = lambda box: (box[:, 2:] - box[:, :2]).clamp(min=0).prod(dim=1)  # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-9)
+    inter = box_area(torch.cat([torch.maximum(a[:, :2], b[:, :2]), torch.minimum(a[:, 2:], b[:, 2:])], dim=1))
+    return inter / (box_area(a) + box_area(b) - inter).clamp(min=1e-9)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     val_images, val_boxes = fresh_images(n=args.val, seed=400, image_size=args.image_size)
     log.info("rendered %d + %d images in %.0f s", len(train_images), len(val_images), time.perf_counter() - t0)
     side = float(args.image_size)
-    to_fraction = lambda boxes: torch.tensor(boxes, dtype=torch.float32) / side  # noqa: E731
+
+    def to_fraction(boxes: list[list[float]]):
+        return torch.tensor(boxes, dtype=torch.float32) / side
+
     out: dict = {"fixed_box": {split: baseline(rows[split])[B_FIXED_BOX_MIOU] for split in SPLITS}}
     for checkpoint in args.checkpoints:
         t0 = time.perf_counter()
