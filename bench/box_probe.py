@@ -21,7 +21,6 @@ Prints ONE JSON object, {checkpoint: {"probe": {train_images: {...}}, ...}, "fix
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import sys
@@ -63,16 +62,13 @@ def fresh_images(*, n: int, seed: int, image_size: int) -> tuple[list, list[list
 
 
 def held_out_rows(data_dir: Path, split: str) -> list[dict]:
-    """The present rows of one held-out split, each with its decoded image."""
-    import numpy as np
-    import pyarrow.parquet as pq
-    from PIL import Image
+    """The present rows of one held-out split as the evaluation reads them (``load_split``: valid rows only),
+    each with its decoded image under "pixels"."""
+    from actors.env import decode_image
+    from deploy.evaluate import load_split
 
-    rows = pq.read_table(data_dir / f"{split}.parquet").to_pylist()
-    rows = [r for r in rows if r["present"]]
-    for r in rows:
-        r["pixels"] = np.asarray(Image.open(io.BytesIO(r["image"])).convert("RGB"))
-    return rows
+    rows = [r for r in load_split(data_dir / f"{split}.parquet", limit=None).rows.values() if r["present"]]
+    return [{**r, "pixels": decode_image(r["image"])} for r in rows]
 
 
 class BoxProbe:

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from data.synth import CATEGORIES
-    from models.build import RECIPES, build_model
+    from models.build import BUILD_INFO_FILE, RECIPES, WARM_START_FILE, build_info, build_model
     from models.warmstart import (WS_HELD_CATEGORY, WS_HELD_HIT, WS_HELD_HIT_CHANCE, WS_HELD_PRESENCE_AUC,
                                   WarmStartConfig, warm_start_vision)
 
@@ -85,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
                           "presence_auc": round(losses[WS_HELD_PRESENCE_AUC], 3)})
 
     start = time.perf_counter()
-    warm_start_vision(model, image_processor=image_processor, config=config, progress=progress)
+    diagnostics = warm_start_vision(model, image_processor=image_processor, config=config, progress=progress)
     wall = time.perf_counter() - start
-    if args.save:  # the build's tokenizer and processor files are already there; the weights are the warm start's
-        model.to("cpu").save_pretrained(args.save)
+    if args.save:  # the build's tokenizer and processor files are there; the weights and the record are replaced
+        save = Path(args.save)
+        model.to("cpu").save_pretrained(save)
+        (save / WARM_START_FILE).write_text(json.dumps(diagnostics, indent=2))
+        ran = recipe.model_copy(update={"warm_start": config})  # the build recorded no warm start
+        (save / BUILD_INFO_FILE).write_text(json.dumps(build_info(size="small", seed=0, recipe=ran), indent=2))
     at_cpu = min(curve, key=lambda point: abs(point["step"] - CPU_RECIPE_STEPS))
     result = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "config": config.model_dump(mode="json"), "wall_s": round(wall, 1),

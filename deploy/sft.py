@@ -341,6 +341,9 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     def trained_s() -> float:
         return seconds_before + time.perf_counter() - start
 
+    def save_checkpoint() -> str:  # at the current step, with the seconds trained up to it
+        return learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": trained_s()})
+
     saved_step = step  # the step of the last checkpoint written (or started from)
     recent: list[float] = []
     checkpoint = str(start_from) if start_from else None
@@ -366,8 +369,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 if snapshots is not None and step % sft.average_every == 0:
                     snapshots.take(learner, step)
                 if sft.checkpoint_every and step % sft.checkpoint_every == 0 and step < end_step:
-                    checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step,
-                                                                                  "wall_s": trained_s()})
+                    checkpoint = save_checkpoint()
                     saved_step = step
                 if step % sft.log_every == 0 or step == end_step:
                     elapsed = time.perf_counter() - start
@@ -376,7 +378,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
             if snapshots is not None and step > first_step and step not in snapshots.steps():
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
             if step > saved_step:
-                checkpoint = learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": trained_s()})
+                checkpoint = save_checkpoint()
     finally:
         learner.shutdown()
     if checkpoint is None:

@@ -44,5 +44,7 @@ def test_tower_tokens_are_the_grid_the_pooled_features_summarise(tiny_model_dir)
     images, _ = fresh_images(n=3, seed=1, image_size=56)
     tokens = tower_tokens(str(tiny_model_dir), images)
     assert tokens.shape[0] == 3 and tokens.shape[1] == 4  # 56 px: 2 x 2 merged 28-px cells
+    # Each image's tokens are its own: split out of the batch, they equal the image's tokens encoded alone.
+    assert torch.allclose(tokens[2:], tower_tokens(str(tiny_model_dir), images[2:]), atol=1e-5)
     pooled = tower_features(str(tiny_model_dir), images)
     assert torch.allclose(pooled, torch.cat([tokens.amax(dim=1), tokens.mean(dim=1)], dim=1))

@@ -35,7 +35,7 @@ import pytest
 
 from deploy.config import load_run_config, shipped_configs
 from deploy.driver import EVENTS_FILE, Driver
-from learner.checkpoint import COMPLETE_MARKER, TRAINER_STATE_FILE, latest_complete, step_dir_name
+from learner.checkpoint import COMPLETE_MARKER, latest_complete, read_trainer_state, step_dir_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def _train_command(overrides: list[str]) -> list[str]:
 
 
 def _driver_state(checkpoint: Path) -> dict:
-    return json.loads((checkpoint / TRAINER_STATE_FILE).read_text())["extra_state"]
+    return read_trainer_state(checkpoint)["extra_state"]
 
 
 def _extra_state(checkpoint: Path) -> dict:
@@ -180,5 +180,5 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     assert first["stage"] == expected["stage"] == 1
     # The resumed run wrote its own complete step KILL_AFTER + 1 where the partial one was.
     assert (partial / COMPLETE_MARKER).is_file()
-    assert json.loads((partial / TRAINER_STATE_FILE).read_text())["step"] == KILL_AFTER + 1
+    assert read_trainer_state(partial)["step"] == KILL_AFTER + 1
     assert latest_complete(run_b / "checkpoints").name == step_dir_name(STEPS)
