@@ -80,7 +80,9 @@ class TrainConfig(BaseModel):
     )
     dynamic_sampling: bool = Field(True, description="drop groups whose rewards are all equal and refill")
     max_generation_factor: int = Field(
-        4, ge=1, le=100, description="sync mode: at most this × prompts_per_step groups generated for one step"
+        4, ge=1, le=100,
+        description="dynamic sampling: at most this × prompts_per_step groups generated (sync) or taken from the "
+        "buffer (async) for one step; then zero-signal groups fill it",
     )
     buffer_capacity: int = Field(64, ge=1, description="groups the trajectory buffer holds before producers wait")
     verify_weight_sync: bool = Field(

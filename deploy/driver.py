@@ -471,7 +471,8 @@ class Driver:
 
     # ------------------------------------------------------------------ learning
     def _collect_batch(self) -> list[TrajectoryGroup]:
-        """``prompts_per_step`` groups with signal (zero-signal ones only once refills run out)."""
+        """``prompts_per_step`` groups with signal (zero-signal ones only once refills run out: sync mode has
+        generated ``max_generation_factor`` × the step's groups, async mode has taken that many from the buffer)."""
         import ray
 
         cfg = self.config.train
@@ -479,6 +480,7 @@ class Driver:
         budget = need * cfg.max_generation_factor
         batch: list[TrajectoryGroup] = []
         issued = 0
+        received = 0  # groups this step took from the buffer, with signal or without
         while len(batch) < need:
             missing = need - len(batch)
             if cfg.mode == "async":
@@ -492,13 +494,18 @@ class Driver:
             self._pump(timeout=0.2)
             self._poll_control()
             for group in ray.get(self.buffer.get.remote(missing, learner_version=self.version, timeout_s=0.0)):
+                received += 1
                 rewards = [[t.reward for t in group.trajectories]]
                 if cfg.dynamic_sampling and not bool(signal_mask(rewards)[0]):
                     self._pool.append(group)
                 else:
                     batch.append(group)
             self._settle_buffer_drops()
-            exhausted = cfg.mode == "sync" and issued >= budget and self._outstanding() + self._buffered() == 0
+            if cfg.mode == "sync":
+                exhausted = issued >= budget and self._outstanding() + self._buffered() == 0
+            else:  # async generation never stops, so the budget counts what the step received; without
+                # it a policy that answers every prompt alike (a memorised few-shot set) stalls the step
+                exhausted = received >= budget
             if exhausted and len(batch) < need:
                 take = min(need - len(batch), len(self._pool))
                 if take < need - len(batch):

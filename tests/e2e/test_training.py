@@ -149,3 +149,39 @@ def test_whole_system_trains_and_accounts_for_every_group(mode, tiny_model_dir, 
         assert {g.stage for r in driver.records for g in r["groups"]} == {0, 1}
         assert final_scrape["refocus_curriculum_stage"] == 2
         assert final_scrape["refocus_curriculum_transitions_total"] == 1
+
+
+@pytest.mark.timeout(900)  # before the async budget an async step here waited for signal forever
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_step_without_signal_ends_once_the_generation_budget_is_spent(mode, tiny_model_dir, data_dir, tmp_path):
+    """Without the brevity reward the tiny model earns 0 on every sample, so no group ever has signal
+    (what a policy that has memorised its few-shot set looks like to dynamic sampling). Each step must
+    end once ``max_generation_factor`` × ``prompts_per_step`` groups have come and train on zero-signal
+    groups; the rest of what came is dropped as no_signal."""
+    import ray
+
+    steps, factor = 2, 2
+    config = load_run_config(TINY_CPU, [
+        f"model.path={tiny_model_dir}", f"data.path={data_dir}", f"train.output_dir={tmp_path / 'run'}",
+        f"train.mode={mode}", f"train.steps={steps}", "train.checkpoint_every=0", "train.eval_at_end=false",
+        "train.dynamic_sampling=true", f"train.max_generation_factor={factor}", "cluster.rollout_workers=1",
+    ])
+    need = config.train.prompts_per_step
+    driver = RecordingDriver(config)
+    try:
+        summary = driver.run()
+    finally:
+        driver.shutdown()
+        ray.shutdown()
+
+    assert summary.steps == steps
+    totals = {t.reward for r in driver.records for g in r["groups"] for t in g.trajectories}
+    assert totals == {0.0}  # every trained group is a zero-signal one
+    assert summary.ledger["trained"] == steps * need
+    no_signal = summary.ledger["dropped"].get("no_signal", 0)
+    # Each step took at least the budget (need of them trained, the rest dropped); sync issues exactly it,
+    # async may take a few more from the last buffer read.
+    assert no_signal >= steps * (factor - 1) * need
+    if mode == "sync":
+        assert no_signal == steps * (factor - 1) * need
+    assert driver.ledger.reconciles() and not driver.ledger.open
