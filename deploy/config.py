@@ -40,6 +40,9 @@ class DataConfig(BaseModel):
     train_split: str = Field("train", description="split name (file stem) used for training")
     train_limit: int | None = Field(
         None, ge=1, description="train (SFT and RL) on only the first N valid rows: the few-shot setting")
+    rl_mirror: bool = Field(
+        False, description="RL: show every other prompt group mirrored left-right (image and boxes), views of "
+        "the labelled images that SFT, which does not mirror, never saw")
     eval_splits: list[str] = Field(
         default_factory=lambda: ["test_easy", "test_hard"], description="splits evaluated at the end"
     )

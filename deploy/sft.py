@@ -19,6 +19,7 @@ from and the one evaluated as "SFT". The last checkpoint, with its optimiser sta
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -159,7 +160,8 @@ class SupervisedBatches:
 
         if zoom_context is not None and rollout_config.env.max_turns < 2:
             raise ValueError("sft.zoom_context needs rollout.env.max_turns >= 2 (the rollout must serve the zoom)")
-        self.data = data
+        # data.rl_mirror is RL's alone: the targets below are built from the rows as stored
+        self.data = dataclasses.replace(data, mirror=False)
         self.env = ZoomEnv(config=rollout_config.env, prompt=rollout_config.prompt, processor=processor)
         self.frame = rollout_config.prompt.frame
         self.tokenizer = processor.tokenizer

@@ -7,6 +7,7 @@ mostly bad fails fast with the counts, before any actor starts.
 
 from __future__ import annotations
 
+import io
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -28,30 +29,50 @@ class TrainingData:
     rows: dict[str, dict]  # id → clamped, valid row
     bad_rows: Counter  # reason → rows skipped
     path: Path
+    mirror: bool = False  # every other prompt group (odd issues) mirrored left-right (``data.rl_mirror``)
 
     @property
     def prompt_table(self) -> list[PromptMeta]:
         return [PromptMeta(id=i, task=r["task"], difficulty=r["difficulty"]) for i, r in self.rows.items()]
 
     def prompt_group(self, row_id: str, *, issue: int, stage: int) -> PromptGroup:
-        """The unit of rollout work for one draw of ``row_id`` (``issue`` makes the group id unique)."""
+        """The unit of rollout work for one draw of ``row_id`` (``issue`` makes the group id unique); with
+        ``mirror``, odd issues show the image mirrored left-right with its boxes mirrored alike."""
         row = self.rows[row_id]
+        image, boxes = row["image"], [list(map(float, b)) for b in row["boxes"]]
+        if self.mirror and issue % 2:
+            image, boxes = mirrored(image, boxes, width=int(row["width"]))
         return PromptGroup(
             group_id=f"{row_id}#{issue}",
             prompt_id=row_id,
             task=row["task"],
             difficulty=row["difficulty"],
             question=row["question"],
-            image=row["image"],
+            image=image,
             target=Target(
                 present=bool(row["present"]),
                 category=row["category"],
-                boxes=[list(map(float, b)) for b in row["boxes"]],
+                boxes=boxes,
                 width=int(row["width"]),
                 height=int(row["height"]),
             ),
             stage=stage,
         )
+
+
+def mirrored(image: bytes, boxes: list[list[float]], *, width: int) -> tuple[bytes, list[list[float]]]:
+    """``image`` mirrored left-right (PNG) and ``boxes`` ([x1, y1, x2, y2] pixels) in the mirrored frame:
+    x → width − x. Bytes that do not decode are returned as they are (the rollout counts and skips them)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(image)) as decoded:
+            flipped = ImageOps.mirror(decoded.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError):
+        return image, boxes
+    out = io.BytesIO()
+    flipped.save(out, format="PNG")
+    return out.getvalue(), [[width - x2, y1, width - x1, y2] for x1, y1, x2, y2 in boxes]
 
 
 def _reason(problem: str) -> str:
@@ -68,7 +89,9 @@ def prepare_training_data(config) -> TrainingData:
 
         log.info("generating the synthetic data set in %s (%d images)", config.path, config.synth_n)
         synthesize(out_dir=config.path, seed=config.synth_seed, n=config.synth_n)
-    return load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit)
+    data = load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit)
+    data.mirror = config.rl_mirror
+    return data
 
 
 def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int | None = None) -> TrainingData:

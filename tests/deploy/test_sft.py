@@ -275,3 +275,20 @@ def test_a_continued_run_averages_over_the_snapshots_of_the_run_it_continues(tin
     assert continued.steps() == [50, 75, 100]
     continued.continue_from(tmp_path / "continued", step=100)  # its own directory: nothing to take in
     assert continued.steps() == [50, 75, 100]
+
+
+def test_sft_does_not_mirror_what_rl_mirrors(tiny_model_dir, tmp_path):
+    """data.rl_mirror is RL's: SFT's prompt must show the row as stored, since its target is built from it."""
+    from data.synth import synthesize
+    from deploy.training_data import load_training_data
+    from models.processor import load_processor
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
+    data.mirror = True
+    row_id = next(i for i, r in data.rows.items() if r["boxes"])
+    assert data.prompt_group(row_id, issue=1, stage=0).image != data.rows[row_id]["image"]  # RL's view: mirrored
+    config = load_run_config(TINY_CPU, ["rollout.prompt.system=brief"])
+    batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=load_processor(tiny_model_dir),
+                                think="brief")
+    assert batches.group(row_id, issue=1).prompt.image == data.rows[row_id]["image"]

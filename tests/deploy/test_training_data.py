@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from data.schema import write_rows
-from deploy.training_data import BadDatasetError, load_training_data
+from deploy.training_data import BadDatasetError, load_training_data, mirrored
 
 
 def _png(size=32) -> bytes:
@@ -49,3 +49,25 @@ def test_a_mostly_bad_set_fails_fast_with_the_counts(tmp_path):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Parquet file"):
         load_training_data(tmp_path / "nope.parquet", max_bad_fraction=0.5)
+
+
+def test_rl_mirror_flips_odd_issues_image_and_boxes_alike(tmp_path):
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[3:30, 2:20] = 255  # the animal: x 2..20, y 3..30, as the row's box says
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    write_rows([_row(0, image=buf.getvalue())], tmp_path / "train.parquet")
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5)
+    data.mirror = True
+
+    plain, flipped = data.prompt_group("r0", issue=2, stage=0), data.prompt_group("r0", issue=3, stage=0)
+    assert plain.image == data.rows["r0"]["image"] and plain.target.boxes == [[2.0, 3.0, 20.0, 30.0]]
+    assert flipped.target.boxes == [[12.0, 3.0, 30.0, 30.0]]  # x -> 32 - x
+    shown = np.asarray(Image.open(io.BytesIO(flipped.image)))
+    assert shown[3:30, 12:30].min() == 255 and shown[:, :12].max() == 0 and shown[:, 30:].max() == 0
+    assert flipped.prompt_id == "r0" and flipped.target.width == 32
+
+
+def test_mirrored_leaves_undecodable_bytes_to_the_rollout():
+    junk = b"\x89PNG-truncated"
+    assert mirrored(junk, [[1.0, 2.0, 3.0, 4.0]], width=10) == (junk, [[1.0, 2.0, 3.0, 4.0]])
