@@ -60,14 +60,16 @@ def _scrape(port: int) -> dict[str, float]:
     return values
 
 
-def _run(mode, *, tiny_model_dir, data_dir, tmp_path):
+def _run(mode, *, tiny_model_dir, data_dir, tmp_path, steps=STEPS, signal=True, overrides=()):
+    """``signal``: add the brevity reward, without which every reward of the tiny model is 0."""
     import ray
 
+    brevity = ["rewards.custom_reward=rewards.examples:brevity",
+               *[f"curriculum.stages.{i}.reward_weights.custom=1.0" for i in range(3)]]
     config = load_run_config(TINY_CPU, [
         f"model.path={tiny_model_dir}", f"data.path={data_dir}", f"train.output_dir={tmp_path / 'run'}",
-        f"train.mode={mode}", f"train.steps={STEPS}", "train.checkpoint_every=0", "train.verify_weight_sync=true",
-        "rewards.custom_reward=rewards.examples:brevity",
-        *[f"curriculum.stages.{i}.reward_weights.custom=1.0" for i in range(3)],
+        f"train.mode={mode}", f"train.steps={steps}", "train.checkpoint_every=0", "train.verify_weight_sync=true",
+        *(brevity if signal else []), *overrides,
     ])
     driver = RecordingDriver(config)
     try:
@@ -158,22 +160,11 @@ def test_a_step_without_signal_ends_once_the_generation_budget_is_spent(mode, ti
     (what a policy that has memorised its few-shot set looks like to dynamic sampling). Each step must
     end once ``max_generation_factor`` × ``prompts_per_step`` groups have come and train on zero-signal
     groups; the rest of what came is dropped as no_signal."""
-    import ray
-
     steps, factor = 2, 2
-    config = load_run_config(TINY_CPU, [
-        f"model.path={tiny_model_dir}", f"data.path={data_dir}", f"train.output_dir={tmp_path / 'run'}",
-        f"train.mode={mode}", f"train.steps={steps}", "train.checkpoint_every=0", "train.eval_at_end=false",
-        "train.dynamic_sampling=true", f"train.max_generation_factor={factor}", "cluster.rollout_workers=1",
-    ])
+    config, driver, summary, _ = _run(
+        mode, tiny_model_dir=tiny_model_dir, data_dir=data_dir, tmp_path=tmp_path, steps=steps, signal=False,
+        overrides=["train.dynamic_sampling=true", f"train.max_generation_factor={factor}", "cluster.rollout_workers=1"])
     need = config.train.prompts_per_step
-    driver = RecordingDriver(config)
-    try:
-        summary = driver.run()
-    finally:
-        driver.shutdown()
-        ray.shutdown()
-
     assert summary.steps == steps
     totals = {t.reward for r in driver.records for g in r["groups"] for t in g.trajectories}
     assert totals == {0.0}  # every trained group is a zero-signal one
