@@ -40,6 +40,9 @@ class DataConfig(BaseModel):
     train_split: str = Field("train", description="split name (file stem) used for training")
     train_limit: int | None = Field(
         None, ge=1, description="train (SFT and RL) on only the first N valid rows: the few-shot setting")
+    train_difficulty: Literal["easy", "hard"] | None = Field(
+        None, description="train (SFT and RL) on only the training rows of this difficulty (before train_limit "
+        "counts them): e.g. a model taught on easy images, then given a few hard ones")
     rl_mirror: bool = Field(
         False, description="RL: show every other prompt group mirrored left-right (image and boxes), views of "
         "the labelled images that SFT, which does not mirror, never saw")

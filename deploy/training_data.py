@@ -82,22 +82,26 @@ def _reason(problem: str) -> str:
 
 def prepare_training_data(config) -> TrainingData:
     """The training split of a run's ``DataConfig``: synthesised first when missing (and ``synth`` is on),
-    then read; with ``train_limit`` only its first valid rows are kept (the few-shot setting)."""
+    then read; with ``train_difficulty`` only rows of that difficulty, with ``train_limit`` only the first valid
+    ones of those (the few-shot setting)."""
     split_file = Path(config.path) / f"{config.train_split}.parquet"
     if not split_file.exists() and config.synth:
         from data.synth import synthesize
 
         log.info("generating the synthetic data set in %s (%d images)", config.path, config.synth_n)
         synthesize(out_dir=config.path, seed=config.synth_seed, n=config.synth_n)
-    data = load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit)
+    data = load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit,
+                              difficulty=config.train_difficulty)
     data.mirror = config.rl_mirror
     return data
 
 
-def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int | None = None) -> TrainingData:
+def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int | None = None,
+                       difficulty: str | None = None) -> TrainingData:
     """Read a Parquet split, keeping valid rows (clamped) and counting the rest by field.
 
-    ``limit``: keep only the first ``limit`` valid rows (file order); bad rows are still counted in full.
+    ``difficulty``: keep only valid rows of this difficulty ("easy" / "hard"); the others are neither kept nor bad.
+    ``limit``: keep only the first ``limit`` of the rows kept (file order); bad rows are still counted in full.
     """
     path = Path(path)
     if not path.is_file():
@@ -115,13 +119,14 @@ def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int 
                 bad[_reason(problems[0])] += 1
                 log.warning("skipping row %r: %s", row.get("id") if isinstance(row, dict) else None, "; ".join(problems))
                 continue
-            if limit is None or len(rows) < limit:
+            if (difficulty is None or row["difficulty"] == difficulty) and (limit is None or len(rows) < limit):
                 rows[row["id"]] = clamp_row(row)
     except (OSError, ValueError) as e:  # pyarrow raises these for unreadable files or wrong column types
         raise BadDatasetError(f"data: cannot read {path}: {e}") from e
     n_bad = sum(bad.values())
     if total == 0 or not rows:
-        raise BadDatasetError(f"data: {path} has no usable rows ({total} rows, bad: {dict(bad)})")
+        which = "usable rows" if difficulty is None else f"usable rows of difficulty {difficulty!r}"
+        raise BadDatasetError(f"data: {path} has no {which} ({total} rows, bad: {dict(bad)})")
     if n_bad / total > max_bad_fraction:
         raise BadDatasetError(
             f"data: {n_bad} of {total} rows in {path} are unusable (more than "

@@ -48,6 +48,7 @@ INVALID = [
     (["learner.lr=-1"], "learner.lr"),
     (["learner.lrate=0.1"], "learner.lrate"),
     (["train.mode=sometimes"], "train.mode"),
+    (["data.train_difficulty=medium"], "data.train_difficulty"),
     (["rollout.sampling.temperature=9"], "rollout.sampling.temperature"),
     (["rollout.sampling.temperature=0.7"], "learner.temperature (1.0) must equal rollout.sampling.temperature (0.7)"),
     (["rewards.frame.kind=norm1000"], "rewards.frame.kind"),

@@ -46,6 +46,20 @@ def test_a_mostly_bad_set_fails_fast_with_the_counts(tmp_path):
         load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5)
 
 
+def test_train_difficulty_keeps_only_its_rows_before_the_limit_counts_them(tmp_path):
+    rows = [_row(i, difficulty="easy" if i % 3 else "hard") for i in range(9)]  # hard: r0, r3, r6
+    rows.insert(1, _row(99, difficulty="hard", image=b"junk"))  # a bad row is counted whatever its difficulty
+    write_rows(rows, tmp_path / "train.parquet")
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5, limit=2, difficulty="hard")
+    assert list(data.rows) == ["r0", "r3"]
+    assert data.bad_rows == {"image": 1}
+    easy = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.5, difficulty="easy")
+    assert list(easy.rows) == ["r1", "r2", "r4", "r5", "r7", "r8"]
+    write_rows([_row(0)], tmp_path / "easy_only.parquet")
+    with pytest.raises(BadDatasetError, match="no usable rows of difficulty 'hard'"):
+        load_training_data(tmp_path / "easy_only.parquet", max_bad_fraction=0.5, difficulty="hard")
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no Parquet file"):
         load_training_data(tmp_path / "nope.parquet", max_bad_fraction=0.5)
