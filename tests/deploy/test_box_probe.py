@@ -18,16 +18,18 @@ def test_box_iou_by_hand():
 
 def test_the_probe_reads_a_box_the_tokens_hold_and_keeps_its_best_epoch():
     generator = torch.Generator().manual_seed(0)
-    centre = 0.3 + 0.4 * torch.rand(600, 2, generator=generator)
-    side = 0.1 + 0.3 * torch.rand(600, 2, generator=generator)
+    centre = 0.3 + 0.4 * torch.rand(2400, 2, generator=generator)
+    side = 0.1 + 0.3 * torch.rand(2400, 2, generator=generator)
     boxes = torch.cat([centre - side / 2, centre + side / 2], dim=1)
-    # 4 tokens of width 8: token k carries box coordinate k in one channel, the rest is noise
-    tokens = torch.randn(600, 4, 8, generator=generator)
+    # 4 tokens of width 8: token k carries box coordinate k in one channel, the rest is noise. 2,000 training
+    # rows, not fewer: 400 (two batches an epoch) left the probe still rising at its last epoch, at a held-out
+    # IoU of 0.849 on one machine and above 0.85 on another; 2,000 reach 0.93 and stop early.
+    tokens = torch.randn(2400, 4, 8, generator=generator)
     tokens[:, torch.arange(4), 0] = boxes * 5.0
     probe = BoxProbe(4, 8, seed=0)
-    fitted = probe.fit(tokens[:400], boxes[:400], val_tokens=tokens[400:500], val_boxes=boxes[400:500])
+    fitted = probe.fit(tokens[:2000], boxes[:2000], val_tokens=tokens[2000:2200], val_boxes=boxes[2000:2200])
     with torch.no_grad():
-        held_out = box_iou(probe(tokens[500:]), boxes[500:]).mean()
+        held_out = box_iou(probe(tokens[2200:]), boxes[2200:]).mean()
     assert held_out > 0.85
     assert 1 <= fitted["best_epoch"] <= fitted["epochs"] and fitted["val_miou"] > 0.85
 
