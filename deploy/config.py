@@ -186,6 +186,12 @@ class RunConfig(BaseModel):
             if unknown:
                 raise ValueError(f"curriculum.stages.{index}.reward_weights: unknown components {sorted(unknown)}")
             check_computable(self.rewards, stage.reward_weights, where=f"curriculum.stages.{index}")
+            drawn = sorted(d for d, weight in stage.difficulty_weights.items() if weight > 0)
+            if self.data.train_difficulty is not None and drawn != [self.data.train_difficulty]:
+                # Caught here, not when RL's sampler finds the pool empty (after SFT has run).
+                raise ValueError(
+                    f"curriculum.stages.{index}.difficulty_weights draws {drawn}, but data.train_difficulty keeps "
+                    f"only {self.data.train_difficulty!r} rows: give the other difficulty weight 0")
         return self
 
 

@@ -32,6 +32,14 @@ def test_dotted_overrides_are_typed_and_applied_before_validation():
     assert config.train.mode == "async" and config.curriculum.start_stage == 1
 
 
+def test_train_difficulty_loads_with_a_curriculum_that_draws_only_that_difficulty():
+    hard_only = [f"curriculum.stages.{i}.difficulty_weights.{d}={w}" for i in range(3) for d, w in (("easy", 0),
+                                                                                                   ("hard", 1))]
+    config = load_run_config(CONFIG_DIR / "fewshot-cpu.yaml", ["data.train_difficulty=hard", *hard_only])
+    assert config.data.train_difficulty == "hard"
+    assert all(stage.difficulty_weights == {"easy": 0.0, "hard": 1.0} for stage in config.curriculum.stages)
+
+
 def test_overrides_do_not_modify_their_input():
     document = {"learner": {"lr": 1.0}}
     assert apply_overrides(document, ["learner.lr=2"]) == {"learner": {"lr": 2}}
@@ -49,6 +57,7 @@ INVALID = [
     (["learner.lrate=0.1"], "learner.lrate"),
     (["train.mode=sometimes"], "train.mode"),
     (["data.train_difficulty=medium"], "data.train_difficulty"),
+    (["data.train_difficulty=hard"], "curriculum.stages.0.difficulty_weights draws ['easy', 'hard']"),
     (["rollout.sampling.temperature=9"], "rollout.sampling.temperature"),
     (["rollout.sampling.temperature=0.7"], "learner.temperature (1.0) must equal rollout.sampling.temperature (0.7)"),
     (["rewards.frame.kind=norm1000"], "rewards.frame.kind"),
