@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.config import RolloutConfig
-from curriculum.config import CurriculumConfig
+from curriculum.config import CurriculumConfig, Difficulty
 from deploy.config_loading import load_config
 from deploy.sft import SFTConfig
 from learner.config import LearnerConfig
@@ -40,7 +40,7 @@ class DataConfig(BaseModel):
     train_split: str = Field("train", description="split name (file stem) used for training")
     train_limit: int | None = Field(
         None, ge=1, description="train (SFT and RL) on only the first N valid rows: the few-shot setting")
-    train_difficulty: Literal["easy", "hard"] | None = Field(
+    train_difficulty: Difficulty | None = Field(
         None, description="train (SFT and RL) on only the training rows of this difficulty (before train_limit "
         "counts them): e.g. a model taught on easy images, then given a few hard ones")
     rl_mirror: bool = Field(

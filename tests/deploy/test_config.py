@@ -33,8 +33,8 @@ def test_dotted_overrides_are_typed_and_applied_before_validation():
 
 
 def test_train_difficulty_loads_with_a_curriculum_that_draws_only_that_difficulty():
-    hard_only = [f"curriculum.stages.{i}.difficulty_weights.{d}={w}" for i in range(3) for d, w in (("easy", 0),
-                                                                                                   ("hard", 1))]
+    hard_only = [override for i in range(3) for override in (f"curriculum.stages.{i}.difficulty_weights.easy=0",
+                                                              f"curriculum.stages.{i}.difficulty_weights.hard=1")]
     config = load_run_config(CONFIG_DIR / "fewshot-cpu.yaml", ["data.train_difficulty=hard", *hard_only])
     assert config.data.train_difficulty == "hard"
     assert all(stage.difficulty_weights == {"easy": 0.0, "hard": 1.0} for stage in config.curriculum.stages)
