@@ -13,7 +13,8 @@ Every model is evaluated greedily on the held-out test_easy and test_hard splits
 rows each). Prints ONE JSON object (also written to ``<out>/result.json``)::
 
     {"sft": {"easy": M, "hard": M}, "sft_control": {...}, "rl": {...},
-     "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...}}
+     "fewshot": {"sft": ..., "sft_control": ..., "rl": ...}, "baseline": {...}, "wall_s": ..., "target": {...},
+     "settings": {"full": {"config": PATH, "overrides": [...]}, "fewshot": {...}}}
 
 M holds format_validity, presence_accuracy, category_accuracy, miou (and found_rate, miou_found, presence_auc, ap50,
 distinct_answers, rows).
@@ -210,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     full = run_setting(full_config, out=out / "full", earlier=earlier / "full" if earlier else None)
     report.update({name: full[name] for name in ("sft", "sft_control", "rl", "baseline")})
     report["full_wall_s"] = full["wall_s"]
+    # What each setting ran: "full" is the first setting's name whatever --config names (a few-shot config
+    # with --skip-fewshot still lands under "full"), so the result says which config it was.
+    report["settings"] = {"full": {"config": str(args.config), "overrides": args.set}}
     report["target"] = {"full": target_check(full)}
     if not args.skip_fewshot:
         fewshot = run_setting(load_run_config(args.fewshot_config, args.set), out=out / "fewshot",
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         report["fewshot"] = {name: fewshot[name] for name in ("sft", "sft_control", "rl")}
         report["fewshot_wall_s"] = fewshot["wall_s"]
         report["target"]["fewshot"] = target_check(fewshot)
+        report["settings"]["fewshot"] = {"config": str(args.fewshot_config), "overrides": args.set}
     settings = [t for t in report["target"].values() if isinstance(t, dict)]
     report["target"]["met"] = any(t["met"] for t in settings)
     report["target"]["met_pooled"] = any(t["met_pooled"] for t in settings)

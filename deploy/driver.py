@@ -150,12 +150,15 @@ class Driver:
 
         from deploy.learner_group import LearnerGroup
 
-        self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
-                                    env_vars=actor_env())
+        # Rollout and reward actors first: creating them returns at once, so their engines start while the
+        # learner group forms (which waits for its ranks). Started the other way round, a run waited for
+        # the learner, then for the vLLM engines.
         self.rewarders = [self._start_reward_worker() for _ in range(cfg.cluster.reward_workers)]
         self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
         self.workers = [self._start_rollout_worker(i) for i in range(cfg.cluster.rollout_workers)]
         self._next_worker_index = len(self.workers)
+        self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
+                                    env_vars=actor_env())
         # Process ids tell a restarted worker from the one the driver knows (waits for them to start).
         pids = ray.get([_pid_call(h) for h in [w.handle for w in self.workers] + self.rewarders])
         for worker, pid in zip(self.workers, pids):

@@ -149,3 +149,28 @@ def test_reuse_of_a_run_whose_control_did_not_finish_fails_before_anything_runs(
     with pytest.raises(ValueError, match="sft_control.*did not finish"):
         run_setting(load_run_config(CONFIG_DIR / "small-cpu.yaml"), out=tmp_path / "new", earlier=earlier)
     assert not (tmp_path / "new").exists()  # nothing written, nothing started
+
+
+def test_the_result_names_the_config_each_setting_ran(tmp_path, monkeypatch, capsys):
+    # Mocked: the settings themselves (hours of training); what is checked is what main() writes about them.
+    # With a few-shot config and --skip-fewshot the only setting is still called "full": the result must say
+    # which config that was.
+    import bench.learning as bench_learning
+    import models.config
+    from deploy.config import CONFIG_DIR
+
+    ran = []
+
+    def run_setting(config, *, out, earlier=None):
+        ran.append((out.name, config.data.train_limit))
+        return {**setting(m(0.6, 0.95), m(0.41, 0.92)), "baseline": {}, "wall_s": {}}
+
+    monkeypatch.setattr(bench_learning, "run_setting", run_setting)
+    monkeypatch.setattr(models.config, "resolve_model_path", lambda model: "unused")
+    fewshot = str(CONFIG_DIR / "fewshot-cpu.yaml")
+    assert bench_learning.main(["--out", str(tmp_path), "--config", fewshot, "--skip-fewshot",
+                                "--set", "train.eval_limit=7"]) == 0
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert ran == [("full", 500)]  # the few-shot config's 500 images, under the name "full"
+    assert result["settings"] == {"full": {"config": fewshot, "overrides": ["train.eval_limit=7"]}}
+    assert json.loads(capsys.readouterr().out)["settings"] == result["settings"]
