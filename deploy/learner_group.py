@@ -5,9 +5,10 @@ the same method on ALL ranks at once and waits for all of them: the learner's me
 collectives (gradient reduce-scatter, parameter gathers, barriers), and a rank left out would hang
 the others.
 
-Rendezvous: rank 0's address is 127.0.0.1 and a port that is free on the driver's host, so all ranks
-must run on the driver's node (one machine; the CPU tests and a single multi-GPU node). A multi-node
-group needs MASTER_ADDR of rank 0's node instead.
+Placement: the ranks are scheduled into one STRICT_PACK placement group, so they land on one node
+together (a node of the training machines where the cluster has several); rollout workers, started
+beside them, cannot split them across nodes. Rendezvous is then 127.0.0.1 and a port that was free on
+the driver's host. A group larger than one node would need MASTER_ADDR of rank 0's node instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from learner.learner import Learner
 
 log = logging.getLogger(__name__)
 
+PLACEMENT_WAIT_LOG_S = 60.0  # how often a learner group waiting for its node says so
+
 
 class LearnerGroup:
     """``config.world_size`` Learner actors that step, checkpoint and export together.
@@ -43,6 +46,7 @@ class LearnerGroup:
     def __init__(self, config: LearnerConfig, *, image_processor=None, pad_token_id: int | None = None,
                  env_vars: dict[str, str] | None = None):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
@@ -50,6 +54,7 @@ class LearnerGroup:
         self._image_processor, self._pad_token_id = image_processor, pad_token_id
         port = free_port()
         actor_class = ray.remote(Learner)
+        self.placement_group = self._reserve_one_node(config)
         self.actors = []
         for rank in range(config.world_size):
             env = {
@@ -61,11 +66,29 @@ class LearnerGroup:
                 **(env_vars or {}),
             }
             options = dict(num_cpus=config.num_cpus_per_rank, num_gpus=config.num_gpus_per_rank,
-                           runtime_env={"env_vars": env})
+                           runtime_env={"env_vars": env},
+                           scheduling_strategy=PlacementGroupSchedulingStrategy(
+                               placement_group=self.placement_group, placement_group_bundle_index=rank))
             self.actors.append(actor_class.options(**options).remote(config, rank=rank, world_size=config.world_size))
         # Construction is collective (the process group forms); waiting here surfaces its errors.
         self.ranks = ray.get([actor.describe.remote() for actor in self.actors])
         log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
+
+    @staticmethod
+    def _reserve_one_node(config: LearnerConfig):
+        """A STRICT_PACK placement group of one bundle per rank; waits until Ray has reserved it (on a
+        cluster that may mean an autoscaler starting a node), logging what it waits for."""
+        import ray
+        from ray.util.placement_group import placement_group
+
+        bundle = {"CPU": config.num_cpus_per_rank}
+        if config.num_gpus_per_rank:
+            bundle["GPU"] = config.num_gpus_per_rank
+        group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy="STRICT_PACK")
+        while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
+            log.warning("learner group still waiting for one node with %d x %s free (ray status shows what the "
+                        "cluster has)", config.world_size, bundle)
+        return group
 
     # ---------------------------------------------------------------- batches
     def _processor_parts(self):
@@ -168,3 +191,6 @@ class LearnerGroup:
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
+        if self.placement_group is not None:
+            ray.util.remove_placement_group(self.placement_group)
+            self.placement_group = None

@@ -311,6 +311,12 @@ def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
                          env_vars={"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "DS_ACCELERATOR": "cpu"})
     try:
         assert [(r["cpu_affinity"], r["torch_threads"]) for r in group.ranks] == [([cores[0]], 1), ([cores[-1]], 1)]
+        # Both ranks run in one STRICT_PACK placement group (one node: the rendezvous is 127.0.0.1).
+        table = ray_cluster.util.placement_group_table(group.placement_group)
+        assert table["strategy"] == "STRICT_PACK" and table["state"] == "CREATED"
+        assert list(table["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}]
+        in_group = ray_cluster.get([actor.__ray_call__.remote(_placement_group_id) for actor in group.actors])
+        assert in_group == [group.placement_group.id.hex()] * 2
         global_batch = group.collate(groups)  # advantages from the rewards, collated on the driver
         pieces = group.split(global_batch)
         assert [p.num_samples for p in pieces] == [4, 4]
@@ -332,6 +338,12 @@ def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
     assert one.greedy_completion(fixed_prompt(model_dir), max_new_tokens=6) == two_ids
     loaded = AutoModelForImageTextToText.from_pretrained(saved).state_dict()
     assert all(torch.equal(loaded[name], value) for name, value in two_weights.items())
+
+
+def _placement_group_id(actor) -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_placement_group_id()
 
 
 def fixed_prompt(model_dir: str) -> dict:
