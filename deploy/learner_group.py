@@ -5,10 +5,12 @@ the same method on ALL ranks at once and waits for all of them: the learner's me
 collectives (gradient reduce-scatter, parameter gathers, barriers), and a rank left out would hang
 the others.
 
-Placement: the ranks are scheduled into one STRICT_PACK placement group, so they land on one node
-together (a node of the training machines where the cluster has several); rollout workers, started
-beside them, cannot split them across nodes. Rendezvous is then 127.0.0.1 and a port that was free on
-the driver's host. A group larger than one node would need MASTER_ADDR of rank 0's node instead.
+Placement: the ranks are reserved as one placement group, one bundle per rank, before any starts.
+``placement: one_node`` (STRICT_PACK) puts them on one node together (a node of the training machines
+where the cluster has several), so rollout workers, started beside them, cannot split them; they meet on
+127.0.0.1. ``placement: pack`` (PACK) lets a group larger than one node span as few nodes as hold it;
+they meet at the IP of the node that holds rank 0. Either way the rendezvous port is chosen by a probe
+task in rank 0's bundle, on that node, not on the driver's host (which on a cluster is another machine).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from learner.learner import Learner
 
 log = logging.getLogger(__name__)
 
-PLACEMENT_WAIT_LOG_S = 60.0  # how often a learner group waiting for its node says so
+PLACEMENT_WAIT_LOG_S = 60.0  # how often a learner group waiting for its node(s) says so
+PLACEMENT_STRATEGY = {"one_node": "STRICT_PACK", "pack": "PACK"}  # LearnerConfig.placement -> Ray's strategy
 
 
 class LearnerGroup:
@@ -52,13 +55,13 @@ class LearnerGroup:
             raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
         self.config = config
         self._image_processor, self._pad_token_id = image_processor, pad_token_id
-        port = free_port()
         actor_class = ray.remote(Learner)
-        self.placement_group = self._reserve_one_node(config)
+        self.placement_group = self._reserve(config)
+        self.master_addr, self.master_port = self._rendezvous_address(config, self.placement_group)
         self.actors = []
         for rank in range(config.world_size):
             env = {
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(rank),
                 "WORLD_SIZE": str(config.world_size),
                 # Ray gives each actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so every rank's device
                 # is local 0; on CPU there is one "device" anyway.
@@ -75,20 +78,33 @@ class LearnerGroup:
         log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
 
     @staticmethod
-    def _reserve_one_node(config: LearnerConfig):
-        """A STRICT_PACK placement group of one bundle per rank; waits until Ray has reserved it (on a
-        cluster that may mean an autoscaler starting a node), logging what it waits for."""
+    def _reserve(config: LearnerConfig):
+        """A placement group of one bundle per rank (``config.placement``'s strategy); waits until Ray has
+        reserved it (on a cluster that may mean an autoscaler starting a node), logging what it waits for."""
         import ray
         from ray.util.placement_group import placement_group
 
         bundle = {"CPU": config.num_cpus_per_rank}
         if config.num_gpus_per_rank:
             bundle["GPU"] = config.num_gpus_per_rank
-        group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy="STRICT_PACK")
+        strategy = PLACEMENT_STRATEGY[config.placement]
+        group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
         while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
-            log.warning("learner group still waiting for one node with %d x %s free (ray status shows what the "
-                        "cluster has)", config.world_size, bundle)
+            log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster has)",
+                        config.world_size, bundle, strategy)
         return group
+
+    @staticmethod
+    def _rendezvous_address(config: LearnerConfig, group) -> tuple[str, int]:
+        """(MASTER_ADDR, MASTER_PORT): asked of rank 0's node by a task in rank 0's bundle, which it uses
+        before rank 0's actor takes the bundle."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        probe = ray.remote(_rank0_address).options(
+            num_cpus=config.num_cpus_per_rank, num_gpus=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0))
+        return tuple(ray.get(probe.remote(loopback=config.placement == "one_node")))
 
     # ---------------------------------------------------------------- batches
     def _processor_parts(self):
@@ -194,3 +210,11 @@ class LearnerGroup:
         if self.placement_group is not None:
             ray.util.remove_placement_group(self.placement_group)
             self.placement_group = None
+
+
+def _rank0_address(*, loopback: bool) -> tuple[str, int]:
+    """Runs on rank 0's node: the address the other ranks reach it at (loopback when they share the
+    node) and a TCP port free there now."""
+    import ray
+
+    return ("127.0.0.1" if loopback else ray.util.get_node_ip_address()), free_port()

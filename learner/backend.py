@@ -123,9 +123,9 @@ def deepspeed_config(config: LearnerConfig, *, bf16: bool) -> dict:
 
 
 def free_port() -> int:
-    """A TCP port that is free now on this host (for MASTER_PORT)."""
+    """A TCP port that is free now on every interface of this host (for MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("", 0))
         return int(sock.getsockname()[1])
 
 
