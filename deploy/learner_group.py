@@ -6,10 +6,10 @@ collectives (gradient reduce-scatter, parameter gathers, barriers), and a rank l
 the others.
 
 Placement: the ranks are reserved as one placement group, one bundle per rank, before any starts.
-``placement: one_node`` (STRICT_PACK) puts them on one node together (a node of the training machines
-where the cluster has several), so rollout workers, started beside them, cannot split them; they meet on
-127.0.0.1. ``placement: pack`` (PACK) lets a group larger than one node span as few nodes as hold it;
-they meet at the IP of the node that holds rank 0. Either way the rendezvous port is chosen by a probe
+``placement_strategy: STRICT_PACK`` (the default) puts them on one node together (a node of the training
+machines where the cluster has several), so rollout workers, started beside them, cannot split them; they
+meet on 127.0.0.1. ``PACK`` lets a group larger than one node span as few nodes as hold it; they meet at
+the IP of the node that holds rank 0. Either way the rendezvous port is chosen by a probe
 task in rank 0's bundle, on that node, not on the driver's host (which on a cluster is another machine).
 """
 
@@ -32,7 +32,6 @@ from learner.learner import Learner
 log = logging.getLogger(__name__)
 
 PLACEMENT_WAIT_LOG_S = 60.0  # how often a learner group waiting for its node(s) says so
-PLACEMENT_STRATEGY = {"one_node": "STRICT_PACK", "pack": "PACK"}  # LearnerConfig.placement -> Ray's strategy
 
 
 class LearnerGroup:
@@ -57,11 +56,11 @@ class LearnerGroup:
         self._image_processor, self._pad_token_id = image_processor, pad_token_id
         actor_class = ray.remote(Learner)
         self.placement_group = self._reserve(config)
-        self.master_addr, self.master_port = self._rendezvous_address(config, self.placement_group)
+        master_addr, master_port = self._rendezvous_address(config, self.placement_group)
         self.actors = []
         for rank in range(config.world_size):
             env = {
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port), "RANK": str(rank),
+                "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
                 "WORLD_SIZE": str(config.world_size),
                 # Ray gives each actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so every rank's device
                 # is local 0; on CPU there is one "device" anyway.
@@ -79,7 +78,7 @@ class LearnerGroup:
 
     @staticmethod
     def _reserve(config: LearnerConfig):
-        """A placement group of one bundle per rank (``config.placement``'s strategy); waits until Ray has
+        """A placement group of one bundle per rank (``config.placement_strategy``); waits until Ray has
         reserved it (on a cluster that may mean an autoscaler starting a node), logging what it waits for."""
         import ray
         from ray.util.placement_group import placement_group
@@ -87,7 +86,7 @@ class LearnerGroup:
         bundle = {"CPU": config.num_cpus_per_rank}
         if config.num_gpus_per_rank:
             bundle["GPU"] = config.num_gpus_per_rank
-        strategy = PLACEMENT_STRATEGY[config.placement]
+        strategy = config.placement_strategy
         group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
         while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
             log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster has)",
@@ -104,7 +103,7 @@ class LearnerGroup:
         probe = ray.remote(_rank0_address).options(
             num_cpus=config.num_cpus_per_rank, num_gpus=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=0))
-        return tuple(ray.get(probe.remote(loopback=config.placement == "one_node")))
+        return ray.get(probe.remote(loopback=config.placement_strategy == "STRICT_PACK"))
 
     # ---------------------------------------------------------------- batches
     def _processor_parts(self):

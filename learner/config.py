@@ -44,10 +44,10 @@ class LearnerConfig(BaseModel):
         default="auto", description="auto: CUDA when torch sees a GPU, else CPU (gloo)")
     num_cpus_per_rank: float = Field(default=1.0, gt=0.0, description="CPUs Ray reserves for each learner actor")
     num_gpus_per_rank: float = Field(default=0.0, ge=0.0, description="GPUs Ray reserves for each learner actor")
-    placement: Literal["one_node", "pack"] = Field(
-        default="one_node",
-        description="one_node: every rank on one node (a STRICT_PACK placement group; rendezvous on loopback); "
-        "pack: as few nodes as hold the ranks (PACK), for a group larger than a node (rendezvous on rank 0's node IP)",
+    placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
+        default="STRICT_PACK",
+        description="Ray placement strategy of the ranks: STRICT_PACK puts them all on one node (rendezvous on "
+        "loopback); PACK on as few nodes as hold them, for a group larger than a node (rendezvous on rank 0's node IP)",
     )
 
     global_batch_samples: int = Field(default=16, ge=1, description="trajectories per optimiser step, all ranks together")

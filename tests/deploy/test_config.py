@@ -68,7 +68,7 @@ INVALID = [
     (["train.buffer_capacity=2"], "train.buffer_capacity"),
     (["rewards.custom_reward=os.system('x')"], "custom_reward"),
     (["learner.cpu_cores=1;2"], "learner.cpu_cores"),
-    (["learner.placement=spread"], "learner.placement"),
+    (["learner.placement_strategy=SPREAD"], "learner.placement_strategy"),
     (["learner.cpu_cores=3-1"], "runs backwards"),
     (["learner.cpu_cores=0|1|2", "learner.world_size=2", "learner.global_batch_samples=16"], "3 lists for 2 ranks"),
     (["rollout.engine.backend=hf", "rollout.engine.cpu_cores=0"], "cpu_cores"),

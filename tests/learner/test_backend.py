@@ -311,15 +311,13 @@ def test_two_zero3_ranks_equal_one(model_dir, ray_cluster, tmp_path):
                          env_vars={"TORCH_EXTENSIONS_DIR": EXTENSIONS_DIR, "DS_ACCELERATOR": "cpu"})
     try:
         assert [(r["cpu_affinity"], r["torch_threads"]) for r in group.ranks] == [([cores[0]], 1), ([cores[-1]], 1)]
-        # Both ranks run in one STRICT_PACK placement group (one node: the rendezvous is 127.0.0.1, at a
-        # port the probe in rank 0's bundle chose).
+        # Both ranks run in one STRICT_PACK placement group (one node: the rendezvous is on loopback).
         table = ray_cluster.util.placement_group_table(group.placement_group)
         assert table["strategy"] == "STRICT_PACK" and table["state"] == "CREATED"
         assert list(table["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}]
         in_group = ray_cluster.get([actor.__ray_call__.remote(_placement_group_id) for actor in group.actors])
         assert in_group == [group.placement_group.id.hex()] * 2
-        rendezvous = ray_cluster.get([actor.__ray_call__.remote(_rendezvous_env) for actor in group.actors])
-        assert rendezvous == [("127.0.0.1", str(group.master_port))] * 2
+        assert ray_cluster.get([actor.__ray_call__.remote(_master_addr) for actor in group.actors]) == ["127.0.0.1"] * 2
         global_batch = group.collate(groups)  # advantages from the rewards, collated on the driver
         pieces = group.split(global_batch)
         assert [p.num_samples for p in pieces] == [4, 4]
@@ -349,17 +347,17 @@ def _placement_group_id(actor) -> str | None:
     return ray.get_runtime_context().get_placement_group_id()
 
 
-def _rendezvous_env(actor) -> tuple[str, str]:
-    return os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+def _master_addr(actor) -> str:
+    return os.environ["MASTER_ADDR"]
 
 
 def test_pack_placement_meets_at_rank0_node_ip(ray_cluster):
-    """``placement: pack`` (a group that may span nodes): a PACK placement group, and a rendezvous at the
+    """``placement_strategy: PACK`` (a group that may span nodes): a PACK placement group, and a rendezvous at the
     node IP of rank 0's bundle where two processes in the group's bundles really form a gloo group.
     One node here, so this shows the address and port work, not a second node."""
     from deploy.learner_group import LearnerGroup
 
-    pack = LearnerConfig(world_size=2, global_batch_samples=8, placement="pack")
+    pack = LearnerConfig(world_size=2, global_batch_samples=8, placement_strategy="PACK")
     group = LearnerGroup._reserve(pack)
     try:
         assert ray_cluster.util.placement_group_table(group)["strategy"] == "PACK"
