@@ -48,16 +48,29 @@ class LearnerGroup:
     def __init__(self, config: LearnerConfig, *, image_processor=None, pad_token_id: int | None = None,
                  env_vars: dict[str, str] | None = None):
         import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         if not ray.is_initialized():
             raise RuntimeError("LearnerGroup needs a running Ray (call ray.init first)")
         self.config = config
         self._image_processor, self._pad_token_id = image_processor, pad_token_id
-        actor_class = ray.remote(Learner)
         self.placement_group = self._reserve(config)
-        master_addr, master_port = self._rendezvous_address(config, self.placement_group)
         self.actors = []
+        try:
+            self._start_ranks(config, env_vars or {})
+        except BaseException:
+            # A group that does not form gives back what it took (its placement group holds CPUs/GPUs until
+            # removed), so the run's other actors, or the next attempt, can use them.
+            self.shutdown()
+            raise
+        log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
+
+    def _start_ranks(self, config: LearnerConfig, env_vars: dict[str, str]) -> None:
+        """One Learner actor per bundle; returns once the process group has formed on every rank."""
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor_class = ray.remote(Learner)
+        master_addr, master_port = self._rendezvous_address(config, self.placement_group)
         for rank in range(config.world_size):
             env = {
                 "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
@@ -65,7 +78,7 @@ class LearnerGroup:
                 # Ray gives each actor only its own GPU(s) (CUDA_VISIBLE_DEVICES), so every rank's device
                 # is local 0; on CPU there is one "device" anyway.
                 "LOCAL_RANK": "0",
-                **(env_vars or {}),
+                **env_vars,
             }
             options = dict(num_cpus=config.num_cpus_per_rank, num_gpus=config.num_gpus_per_rank,
                            runtime_env={"env_vars": env},
@@ -74,7 +87,6 @@ class LearnerGroup:
             self.actors.append(actor_class.options(**options).remote(config, rank=rank, world_size=config.world_size))
         # Construction is collective (the process group forms); waiting here surfaces its errors.
         self.ranks = ray.get([actor.describe.remote() for actor in self.actors])
-        log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
 
     @staticmethod
     def _reserve(config: LearnerConfig):
@@ -88,9 +100,13 @@ class LearnerGroup:
             bundle["GPU"] = config.num_gpus_per_rank
         strategy = config.placement_strategy
         group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
-        while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
-            log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster has)",
-                        config.world_size, bundle, strategy)
+        try:
+            while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
+                log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster "
+                            "has)", config.world_size, bundle, strategy)
+        except BaseException:  # e.g. Ctrl-C while waiting: a pending group would still be served later
+            ray.util.remove_placement_group(group)
+            raise
         return group
 
     @staticmethod

@@ -375,6 +375,20 @@ def test_pack_placement_meets_at_rank0_node_ip(ray_cluster):
         ray_cluster.util.remove_placement_group(group)
 
 
+def test_a_group_that_cannot_form_gives_its_placement_group_back(ray_cluster):
+    """Ranks that fail in their constructor (here: no model path) fail the group with the rank's own error,
+    and the placement group reserved for them is removed, not left holding the cluster's CPUs."""
+    from deploy.learner_group import LearnerGroup
+
+    def reserved() -> list[str]:
+        return sorted(k for k, v in ray_cluster.util.placement_group_table().items() if v["state"] != "REMOVED")
+
+    before = reserved()
+    with pytest.raises(ray_cluster.exceptions.RayActorError, match="learner.model_path: not set"):
+        LearnerGroup(LearnerConfig(world_size=2, global_batch_samples=8))
+    assert reserved() == before
+
+
 def _gloo_all_reduce(init_method: str, *, rank: int, world_size: int) -> float:
     import torch.distributed as dist
 
