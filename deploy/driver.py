@@ -16,13 +16,12 @@ Results stream: every rollout call carries one chunk of groups and is handled th
 sampling sets aside groups whose samples all got the same reward (they carry no gradient) and
 issues more prompts, up to ``train.max_generation_factor`` × the step's groups.
 
+The rollout workers themselves (starting, scaling, weights, restarts) are ``deploy.rollout_fleet``'s.
 A dead rollout or reward worker is restarted by Ray (``cluster.max_restarts``); its in-flight groups
 are re-issued under the same ids, and a restarted rollout worker gets the current weights before its
-next call. Calls to an actor Ray is still restarting fail at once (``ActorUnavailableError``), so the
-driver waits until the actor answers again before it sends it weights or work. A restart is noticed
-by a failed call, or by a rollout worker returning groups sampled with older weights than it was
-sent (it died between two calls); it is counted once per new process id. ``deploy.ledger`` checks
-that every group is counted exactly once.
+next call. A restart is noticed by a failed call, or by a rollout worker returning groups sampled with
+older weights than it was sent (it died between two calls). ``deploy.ledger`` checks that every group
+is counted exactly once.
 """
 
 from __future__ import annotations
@@ -30,28 +29,24 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import shutil
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from actors.buffer import BufferConfig, TrajectoryBuffer
-from actors.engines.base import state_dict_checksum
 from actors.env import ImageLimits, answer_frame
 from actors.metrics import RunMetrics
 from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_for_groups
-from actors.rollout import RolloutWorker
 from actors.types import PromptGroup, TrajectoryGroup
-from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
 from curriculum.manager import CurriculumManager
 from curriculum.sampler import PromptSampler
 from deploy.config import RunConfig
 from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
+from deploy.rollout_fleet import FleetWorker, RolloutFleet, await_ready, pid_call
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
@@ -62,22 +57,6 @@ log = logging.getLogger(__name__)
 
 EVENTS_FILE = "events.jsonl"  # one JSON object per learner step: rewards, stage, learner stats, timings
 SUMMARY_FILE = "summary.json"
-RESTART_WAIT_S = 600.0  # how long to wait for Ray to restart a dead worker (a vLLM engine starts slowly)
-RESTART_POLL_S = 0.5  # between two probes of a restarting worker
-
-# The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
-RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
-
-
-@dataclass
-class _Worker:
-    name: str
-    handle: object
-    version: int = 0  # weights version it holds
-    busy: list = field(default_factory=list)  # [(generate ref, prompt groups)]
-    sent_version: dict = field(default_factory=dict)  # generate ref → weights version it held when sent
-    retiring: bool = False  # scaled down: gets no new work, leaves once its calls have come back
-    pid: int | None = None  # process id of the incarnation the driver knows (Ray restarts get new ones)
 
 
 @dataclass
@@ -104,7 +83,6 @@ class Driver:
         self.metrics_port: int | None = None
         self.step = 0
         self.version = 0
-        self.checksums: list[dict] = []  # per sync: learner checksum and each worker's (when verified)
         self._issue_counter = 0
         self._reissue: deque[PromptGroup] = deque()
         self._pool: list[TrajectoryGroup] = []  # zero-signal groups set aside in case refills run out
@@ -112,13 +90,11 @@ class Driver:
         # buffer.put ref → group id: on its way into the buffer. The buffer is a threaded actor, so a later
         # __len__ call can run before the put lands; until the put is done the group counts as outstanding.
         self._putting: dict = {}
-        self._buckets: list = []  # the current version's weight buckets (for restarted workers)
         self._started = False
         # Training seconds of the run before this process (a resumed run's checkpoint records them), so wall
         # times in events and the summary count the whole run, as the SFT control that matches RL's time needs.
         self._wall_offset = 0.0
         self._last_poll = 0.0
-        self._recovery = threading.RLock()  # async mode: the learner thread's weight sync may recover too
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -155,16 +131,13 @@ class Driver:
         # the learner, then for the vLLM engines.
         self.rewarders = [self._start_reward_worker() for _ in range(cfg.cluster.reward_workers)]
         self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
-        self.workers = [self._start_rollout_worker(i) for i in range(cfg.cluster.rollout_workers)]
-        self._next_worker_index = len(self.workers)
+        self.fleet = RolloutFleet(cfg, model_path=self.model_path, metrics=self.metrics)
+        self.fleet.start(cfg.cluster.rollout_workers)
         self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
                                     env_vars=actor_env())
         # Process ids tell a restarted worker from the one the driver knows (waits for them to start).
-        pids = ray.get([_pid_call(h) for h in [w.handle for w in self.workers] + self.rewarders])
-        for worker, pid in zip(self.workers, pids):
-            worker.pid = pid
-        self._rewarder_pids: list[int | None] = pids[len(self.workers):]
-        self.weight_sync = WeightSyncConfig()
+        self.fleet.await_started()
+        self._rewarder_pids: list[int | None] = ray.get([pid_call(h) for h in self.rewarders])
         buffer_cfg = BufferConfig(
             capacity=cfg.train.buffer_capacity,
             max_staleness=cfg.train.max_staleness if cfg.train.mode == "async" else 0,
@@ -180,7 +153,7 @@ class Driver:
             name=control_actor_name(cfg.train.run_name), namespace=CONTROL_NAMESPACE, num_cpus=0,
         ).remote(rollout_workers=c.rollout_workers, min_workers=c.min_rollout_workers,
                  max_workers=c.max_rollout_workers)
-        self.metrics.rollout_workers.set(len(self.workers))
+        self.metrics.rollout_workers.set(len(self.fleet.workers))
         self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
 
     def _image_limits(self) -> ImageLimits:
@@ -198,23 +171,6 @@ class Driver:
 
     def _load_data(self) -> TrainingData:
         return prepare_training_data(self.config.data)
-
-    def _start_rollout_worker(self, index: int) -> _Worker:
-        import ray
-
-        c = self.config.cluster
-        name = f"rollout-{index}"
-        handle = (
-            ray.remote(RolloutActor)
-            .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
-                     runtime_env={"env_vars": actor_env()})  # also when joining a cluster (refocus submit)
-            .remote(config=self.config.rollout, model_path=str(self.model_path), worker_id=name)
-        )
-        worker = _Worker(name=name, handle=handle)
-        if self._buckets:  # joining a run in progress: start from the current weights
-            worker.pid = self._await_ready(handle)
-            self._send_weights([worker])
-        return worker
 
     def _start_reward_worker(self):
         import ray
@@ -238,7 +194,7 @@ class Driver:
     def _outstanding(self) -> int:
         """Groups issued and not yet in the buffer (generating, waiting for re-issue, scoring, being put).
         Count it before ``_buffered()``: a put that lands in between is then counted twice, never not at all."""
-        generating = sum(len(chunk) for w in self.workers for _, chunk in w.busy)
+        generating = self.fleet.generating()
         scoring = sum(len(groups) for groups, _ in self._scoring.values())
         return generating + scoring + len(self._reissue) + self._settle_puts()
 
@@ -258,39 +214,41 @@ class Driver:
 
         return ray.get(self.buffer.__len__.remote())
 
-    def _dispatch(self, prompts: list[PromptGroup], workers: list[_Worker]) -> None:
+    @property
+    def workers(self) -> list[FleetWorker]:
+        return self.fleet.workers
+
+    @property
+    def checksums(self) -> list[dict]:
+        """Per verified weight sync: the learner's checksum and each worker's."""
+        return self.fleet.checksums
+
+    def _dispatch(self, prompts: list[PromptGroup], workers: list[FleetWorker]) -> None:
         """One chunk of ``prompts`` to each of ``workers`` (in order)."""
-        chunk = -(-len(prompts) // len(workers))
-        for worker, start in zip(workers, range(0, len(prompts), chunk)):
-            part = prompts[start : start + chunk]
-            ref = worker.handle.generate_groups.remote(part)
-            worker.busy.append((ref, part))
-            worker.sent_version[ref] = worker.version
+        self.fleet.dispatch(prompts, workers)
 
     def _issue(self, count: int) -> None:
         """Re-issues first, then ``count`` new groups, spread over the least busy workers."""
         prompts = list(self._reissue) + (self._new_prompts(count) if count > 0 else [])
         self._reissue.clear()
         if prompts:
-            self._dispatch(prompts, sorted(self._active(), key=lambda w: len(w.busy)))
+            self._dispatch(prompts, sorted(self.fleet.active(), key=lambda w: len(w.busy)))
 
     def _keep_workers_busy(self) -> None:
         """Async mode: each idle worker gets a chunk while generation is less than max_staleness + 1 steps
         ahead of the learner (further ahead, groups would only go stale) and the buffer has room."""
         train = self.config.train
-        chunk = max(1, train.prompts_per_step // len(self._active()))
+        active = self.fleet.active()
+        chunk = max(1, train.prompts_per_step // len(active))
         lead = min(train.buffer_capacity, train.prompts_per_step * (train.max_staleness + 1))
         room = lead - self._outstanding() - self._buffered()
-        for worker in self._active():
+        for worker in active:
             if worker.busy or room < chunk:
                 continue
             prompts = [self._reissue.popleft() for _ in range(min(chunk, len(self._reissue)))]
             prompts += self._new_prompts(chunk - len(prompts))
             self._dispatch(prompts, [worker])
             room -= chunk
-
-    def _active(self) -> list[_Worker]:
-        return [w for w in self.workers if not w.retiring]
 
     # ------------------------------------------------------------------ control (refocus scale)
     def _poll_control(self) -> None:
@@ -301,7 +259,7 @@ class Driver:
             return
         self._last_poll = time.monotonic()
         status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
-                  "rollout_workers": len(self._active()), "ledger": self.ledger.summary()}
+                  "rollout_workers": len(self.fleet.active()), "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
         for reason in wanted["advance_stage"]:
             if self.curriculum.is_last_stage:  # a client's request must never crash the run
@@ -311,32 +269,13 @@ class Driver:
             log.info("curriculum: stage forced to %s (%s)", transition.to_name, reason)
             self.metrics.curriculum_transitions.inc()
             self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
-        self._rescale(wanted["rollout_workers"])
-
-    def _rescale(self, desired: int) -> None:
-        """Start or retire rollout workers; a retired worker finishes its calls (nothing is lost)."""
-        import ray
-
-        active = self._active()
-        for _ in range(desired - len(active)):
-            worker = self._start_rollout_worker(self._next_worker_index)
-            self._next_worker_index += 1
-            self.workers.append(worker)
-            log.info("scaled up: started %s", worker.name)
-        for worker in active[desired:]:
-            worker.retiring = True
-            log.info("scaling down: retiring %s after its %d in-flight calls", worker.name, len(worker.busy))
-        for worker in [w for w in self.workers if w.retiring and not w.busy]:
-            ray.kill(worker.handle)
-            self.workers.remove(worker)
-            log.info("scaled down: %s stopped", worker.name)
-        self.metrics.rollout_workers.set(len(self._active()))
+        self.fleet.rescale(wanted["rollout_workers"])
 
     def _pump(self, timeout: float) -> int:
         """Handle every rollout and reward result ready within ``timeout``; returns how many."""
         import ray
 
-        generating = {ref: (w, part) for w in self.workers for ref, part in w.busy}
+        generating = self.fleet.in_flight()
         refs = list(generating) + list(self._scoring)
         if not refs:
             return 0
@@ -350,11 +289,10 @@ class Driver:
                 self._on_scored(ref, *self._scoring.pop(ref))
         return len(ready)
 
-    def _on_generated(self, ref, worker: _Worker, part: list[PromptGroup]) -> None:
+    def _on_generated(self, ref, worker: FleetWorker, part: list[PromptGroup]) -> None:
         import ray
 
-        worker.busy = [(r, p) for r, p in worker.busy if r != ref]
-        sent_version = worker.sent_version.pop(ref, 0)
+        sent_version = self.fleet.returned(ref, worker)
         try:
             groups: list[TrajectoryGroup] = ray.get(ref)
         except ray.exceptions.RayActorError as error:
@@ -381,51 +319,23 @@ class Driver:
         if groups:
             self._score(groups)
 
-    def _on_rollout_worker_died(self, worker: _Worker, part: list[PromptGroup], why: str) -> None:
+    def _on_rollout_worker_died(self, worker: FleetWorker, part: list[PromptGroup], why: str) -> None:
         log.warning("rollout worker %s died (%s); re-issuing its %d groups", worker.name, why, len(part))
         for prompt in part:
             self.ledger.reissue(prompt.group_id)
             self._reissue.append(prompt)
         # Ray restarts the actor from its constructor (the initial weights): send the current ones.
-        if self._recover_rollout_worker(worker) and self._buckets:
-            self._send_weights([worker])
-
-    def _await_ready(self, handle) -> int:
-        """The actor's process id once it takes calls again. Calls to an actor Ray is restarting fail at
-        once (ActorUnavailableError) rather than wait, hence the polling. ActorDiedError (no restarts
-        left) propagates: the run cannot go on without the worker."""
-        import ray
-
-        deadline = time.monotonic() + RESTART_WAIT_S
-        while True:
-            try:
-                return ray.get(_pid_call(handle))
-            except ray.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(RESTART_POLL_S)
-
-    def _recover_rollout_worker(self, worker: _Worker) -> bool:
-        """Wait for ``worker`` to take calls; True (restart counted) when it is a new process. Several
-        failed calls of one death find the new process id already known and count nothing."""
-        with self._recovery:
-            pid = self._await_ready(worker.handle)
-            if pid == worker.pid:
-                return False
-            log.warning("rollout worker %s was restarted by Ray (pid %s → %s)", worker.name, worker.pid, pid)
-            self.metrics.worker_restarts.labels(role="rollout").inc()
-            worker.pid, worker.version = pid, 0
-            return True
+        if self.fleet.recover(worker):
+            self.fleet.send_current([worker])
 
     def _recover_rewarder(self, index: int) -> None:
-        """As ``_recover_rollout_worker`` for reward worker ``index`` (it holds no state to restore)."""
-        with self._recovery:
-            pid = self._await_ready(self.rewarders[index])
-            if pid != self._rewarder_pids[index]:
-                log.warning("reward worker %d was restarted by Ray (pid %s → %s)", index,
-                            self._rewarder_pids[index], pid)
-                self.metrics.worker_restarts.labels(role="reward").inc()
-                self._rewarder_pids[index] = pid
+        """Wait for reward worker ``index`` to take calls; count a restart once per new process (it holds
+        no state to restore). Only the main thread scores, so no lock is needed."""
+        pid = await_ready(self.rewarders[index])
+        if pid != self._rewarder_pids[index]:
+            log.warning("reward worker %d was restarted by Ray (pid %s → %s)", index, self._rewarder_pids[index], pid)
+            self.metrics.worker_restarts.labels(role="reward").inc()
+            self._rewarder_pids[index] = pid
 
     def _frames(self, groups: list[TrajectoryGroup]) -> list:
         """Per trajectory, the frame of its final boxes: the last zoom crop's, else the image's (None)."""
@@ -556,7 +466,7 @@ class Driver:
         self.metrics.learner_step_seconds.observe(stats["step_seconds"])
         self.metrics.weight_sync_seconds.observe(stats["sync_seconds"])
         self.metrics.weight_version.set(self.version)
-        self.metrics.weight_version_lag.set(self.version - min(w.version for w in self._active()))
+        self.metrics.weight_version_lag.set(self.version - self.fleet.lowest_version())
         rewards = self._observe_rewards(batch)
         event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
                  "trained_tokens": tokens, "group_ids": [g.group_id for g in batch],
@@ -601,53 +511,10 @@ class Driver:
     def _sync_weights(self, *, version: int) -> float:
         """Export the learner's weights as ``version`` and deliver them to every rollout worker."""
         start = time.perf_counter()
-        self._buckets = list(self.learner.export_weights(version=version, bucket_bytes=self.weight_sync.bucket_bytes))
-        self._send_weights(self.workers)
+        self.fleet.sync(self.learner.export_weights(version=version, bucket_bytes=self.fleet.weight_sync.bucket_bytes))
         if self.config.train.verify_weight_sync:
-            self._verify_weights(version)
+            self.fleet.verify(version)
         return time.perf_counter() - start
-
-    def _send_weights(self, workers: list[_Worker]) -> None:
-        import ray
-
-        try:
-            self._deliver(workers)
-        except ray.exceptions.RayActorError as error:
-            # A worker died since its last call (no call of ours saw it): wait for Ray to restart it, then
-            # deliver again (a receiver ignores a version it already holds).
-            log.warning("weight sync failed (%s); waiting for restarted workers", type(error).__name__)
-            for worker in workers:
-                self._recover_rollout_worker(worker)
-            self._deliver(workers)
-
-    def _deliver(self, workers: list[_Worker]) -> None:
-        sender = WeightSender(self.weight_sync)
-        sender.connect([w.handle for w in workers])
-        report = sender.sync(self._buckets)
-        for worker in workers:
-            worker.version = report.version
-
-    def _verify_weights(self, version: int) -> None:
-        """Compare every worker's weight checksum with the learner's exported weights."""
-        import ray
-
-        named = [(name, t) for b in self._buckets for name, t in b.tensors]
-        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied())
-        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in self.workers])
-        record = {"version": version, "learner": learner_sum, "workers": dict(zip((w.name for w in self.workers),
-                                                                                  worker_sums))}
-        self.checksums.append(record)
-        if any(s != learner_sum for s in worker_sums):
-            raise RuntimeError(f"weight sync of version {version}: worker checksums differ from the learner's: {record}")
-
-    def _tied(self) -> bool:
-        from transformers import AutoConfig
-
-        from actors.engines.base import ties_word_embeddings
-
-        if not hasattr(self, "_tied_cache"):
-            self._tied_cache = ties_word_embeddings(AutoConfig.from_pretrained(self.model_path))
-        return self._tied_cache
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint(self) -> str:
@@ -756,19 +623,9 @@ class Driver:
         self.metrics.close()
         if getattr(self, "control", None) is not None:
             ray.kill(self.control)
-        for worker in getattr(self, "workers", []):
-            ray.kill(worker.handle)
+        if getattr(self, "fleet", None) is not None:
+            self.fleet.kill()
         for rewarder in getattr(self, "rewarders", []):
             ray.kill(rewarder)
         if hasattr(self, "learner"):
             self.learner.shutdown()
-
-
-def _pid_call(handle):
-    """A call returning the actor's process id (a restart gives a new one). The function is defined in
-    here so cloudpickle ships it by value: the actor need not import this module (and torch with it)."""
-
-    def process_id(actor) -> int:
-        return os.getpid()
-
-    return handle.__ray_call__.remote(process_id)

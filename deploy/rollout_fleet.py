@@ -1,0 +1,254 @@
+"""The rollout fleet: the driver's rollout workers, the weights they hold, scaling and Ray's restarts of them.
+
+Runs in the driver process (it holds Ray handles, it is not an actor); ``deploy.driver.Driver`` decides
+what each worker generates and owns the groups' bookkeeping, this class owns the workers:
+
+* **start / scale**: each worker is a ``RolloutActor`` (a ``RolloutWorker`` that can receive weight
+  buckets). One started while a run is in progress first gets the current weights. A worker scaled
+  down is retired: it gets no new work and is stopped once its calls have come back, so nothing is lost.
+* **calls in flight**: ``dispatch`` sends a worker a chunk of prompt groups and remembers, per call, the
+  weights version the worker held when it was sent, so a restart between two calls can be noticed.
+* **weights**: ``sync`` delivers a version's buckets to every worker and keeps them for workers that
+  start or restart later; ``verify`` compares each worker's checksum with the learner's.
+* **restarts**: Ray restarts a dead worker (``cluster.max_restarts``) from its constructor, i.e. with its
+  initial weights. Calls to an actor Ray is still restarting fail at once (``ActorUnavailableError``), so
+  ``await_ready`` polls until it answers; a restart is counted once per new process id.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors.engines.base import state_dict_checksum
+from actors.metrics import RunMetrics
+from actors.rollout import RolloutWorker
+from actors.types import PromptGroup
+from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
+from deploy.config import RunConfig
+from deploy.worker_env import actor_env
+
+log = logging.getLogger(__name__)
+
+RESTART_WAIT_S = 600.0  # how long to wait for Ray to restart a dead worker (a vLLM engine starts slowly)
+RESTART_POLL_S = 0.5  # between two probes of a restarting worker
+
+# The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
+RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
+
+
+@dataclass
+class FleetWorker:
+    name: str
+    handle: object
+    version: int = 0  # weights version it holds
+    busy: list = field(default_factory=list)  # [(generate ref, prompt groups)]
+    sent_version: dict = field(default_factory=dict)  # generate ref → weights version it held when sent
+    retiring: bool = False  # scaled down: gets no new work, leaves once its calls have come back
+    pid: int | None = None  # process id of the incarnation the fleet knows (Ray restarts get new ones)
+
+
+class RolloutFleet:
+    """The run's rollout workers (see the module docstring).
+
+    Args:
+        config: the run config (``cluster`` sizes and restarts, ``rollout`` for each worker).
+        model_path: the policy's model directory every worker starts from.
+        metrics: the run's metrics (worker count, restarts).
+    """
+
+    def __init__(self, config: RunConfig, *, model_path: str | Path, metrics: RunMetrics):
+        self.config = config
+        self.model_path = str(model_path)
+        self.metrics = metrics
+        self.workers: list[FleetWorker] = []
+        self.weight_sync = WeightSyncConfig()
+        self.checksums: list[dict] = []  # per verified sync: the learner's checksum and each worker's
+        self._next_index = 0
+        self._buckets: list = []  # the current version's weight buckets (for workers that start later)
+        self._recovery = threading.RLock()  # async mode: the learner thread's weight sync may recover too
+        self._tied_cache: bool | None = None
+
+    # ------------------------------------------------------------------ workers
+    def start(self, count: int) -> None:
+        """Start ``count`` workers; returns at once unless the run has weights to send them first."""
+        for _ in range(count):
+            self.workers.append(self._start_worker())
+
+    def _start_worker(self) -> FleetWorker:
+        import ray
+
+        c = self.config.cluster
+        name = f"rollout-{self._next_index}"
+        self._next_index += 1
+        handle = (
+            ray.remote(RolloutActor)
+            .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
+                     runtime_env={"env_vars": actor_env()})  # also when joining a cluster (refocus submit)
+            .remote(config=self.config.rollout, model_path=self.model_path, worker_id=name)
+        )
+        worker = FleetWorker(name=name, handle=handle)
+        if self._buckets:  # joining a run in progress: start from the current weights
+            worker.pid = await_ready(handle)
+            self.send_current([worker])
+        return worker
+
+    def await_started(self) -> None:
+        """Wait until every worker takes calls and learn its process id (a restart gets a new one)."""
+        import ray
+
+        pids = ray.get([pid_call(w.handle) for w in self.workers])
+        for worker, pid in zip(self.workers, pids):
+            worker.pid = pid
+
+    def active(self) -> list[FleetWorker]:
+        """The workers that get new work (not retiring)."""
+        return [w for w in self.workers if not w.retiring]
+
+    def rescale(self, desired: int) -> None:
+        """Start or retire workers until ``desired`` are active; a retired one finishes its calls first."""
+        import ray
+
+        active = self.active()
+        for _ in range(desired - len(active)):
+            self.start(1)
+            log.info("scaled up: started %s", self.workers[-1].name)
+        for worker in active[desired:]:
+            worker.retiring = True
+            log.info("scaling down: retiring %s after its %d in-flight calls", worker.name, len(worker.busy))
+        for worker in [w for w in self.workers if w.retiring and not w.busy]:
+            ray.kill(worker.handle)
+            self.workers.remove(worker)
+            log.info("scaled down: %s stopped", worker.name)
+        self.metrics.rollout_workers.set(len(self.active()))
+
+    def kill(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker.handle)
+
+    # ------------------------------------------------------------------ calls
+    def dispatch(self, prompts: list[PromptGroup], workers: list[FleetWorker]) -> None:
+        """One chunk of ``prompts`` to each of ``workers`` (in order; a late worker may get none)."""
+        chunk = -(-len(prompts) // len(workers))
+        for worker, start in zip(workers, range(0, len(prompts), chunk)):
+            part = prompts[start : start + chunk]
+            ref = worker.handle.generate_groups.remote(part)
+            worker.busy.append((ref, part))
+            worker.sent_version[ref] = worker.version
+
+    def in_flight(self) -> dict:
+        """Every generate call not yet handled: ref → (worker, its prompt groups)."""
+        return {ref: (w, part) for w in self.workers for ref, part in w.busy}
+
+    def generating(self) -> int:
+        """How many prompt groups the workers hold in calls not yet handled."""
+        return sum(len(part) for w in self.workers for _, part in w.busy)
+
+    def returned(self, ref, worker: FleetWorker) -> int:
+        """Forget a handled call of ``worker``; the weights version the worker held when it was sent."""
+        worker.busy = [(r, p) for r, p in worker.busy if r != ref]
+        return worker.sent_version.pop(ref, 0)
+
+    def lowest_version(self) -> int:
+        """The oldest weights version an active worker holds."""
+        return min(w.version for w in self.active())
+
+    # ------------------------------------------------------------------ restarts
+    def recover(self, worker: FleetWorker) -> bool:
+        """Wait for ``worker`` to take calls; True (restart counted, weights version reset to 0) when it is a
+        new process. Several failed calls of one death find the new process id already known and count nothing."""
+        with self._recovery:
+            pid = await_ready(worker.handle)
+            if pid == worker.pid:
+                return False
+            log.warning("rollout worker %s was restarted by Ray (pid %s → %s)", worker.name, worker.pid, pid)
+            self.metrics.worker_restarts.labels(role="rollout").inc()
+            worker.pid, worker.version = pid, 0
+            return True
+
+    # ------------------------------------------------------------------ weights
+    def sync(self, buckets: Iterable) -> None:
+        """Make ``buckets`` (one version's weights, as the learner exports them) the current weights and
+        deliver them to every worker."""
+        self._buckets = list(buckets)
+        self.send_current(self.workers)
+
+    def send_current(self, workers: list[FleetWorker]) -> None:
+        """Deliver the current weights (if any yet) to ``workers``; a worker found dead on the way is waited
+        for and served again (a receiver ignores a version it already holds)."""
+        import ray
+
+        if not self._buckets:
+            return
+        try:
+            self._deliver(workers)
+        except ray.exceptions.RayActorError as error:
+            # A worker died since its last call (no call of ours saw it): wait for Ray to restart it.
+            log.warning("weight sync failed (%s); waiting for restarted workers", type(error).__name__)
+            for worker in workers:
+                self.recover(worker)
+            self._deliver(workers)
+
+    def _deliver(self, workers: list[FleetWorker]) -> None:
+        sender = WeightSender(self.weight_sync)
+        sender.connect([w.handle for w in workers])
+        report = sender.sync(self._buckets)
+        for worker in workers:
+            worker.version = report.version
+
+    def verify(self, version: int) -> dict:
+        """Compare every worker's weight checksum with the current buckets'; records and returns the
+        comparison, and raises if any worker differs."""
+        import ray
+
+        named = [(name, t) for b in self._buckets for name, t in b.tensors]
+        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied())
+        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in self.workers])
+        record = {"version": version, "learner": learner_sum,
+                  "workers": dict(zip((w.name for w in self.workers), worker_sums))}
+        self.checksums.append(record)
+        if any(s != learner_sum for s in worker_sums):
+            raise RuntimeError(f"weight sync of version {version}: worker checksums differ from the learner's: {record}")
+        return record
+
+    def _tied(self) -> bool:
+        if self._tied_cache is None:
+            from transformers import AutoConfig
+
+            from actors.engines.base import ties_word_embeddings
+
+            self._tied_cache = ties_word_embeddings(AutoConfig.from_pretrained(self.model_path))
+        return self._tied_cache
+
+
+def await_ready(handle) -> int:
+    """The actor's process id once it takes calls again. Calls to an actor Ray is restarting fail at once
+    (ActorUnavailableError) rather than wait, hence the polling. ActorDiedError (no restarts left)
+    propagates: the run cannot go on without the actor."""
+    import ray
+
+    deadline = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            return ray.get(pid_call(handle))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(RESTART_POLL_S)
+
+
+def pid_call(handle):
+    """A call returning the actor's process id (a restart gives a new one). The function is defined in
+    here so cloudpickle ships it by value: the actor need not import this module (and torch with it)."""
+
+    def process_id(actor) -> int:
+        return os.getpid()
+
+    return handle.__ray_call__.remote(process_id)

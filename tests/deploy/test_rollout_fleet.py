@@ -1,0 +1,105 @@
+"""``RolloutFleet``'s bookkeeping on a real local Ray: calls in flight, scaling down, restarts.
+
+The workers here are a small stand-in actor (``EchoWorker``) made by hand, not the vLLM rollout actor: a vLLM
+engine takes tens of seconds to start on these CPUs, and what is tested is what the fleet records about its
+actors' calls and processes. The real workers go through the same code in tests/e2e (``test_scaling``
+starts and retires vLLM workers during a run, ``test_chaos`` kills them).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from actors.metrics import ROLLOUT_WORKERS, WORKER_RESTARTS, RunMetrics
+from deploy.config import load_run_config, shipped_configs
+from deploy.rollout_fleet import FleetWorker, RolloutFleet, await_ready
+
+ray = pytest.importorskip("ray")
+
+TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
+
+
+class EchoWorker:
+    """Answers ``generate_groups`` with the prompts it was given (after ``delay_s``)."""
+
+    def generate_groups(self, prompts: list, delay_s: float = 0.0) -> list:
+        time.sleep(delay_s)
+        return list(prompts)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def fleet_of(count: int, *, max_restarts: int = 0) -> RolloutFleet:
+    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path="unused: no worker is started by the fleet",
+                         metrics=RunMetrics())
+    actor = ray.remote(EchoWorker).options(num_cpus=0, max_restarts=max_restarts)
+    fleet.workers = [FleetWorker(name=f"echo-{i}", handle=actor.remote()) for i in range(count)]
+    fleet.await_started()
+    return fleet
+
+
+def test_dispatch_cuts_the_prompts_in_order_and_remembers_each_calls_weights(ray_session):
+    fleet = fleet_of(3)
+    for worker, version in zip(fleet.workers, (2, 3, 3)):
+        worker.version = version
+    prompts = [f"p{i}" for i in range(7)]
+    fleet.dispatch(prompts, fleet.workers)  # ceil(7 / 3) = 3 per call: 3 + 3 + 1
+    calls = fleet.in_flight()
+    assert [part for _, part in calls.values()] == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
+    assert fleet.generating() == 7
+    for ref, (worker, part) in calls.items():
+        assert ray.get(ref) == part
+        assert fleet.returned(ref, worker) == worker.version
+    assert fleet.generating() == 0 and fleet.in_flight() == {}
+    assert all(not w.busy and not w.sent_version for w in fleet.workers)
+
+    fleet.workers[2].version = 1
+    fleet.dispatch(["q0", "q1"], fleet.workers)  # one each to the first two; the third gets no call
+    assert [len(w.busy) for w in fleet.workers] == [1, 1, 0]
+    assert fleet.lowest_version() == 1
+    fleet.kill()
+
+
+def test_a_worker_scaled_down_finishes_its_call_before_it_stops(ray_session):
+    fleet = fleet_of(2)
+    slow = fleet.workers[1]
+    ref = slow.handle.generate_groups.remote(["p0"], delay_s=1.0)
+    slow.busy.append((ref, ["p0"]))
+    fleet.rescale(1)
+    assert slow.retiring and slow in fleet.workers  # its call is still out: it stays
+    assert fleet.active() == [fleet.workers[0]] and fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS) == 1
+    assert ray.get(ref) == ["p0"]  # the call in flight was not lost
+    fleet.returned(ref, slow)
+    fleet.rescale(1)
+    assert fleet.workers == fleet.active() and slow not in fleet.workers
+    with pytest.raises(ray.exceptions.RayActorError):  # stopped
+        ray.get(slow.handle.generate_groups.remote(["p1"]), timeout=60)
+    fleet.kill()
+
+
+def test_a_restart_is_counted_once_and_its_weights_are_forgotten(ray_session):
+    fleet = fleet_of(1, max_restarts=1)
+    worker = fleet.workers[0]
+    worker.version = 5
+    old_pid = worker.pid
+    os.kill(old_pid, signal.SIGKILL)
+    assert fleet.recover(worker) is True  # waits while Ray restarts it
+    assert worker.pid not in (None, old_pid) and worker.pid == await_ready(worker.handle)
+    assert worker.version == 0  # a restarted actor holds its initial weights
+    assert fleet.recover(worker) is False  # a second failed call of the same death counts nothing
+    assert fleet.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "rollout"}) == 1
+    fleet.send_current([worker])  # no weights synced yet: nothing to send, nothing fails
+    assert worker.version == 0
+    fleet.kill()
