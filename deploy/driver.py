@@ -16,7 +16,8 @@ Results stream: every rollout call carries one chunk of groups and is handled th
 sampling sets aside groups whose samples all got the same reward (they carry no gradient) and
 issues more prompts, up to ``train.max_generation_factor`` × the step's groups.
 
-The rollout workers themselves (starting, scaling, weights, restarts) are ``deploy.rollout_fleet``'s.
+The rollout workers themselves (starting, scaling, weights, restarts) are ``deploy.rollout_fleet``'s, the
+reward workers (requests per curriculum stage, restarts) ``deploy.reward_pool``'s.
 A dead rollout or reward worker is restarted by Ray (``cluster.max_restarts``); its in-flight groups
 are re-issued under the same ids, and a restarted rollout worker gets the current weights before its
 next call. A restart is noticed by a failed call, or by a rollout worker returning groups sampled with
@@ -26,7 +27,6 @@ is counted exactly once.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import shutil
@@ -39,14 +39,14 @@ from pathlib import Path
 from actors.buffer import BufferConfig, TrajectoryBuffer
 from actors.env import ImageLimits, answer_frame
 from actors.metrics import RunMetrics
-from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_for_groups
 from actors.types import PromptGroup, TrajectoryGroup
 from curriculum.manager import CurriculumManager
 from curriculum.sampler import PromptSampler
 from deploy.config import RunConfig
 from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
-from deploy.rollout_fleet import FleetWorker, RolloutFleet, await_ready, pid_call
+from deploy.reward_pool import RewardPool
+from deploy.rollout_fleet import FleetWorker, RolloutFleet
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
@@ -86,7 +86,6 @@ class Driver:
         self._issue_counter = 0
         self._reissue: deque[PromptGroup] = deque()
         self._pool: list[TrajectoryGroup] = []  # zero-signal groups set aside in case refills run out
-        self._scoring: dict = {}  # reward ref → (groups, rows of each request part)
         # buffer.put ref → group id: on its way into the buffer. The buffer is a threaded actor, so a later
         # __len__ call can run before the put lands; until the put is done the group counts as outstanding.
         self._putting: dict = {}
@@ -129,15 +128,15 @@ class Driver:
         # Rollout and reward actors first: creating them returns at once, so their engines start while the
         # learner group forms (which waits for its ranks). Started the other way round, a run waited for
         # the learner, then for the vLLM engines.
-        self.rewarders = [self._start_reward_worker() for _ in range(cfg.cluster.reward_workers)]
-        self._next_rewarder = itertools.cycle(range(len(self.rewarders)))
+        self.reward_pool = RewardPool(cfg, metrics=self.metrics)
+        self.reward_pool.start(cfg.cluster.reward_workers)
         self.fleet = RolloutFleet(cfg, model_path=self.model_path, metrics=self.metrics)
         self.fleet.start(cfg.cluster.rollout_workers)
         self.learner = LearnerGroup(cfg.learner.model_copy(update={"model_path": str(self.model_path)}),
                                     env_vars=actor_env())
         # Process ids tell a restarted worker from the one the driver knows (waits for them to start).
         self.fleet.await_started()
-        self._rewarder_pids: list[int | None] = ray.get([pid_call(h) for h in self.rewarders])
+        self.reward_pool.await_started()
         buffer_cfg = BufferConfig(
             capacity=cfg.train.buffer_capacity,
             max_staleness=cfg.train.max_staleness if cfg.train.mode == "async" else 0,
@@ -172,14 +171,6 @@ class Driver:
     def _load_data(self) -> TrainingData:
         return prepare_training_data(self.config.data)
 
-    def _start_reward_worker(self):
-        import ray
-
-        c = self.config.cluster
-        return ray.remote(RewardWorker).options(num_cpus=c.reward_cpus, max_restarts=c.max_restarts).remote(
-            self.config.rewards
-        )
-
     # ------------------------------------------------------------------ generation
     def _new_prompts(self, count: int) -> list[PromptGroup]:
         stage = self.curriculum.current_stage
@@ -195,7 +186,7 @@ class Driver:
         """Groups issued and not yet in the buffer (generating, waiting for re-issue, scoring, being put).
         Count it before ``_buffered()``: a put that lands in between is then counted twice, never not at all."""
         generating = self.fleet.generating()
-        scoring = sum(len(groups) for groups, _ in self._scoring.values())
+        scoring = self.reward_pool.scoring()
         return generating + scoring + len(self._reissue) + self._settle_puts()
 
     def _settle_puts(self) -> int:
@@ -276,7 +267,7 @@ class Driver:
         import ray
 
         generating = self.fleet.in_flight()
-        refs = list(generating) + list(self._scoring)
+        refs = list(generating) + self.reward_pool.pending()
         if not refs:
             return 0
         ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
@@ -286,7 +277,8 @@ class Driver:
             if ref in generating:
                 self._on_generated(ref, *generating[ref])
             else:
-                self._on_scored(ref, *self._scoring.pop(ref))
+                for group in self.reward_pool.take(ref):
+                    self._putting[self.buffer.put.remote(group)] = group.group_id
         return len(ready)
 
     def _on_generated(self, ref, worker: FleetWorker, part: list[PromptGroup]) -> None:
@@ -328,15 +320,6 @@ class Driver:
         if self.fleet.recover(worker):
             self.fleet.send_current([worker])
 
-    def _recover_rewarder(self, index: int) -> None:
-        """Wait for reward worker ``index`` to take calls; count a restart once per new process (it holds
-        no state to restore). Only the main thread scores, so no lock is needed."""
-        pid = await_ready(self.rewarders[index])
-        if pid != self._rewarder_pids[index]:
-            log.warning("reward worker %d was restarted by Ray (pid %s → %s)", index, self._rewarder_pids[index], pid)
-            self.metrics.worker_restarts.labels(role="reward").inc()
-            self._rewarder_pids[index] = pid
-
     def _frames(self, groups: list[TrajectoryGroup]) -> list:
         """Per trajectory, the frame of its final boxes: the last zoom crop's, else the image's (None)."""
         kind, zoom_pixels = self.config.rewards.frame.kind, self.config.rollout.env.zoom_pixels
@@ -349,38 +332,8 @@ class Driver:
         return frames
 
     def _score(self, groups: list[TrajectoryGroup]) -> None:
-        """Send only texts, targets and frames (not images) to a reward worker."""
-        parts = requests_for_groups(groups, stage_weights=self.stage_weights, frames=self._frames(groups))
-        refs, rows, used = [], [], []
-        for row_list, request in parts:  # one request per curriculum stage present
-            used.append(next(self._next_rewarder))
-            refs.append(self.rewarders[used[-1]].score_request.remote(request))
-            rows.append(row_list)
-        for ref in refs:  # the groups are applied once every part is back
-            self._scoring[ref] = (groups, (refs, rows, used))
-
-    def _on_scored(self, ref, groups: list[TrajectoryGroup], parts) -> None:
-        import ray
-
-        refs, rows, used = parts
-        if any(r in self._scoring for r in refs):
-            return  # other parts of this batch are still being scored
-        try:
-            batches = ray.get(refs)
-        except ray.exceptions.RayActorError as error:
-            log.warning("reward worker died (%s); re-scoring %d groups", type(error).__name__, len(groups))
-            for index in sorted(set(used)):
-                self._recover_rewarder(index)
-            self._score(groups)
-            return
-        n = sum(len(g.trajectories) for g in groups)
-        batch = merge_batches(list(zip(rows, batches)), total=n)
-        apply_rewards(groups, batch)
-        for failure in batch.failures:
-            if failure is not None:
-                self.metrics.parse_failures.labels(reason=failure).inc()
-        for group in groups:
-            self._putting[self.buffer.put.remote(group)] = group.group_id
+        """Send the groups to the reward workers (texts, targets and frames; not images)."""
+        self.reward_pool.submit(groups, stage_weights=self.stage_weights, frames=self._frames(groups))
 
     # ------------------------------------------------------------------ learning
     def _collect_batch(self) -> list[TrajectoryGroup]:
@@ -625,7 +578,7 @@ class Driver:
             ray.kill(self.control)
         if getattr(self, "fleet", None) is not None:
             self.fleet.kill()
-        for rewarder in getattr(self, "rewarders", []):
-            ray.kill(rewarder)
+        if getattr(self, "reward_pool", None) is not None:
+            self.reward_pool.kill()
         if hasattr(self, "learner"):
             self.learner.shutdown()

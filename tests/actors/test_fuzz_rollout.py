@@ -176,7 +176,7 @@ def workers(tiny_model_dir):
 
 
 def _score(groups, *, rewards: RewardWorker, frame: str, limits: ImageLimits, zoom_pixels: int):
-    """The driver's reward path (deploy.driver.Driver._score / _on_scored), without Ray."""
+    """The driver's reward path (deploy.reward_pool.RewardPool.submit / take), without Ray."""
     frames = [None if not t.zoom_boxes else answer_frame(kind=frame, width=g.prompt.target.width,
                                                         height=g.prompt.target.height, zoom_boxes=t.zoom_boxes,
                                                         limits=limits, zoom_pixels=zoom_pixels)

@@ -125,8 +125,8 @@ class ChaosDriver(Driver):
 
     def _score(self, groups):
         if self.step + 1 == KILL_IN_FLIGHT_AT_STEP and "reward" not in self.killed:
-            pid = _pid(self.rewarders[0])
-            _hold(self.rewarders[0])
+            pid = _pid(self.reward_pool.handles[0])
+            _hold(self.reward_pool.handles[0])
             super()._score(groups)
             self._kill("reward", pid)
             self.lost_ids["reward"] = [g.group_id for g in groups]
@@ -152,7 +152,8 @@ def _restarts(port: int) -> dict[str, float]:
 def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir, tmp_path, caplog):
     import ray
 
-    caplog.set_level(logging.WARNING, logger="deploy.driver")
+    for logger in ("deploy.driver", "deploy.rollout_fleet", "deploy.reward_pool"):
+        caplog.set_level(logging.WARNING, logger=logger)
     config = load_run_config(TINY_CPU, [
         f"model.path={tiny_model_dir}", f"data.path={data_dir}", f"train.output_dir={tmp_path / 'run'}",
         "train.mode=sync", f"train.steps={STEPS}", "train.checkpoint_every=0", "train.verify_weight_sync=true",
@@ -163,7 +164,7 @@ def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir
     try:
         summary = driver.run()
         restarts = _restarts(driver.metrics_port)
-        final_pids = {w.name: w.pid for w in driver.workers} | {"reward": driver._rewarder_pids[0]}
+        final_pids = {w.name: w.pid for w in driver.workers} | {"reward": driver.reward_pool.pids[0]}
     finally:
         driver.shutdown()
         ray.shutdown()
