@@ -68,3 +68,16 @@ def data_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("data")
     synthesize(out_dir=out, seed=0, n=60)
     return out
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray of 2 CPUs for tests of the driver's parts (learner group, rollout fleet, reward pool); a Ray
+    already running is used and left running."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

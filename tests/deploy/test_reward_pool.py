@@ -38,16 +38,6 @@ def _groups() -> list[TrajectoryGroup]:
     return [_group("a#1", 0, [GOOD, "no answer"]), _group("b#2", 1, [GOOD, NONE]), _group("c#3", 1, [NONE, GOOD])]
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def _pool() -> RewardPool:
     config = load_run_config(TINY_CPU, ["cluster.reward_workers=2", "cluster.max_restarts=1"])
     pool = RewardPool(config, metrics=RunMetrics())
@@ -72,7 +62,7 @@ def _take_all(pool: RewardPool) -> list[TrajectoryGroup]:
     return scored
 
 
-def test_a_batch_of_two_stages_comes_back_whole_and_scored(ray_session):
+def test_a_batch_of_two_stages_comes_back_whole_and_scored(ray_cluster):
     pool = _pool()
     groups = _groups()
     pool.submit(groups, stage_weights=STAGE_WEIGHTS, frames=[None] * 6)
@@ -88,7 +78,7 @@ def test_a_batch_of_two_stages_comes_back_whole_and_scored(ray_session):
     pool.kill()
 
 
-def test_a_worker_killed_with_the_batch_is_waited_for_and_the_batch_scored_again(ray_session):
+def test_a_worker_killed_with_the_batch_is_waited_for_and_the_batch_scored_again(ray_cluster):
     pool = _pool()
     victim = pool.pids[0]
     pool.handles[0].__ray_call__.remote(lambda actor: time.sleep(60))  # its request waits behind this

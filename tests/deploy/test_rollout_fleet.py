@@ -31,16 +31,6 @@ class EchoWorker:
         return list(prompts)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    if ray.is_initialized():
-        yield ray
-        return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
-
-
 def fleet_of(count: int, *, max_restarts: int = 0) -> RolloutFleet:
     fleet = RolloutFleet(load_run_config(TINY_CPU), model_path="unused: no worker is started by the fleet",
                          metrics=RunMetrics())
@@ -50,7 +40,7 @@ def fleet_of(count: int, *, max_restarts: int = 0) -> RolloutFleet:
     return fleet
 
 
-def test_dispatch_cuts_the_prompts_in_order_and_remembers_each_calls_weights(ray_session):
+def test_dispatch_cuts_the_prompts_in_order_and_remembers_each_calls_weights(ray_cluster):
     fleet = fleet_of(3)
     for worker, version in zip(fleet.workers, (2, 3, 3)):
         worker.version = version
@@ -72,7 +62,7 @@ def test_dispatch_cuts_the_prompts_in_order_and_remembers_each_calls_weights(ray
     fleet.kill()
 
 
-def test_a_worker_scaled_down_finishes_its_call_before_it_stops(ray_session):
+def test_a_worker_scaled_down_finishes_its_call_before_it_stops(ray_cluster):
     fleet = fleet_of(2)
     slow = fleet.workers[1]
     ref = slow.handle.generate_groups.remote(["p0"], delay_s=1.0)
@@ -89,7 +79,7 @@ def test_a_worker_scaled_down_finishes_its_call_before_it_stops(ray_session):
     fleet.kill()
 
 
-def test_a_restart_is_counted_once_and_its_weights_are_forgotten(ray_session):
+def test_a_restart_is_counted_once_and_its_weights_are_forgotten(ray_cluster):
     fleet = fleet_of(1, max_restarts=1)
     worker = fleet.workers[0]
     worker.version = 5
