@@ -11,6 +11,8 @@ machines where the cluster has several), so rollout workers, started beside them
 meet on 127.0.0.1. ``PACK`` lets a group larger than one node span as few nodes as hold it; they meet at
 the IP of the node that holds rank 0. Either way the rendezvous port is chosen by a probe
 task in rank 0's bundle, on that node, not on the driver's host (which on a cluster is another machine).
+A group that cannot form (a rank fails to start, the wait is interrupted) removes its placement group before
+the error reaches the caller.
 """
 
 from __future__ import annotations
