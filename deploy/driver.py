@@ -205,15 +205,6 @@ class Driver:
 
         return ray.get(self.buffer.__len__.remote())
 
-    @property
-    def workers(self) -> list[FleetWorker]:
-        return self.fleet.workers
-
-    @property
-    def checksums(self) -> list[dict]:
-        """Per verified weight sync: the learner's checksum and each worker's."""
-        return self.fleet.checksums
-
     def _dispatch(self, prompts: list[PromptGroup], workers: list[FleetWorker]) -> None:
         """One chunk of ``prompts`` to each of ``workers`` (in order)."""
         self.fleet.dispatch(prompts, workers)

@@ -58,10 +58,11 @@ class LearnerGroup:
         self.placement_group = self._reserve(config)
         self.actors = []
         try:
+            self._await_reservation(config)
             self._start_ranks(config, env_vars or {})
         except BaseException:
-            # A group that does not form gives back what it took (its placement group holds CPUs/GPUs until
-            # removed), so the run's other actors, or the next attempt, can use them.
+            # A group that does not form (a rank fails to start; Ctrl-C while waiting) gives back what it took:
+            # its placement group holds CPUs/GPUs until removed, or is served later while still pending.
             self.shutdown()
             raise
         log.info("learner group of %d ranks ready (%d parameters)", config.world_size, self.ranks[0]["parameters"])
@@ -91,25 +92,29 @@ class LearnerGroup:
         self.ranks = ray.get([actor.describe.remote() for actor in self.actors])
 
     @staticmethod
-    def _reserve(config: LearnerConfig):
-        """A placement group of one bundle per rank (``config.placement_strategy``); waits until Ray has
-        reserved it (on a cluster that may mean an autoscaler starting a node), logging what it waits for."""
-        import ray
-        from ray.util.placement_group import placement_group
-
+    def _bundle(config: LearnerConfig) -> dict[str, float]:
         bundle = {"CPU": config.num_cpus_per_rank}
         if config.num_gpus_per_rank:
             bundle["GPU"] = config.num_gpus_per_rank
-        strategy = config.placement_strategy
-        group = placement_group([dict(bundle) for _ in range(config.world_size)], strategy=strategy)
-        try:
-            while not ray.wait([group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
-                log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster "
-                            "has)", config.world_size, bundle, strategy)
-        except BaseException:  # e.g. Ctrl-C while waiting: a pending group would still be served later
-            ray.util.remove_placement_group(group)
-            raise
-        return group
+        return bundle
+
+    @staticmethod
+    def _reserve(config: LearnerConfig):
+        """A placement group of one bundle per rank (``config.placement_strategy``), asked of Ray (returns at
+        once; tasks and actors scheduled into it wait until it is reserved)."""
+        from ray.util.placement_group import placement_group
+
+        bundles = [LearnerGroup._bundle(config) for _ in range(config.world_size)]
+        return placement_group(bundles, strategy=config.placement_strategy)
+
+    def _await_reservation(self, config: LearnerConfig) -> None:
+        """Wait until Ray has reserved the placement group (on a cluster that may mean an autoscaler starting a
+        node), logging what it waits for."""
+        import ray
+
+        while not ray.wait([self.placement_group.ready()], timeout=PLACEMENT_WAIT_LOG_S)[0]:
+            log.warning("learner group still waiting for %d x %s free (%s; ray status shows what the cluster has)",
+                        config.world_size, self._bundle(config), config.placement_strategy)
 
     @staticmethod
     def _rendezvous_address(config: LearnerConfig, group) -> tuple[str, int]:

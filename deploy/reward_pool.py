@@ -17,7 +17,7 @@ from actors.metrics import RunMetrics
 from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_for_groups
 from actors.types import TrajectoryGroup
 from deploy.config import RunConfig
-from deploy.rollout_fleet import await_ready, pid_call
+from deploy.actor_restarts import pid_call, restarted_pid
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +119,6 @@ class RewardPool:
     def _recover(self, index: int) -> None:
         """Wait for worker ``index`` to take calls; count a restart once per new process. Only the driver's
         main thread scores, so no lock is needed."""
-        pid = await_ready(self.handles[index])
-        if pid != self.pids[index]:
-            log.warning("reward worker %d was restarted by Ray (pid %s → %s)", index, self.pids[index], pid)
-            self.metrics.worker_restarts.labels(role="reward").inc()
+        pid = restarted_pid(self.handles[index], self.pids[index], role="reward", name=str(index), metrics=self.metrics)
+        if pid is not None:
             self.pids[index] = pid

@@ -10,17 +10,14 @@ what each worker generates and owns the groups' bookkeeping, this class owns the
   weights version the worker held when it was sent, so a restart between two calls can be noticed.
 * **weights**: ``sync`` delivers a version's buckets to every worker and keeps them for workers that
   start or restart later; ``verify`` compares each worker's checksum with the learner's.
-* **restarts**: Ray restarts a dead worker (``cluster.max_restarts``) from its constructor, i.e. with its
-  initial weights. Calls to an actor Ray is still restarting fail at once (``ActorUnavailableError``), so
-  ``await_ready`` polls until it answers; a restart is counted once per new process id.
+* **restarts**: Ray restarts a dead worker from its constructor, i.e. with its initial weights; ``recover``
+  waits for it (``deploy.actor_restarts``) and forgets the weights it held.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +27,11 @@ from actors.metrics import RunMetrics
 from actors.rollout import RolloutWorker
 from actors.types import PromptGroup
 from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
+from deploy.actor_restarts import await_ready, pid_call, restarted_pid
 from deploy.config import RunConfig
 from deploy.worker_env import actor_env
 
 log = logging.getLogger(__name__)
-
-RESTART_WAIT_S = 600.0  # how long to wait for Ray to restart a dead worker (a vLLM engine starts slowly)
-RESTART_POLL_S = 0.5  # between two probes of a restarting worker
 
 # The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
 RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
@@ -165,11 +160,9 @@ class RolloutFleet:
         """Wait for ``worker`` to take calls; True (restart counted, weights version reset to 0) when it is a
         new process. Several failed calls of one death find the new process id already known and count nothing."""
         with self._recovery:
-            pid = await_ready(worker.handle)
-            if pid == worker.pid:
+            pid = restarted_pid(worker.handle, worker.pid, role="rollout", name=worker.name, metrics=self.metrics)
+            if pid is None:
                 return False
-            log.warning("rollout worker %s was restarted by Ray (pid %s → %s)", worker.name, worker.pid, pid)
-            self.metrics.worker_restarts.labels(role="rollout").inc()
             worker.pid, worker.version = pid, 0
             return True
 
@@ -227,28 +220,3 @@ class RolloutFleet:
             self._tied_cache = ties_word_embeddings(AutoConfig.from_pretrained(self.model_path))
         return self._tied_cache
 
-
-def await_ready(handle) -> int:
-    """The actor's process id once it takes calls again. Calls to an actor Ray is restarting fail at once
-    (ActorUnavailableError) rather than wait, hence the polling. ActorDiedError (no restarts left)
-    propagates: the run cannot go on without the actor."""
-    import ray
-
-    deadline = time.monotonic() + RESTART_WAIT_S
-    while True:
-        try:
-            return ray.get(pid_call(handle))
-        except ray.exceptions.ActorUnavailableError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(RESTART_POLL_S)
-
-
-def pid_call(handle):
-    """A call returning the actor's process id (a restart gives a new one). The function is defined in
-    here so cloudpickle ships it by value: the actor need not import this module (and torch with it)."""
-
-    def process_id(actor) -> int:
-        return os.getpid()
-
-    return handle.__ray_call__.remote(process_id)

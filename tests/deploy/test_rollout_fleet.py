@@ -16,7 +16,8 @@ import pytest
 
 from actors.metrics import ROLLOUT_WORKERS, WORKER_RESTARTS, RunMetrics
 from deploy.config import load_run_config, shipped_configs
-from deploy.rollout_fleet import FleetWorker, RolloutFleet, await_ready
+from deploy.actor_restarts import await_ready
+from deploy.rollout_fleet import FleetWorker, RolloutFleet
 
 ray = pytest.importorskip("ray")
 
@@ -49,9 +50,11 @@ def test_dispatch_cuts_the_prompts_in_order_and_remembers_each_calls_weights(ray
     calls = fleet.in_flight()
     assert [part for _, part in calls.values()] == [["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6"]]
     assert fleet.generating() == 7
-    for ref, (worker, part) in calls.items():
+    for worker in fleet.workers:  # new weights arrive while the calls are out
+        worker.version = 4
+    for (ref, (worker, part)), sent_with in zip(calls.items(), (2, 3, 3)):
         assert ray.get(ref) == part
-        assert fleet.returned(ref, worker) == worker.version
+        assert fleet.returned(ref, worker) == sent_with  # the version the call was sent with, not the current one
     assert fleet.generating() == 0 and fleet.in_flight() == {}
     assert all(not w.busy and not w.sent_version for w in fleet.workers)
 

@@ -39,6 +39,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from actors.metrics import WORKER_RESTARTS
 from deploy.config import load_run_config, shipped_configs
+from deploy.actor_restarts import pid_call
 from deploy.driver import Driver
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
@@ -55,7 +56,7 @@ TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
 def _pid(handle) -> int:
     import ray
 
-    return ray.get(handle.__ray_call__.remote(lambda actor: os.getpid()))
+    return ray.get(pid_call(handle))
 
 
 def _wait_restarted(handle, old_pid: int) -> int:
@@ -95,7 +96,7 @@ class ChaosDriver(Driver):
     def _learn(self, batch):
         stats = super()._learn(batch)  # learner step + weight sync
         if self.step + 1 == KILL_BETWEEN_CALLS_AFTER_STEP:
-            handle = self.workers[0].handle
+            handle = self.fleet.workers[0].handle
             self._kill("rollout-0", _pid(handle))
             _wait_restarted(handle, self.killed["rollout-0"])
             self._watch_rollout0 = True
@@ -103,11 +104,11 @@ class ChaosDriver(Driver):
 
     def _sync_weights(self, *, version):
         if version == KILL_BEFORE_SYNC_OF_STEP:  # nothing is in flight: only the sync can notice
-            self._kill("rollout-0 again", _pid(self.workers[0].handle))
+            self._kill("rollout-0 again", _pid(self.fleet.workers[0].handle))
         return super()._sync_weights(version=version)
 
     def _dispatch(self, prompts, workers):
-        rollout1 = self.workers[1]
+        rollout1 = self.fleet.workers[1]
         kill_now = (self.step + 1 == KILL_IN_FLIGHT_AT_STEP and "rollout-1" not in self.killed
                     and _gets_a_chunk(rollout1, prompts, workers))
         pid = _pid(rollout1.handle) if kill_now else None
@@ -152,8 +153,7 @@ def _restarts(port: int) -> dict[str, float]:
 def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir, tmp_path, caplog):
     import ray
 
-    for logger in ("deploy.driver", "deploy.rollout_fleet", "deploy.reward_pool"):
-        caplog.set_level(logging.WARNING, logger=logger)
+    caplog.set_level(logging.WARNING)  # the driver's, the fleet's, the reward pool's and the restart notices
     config = load_run_config(TINY_CPU, [
         f"model.path={tiny_model_dir}", f"data.path={data_dir}", f"train.output_dir={tmp_path / 'run'}",
         "train.mode=sync", f"train.steps={STEPS}", "train.checkpoint_every=0", "train.verify_weight_sync=true",
@@ -164,7 +164,7 @@ def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir
     try:
         summary = driver.run()
         restarts = _restarts(driver.metrics_port)
-        final_pids = {w.name: w.pid for w in driver.workers} | {"reward": driver.reward_pool.pids[0]}
+        final_pids = {w.name: w.pid for w in driver.fleet.workers} | {"reward": driver.reward_pool.pids[0]}
     finally:
         driver.shutdown()
         ray.shutdown()
@@ -206,7 +206,7 @@ def test_run_survives_killed_rollout_and_reward_workers(tiny_model_dir, data_dir
     # every worker intact (the restarted ones included).
     for event in events:
         assert event["policy_versions"] == [event["step"] - 1] * len(event["group_ids"])
-    assert [c["version"] for c in driver.checksums] == list(range(1, STEPS + 1))
-    for check in driver.checksums:
+    assert [c["version"] for c in driver.fleet.checksums] == list(range(1, STEPS + 1))
+    for check in driver.fleet.checksums:
         assert set(check["workers"]) == {"rollout-0", "rollout-1"}
         assert set(check["workers"].values()) == {check["learner"]}

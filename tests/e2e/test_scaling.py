@@ -106,9 +106,9 @@ def test_scale_one_two_one_during_a_run_loses_nothing(tiny_model_dir, data_dir, 
     assert {w for step in driver.trained_by_step[:2] for _, w in step} == {"rollout-0"}
     assert {w for step in driver.trained_by_step for _, w in step} == {"rollout-0", "rollout-1"}
     # It held the learner's weights after every sync it took part in, and it is gone at the end.
-    with_new = [c for c in driver.checksums if "rollout-1" in c["workers"]]
+    with_new = [c for c in driver.fleet.checksums if "rollout-1" in c["workers"]]
     assert with_new and all(set(c["workers"].values()) == {c["learner"]} for c in with_new)
-    assert [w.name for w in driver.workers] == ["rollout-0"]
+    assert [w.name for w in driver.fleet.workers] == ["rollout-0"]
 
     # Accounting: every issued group trained or dropped by reason, none twice, none re-issued.
     ledger = driver.ledger

@@ -94,8 +94,8 @@ def test_whole_system_trains_and_accounts_for_every_group(mode, tiny_model_dir, 
             assert 0 <= record["version"] - group.policy_version <= max_staleness
 
     # Weight sync: after every sync every rollout worker holds exactly the learner's weights.
-    assert [c["version"] for c in driver.checksums] == list(range(1, STEPS + 1))
-    for check in driver.checksums:
+    assert [c["version"] for c in driver.fleet.checksums] == list(range(1, STEPS + 1))
+    for check in driver.fleet.checksums:
         assert len(check["workers"]) == 2 and set(check["workers"].values()) == {check["learner"]}
 
     # Accounting: every generated group trained or dropped by reason, none twice.
