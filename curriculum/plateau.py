@@ -13,7 +13,9 @@ The rule, exactly (t counts the rewards fed in this stage from 1; w = window):
     advance "max_steps" at t = max_steps when no plateau was found first (a safety stop)
 
 The streak counts before min_steps too: min_steps is a floor on the stage's length, not a delay of the
-patience count, so a stage that was flat all along ends exactly at min_steps.
+patience count. A stage that was flat all along therefore ends at max(min_steps, 2w + patience - 1): the
+improvement exists from t = 2w, so a streak reaches patience at t = 2w + patience - 1 at the earliest (with
+the defaults w = 50, patience = 20, min_steps = 100: at step 119, not 100).
 
 Why this is robust to noise:
 - Smoothing over w steps divides the per-step noise's standard deviation by ~sqrt(w).

@@ -82,6 +82,15 @@ def test_min_steps_is_a_floor_and_a_rise_resets_the_streak(min_steps, expected_s
     assert first_decision(PlateauDetector(cfg), trace) == (expected_step, REASON_PLATEAU)
 
 
+@pytest.mark.parametrize(("min_steps", "expected_step"), [(100, 119), (150, 150)])
+def test_a_flat_stage_ends_at_min_steps_or_when_a_streak_can_first_reach_patience(min_steps, expected_step):
+    # Defaults w = 50, patience = 20: the improvement exists from t = 100, so a constant reward's streak
+    # reaches 20 at t = 119; min_steps only holds the stage longer than that.
+    cfg = PlateauConfig(min_steps=min_steps)
+    assert (cfg.window, cfg.patience) == (50, 20)
+    assert first_decision(PlateauDetector(cfg), [0.5] * 300) == (expected_step, REASON_PLATEAU)
+
+
 @pytest.mark.parametrize("smoothing", ["ma", "ema"])
 @pytest.mark.parametrize("min_steps", [0, 120])
 def test_noisy_flat_trace_advances_exactly_by_the_rule(smoothing, min_steps):
