@@ -14,14 +14,15 @@ Two questions are answered separately:
 - does the tag structure follow the grammar exactly? (``strict_violation`` is None when it does);
 - can an answer be extracted? In lenient mode a grammar violation does not prevent extraction: text
   outside the tags is ignored, the LAST closed ``<answer>`` block is used, and an unclosed final
-  ``<answer>`` (a completion cut by the length limit) is read to the end of the text. In strict mode
+  ``<answer>`` (a completion cut by the length limit) is read to the end of the text, less a closing tag
+  the cut left half-written. In strict mode
   any grammar violation is the failure. Without any ``<answer>`` tag the reason is always
   NO_ANSWER_TAG, whatever else is wrong.
 
 The answer JSON is read with ``json.loads`` first (the fast path). Only if that fails, repairs for
 what models really emit are tried: code fences, single quotes, Python literals (True/None), trailing
-commas, and a truncated document (cut back to the last complete value, keeping complete boxes, then
-closed). A repaired answer is usable but never "strict". Boxes may be given nested
+commas, and a truncated document (cut back to the latest complete value that gives an answer, keeping
+complete boxes, then closed). A repaired answer is usable but never "strict". Boxes may be given nested
 (``[[x1,y1,x2,y2], ...]``), as a single flat box, or as Qwen-style objects (``{"bbox_2d": [...]}``).
 
 Cost is bounded: texts over ``max_chars`` fail as TOO_LONG before any scanning, answers with more than
@@ -95,7 +96,7 @@ class ParsedCompletion:
     think: str = ""  # all think blocks' text, joined by newlines
     focus_boxes: list[Box] = field(default_factory=list)  # <focus> boxes, completion frame
     zoom_boxes: list[Box] = field(default_factory=list)  # <zoom> requests, completion frame
-    final_think: str = ""  # the last think block: the one the answer follows (after any zoom turns)
+    final_think: str = ""  # the think the answer follows: the last closed before it (no answer: the last)
 
     @property
     def strict(self) -> bool:
@@ -150,6 +151,7 @@ class _Pieces:
     focus: list[str] = field(default_factory=list)
     zoom: list[str] = field(default_factory=list)
     answer: str | None = None
+    final_think: str = ""  # the last think closed before the answer opened (without an answer: the last one)
 
 
 def _strict_pieces(parts: list[str]) -> tuple[ParseFailure | None, _Pieces]:
@@ -178,6 +180,7 @@ def _strict_pieces(parts: list[str]) -> tuple[ParseFailure | None, _Pieces]:
             pieces.zoom.append(after)
         elif tag == "<answer>":
             pieces.answer = after
+            pieces.final_think = pieces.think[-1]
         state = nxt
     if state == _DONE:
         return None, pieces
@@ -190,10 +193,14 @@ def _lenient_pieces(parts: list[str]) -> _Pieces:
     """Pair each closing tag with the latest opening tag of its name; ignore everything else.
 
     The answer is the LAST closed <answer> block; failing that, an unclosed <answer> read to the end
-    of the text (the completion was cut while answering).
+    of the text (the completion was cut while answering), less a closing tag the cut left half-written
+    (``</ans``). The final think is the last one closed before that answer opened: a think written after
+    the answer does not speak for it.
     """
     pieces = _Pieces()
     open_at: dict[str, int] = {}
+    thinks_closed_at: list[int] = []  # index in parts of each think's closing tag, parallel to pieces.think
+    answer_at = None  # index in parts of the answer's opening tag
     for k in range(1, len(parts), 2):
         tag = parts[k]
         if tag[1] != "/":
@@ -205,12 +212,28 @@ def _lenient_pieces(parts: list[str]) -> _Pieces:
             continue
         content = "".join(parts[opened + 1 : k])
         if name == "answer":
-            pieces.answer = content
+            pieces.answer, answer_at = content, opened
         else:
             getattr(pieces, name).append(content)
+            if name == "think":
+                thinks_closed_at.append(k)
     if pieces.answer is None and "answer" in open_at:
-        pieces.answer = "".join(parts[open_at["answer"] + 1 :])
+        answer_at = open_at["answer"]
+        pieces.answer = _without_cut_closing_tag("".join(parts[answer_at + 1 :]))
+    before = [t for t, k in zip(pieces.think, thinks_closed_at) if answer_at is None or k < answer_at]
+    pieces.final_think = before[-1] if before else ""
     return pieces
+
+
+_ANSWER_CLOSE = "</answer>"
+
+
+def _without_cut_closing_tag(text: str) -> str:
+    """``text`` less a trailing ``<``, ``</``, ... ``</answer`` (a closing tag cut by the length limit)."""
+    for n in range(len(_ANSWER_CLOSE) - 1, 0, -1):
+        if text.endswith(_ANSWER_CLOSE[:n]):
+            return text[:-n]
+    return text
 
 
 def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> ParsedCompletion:
@@ -227,7 +250,7 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
             return _failed(violation, violation)
         pieces = _lenient_pieces(parts)
     think = pieces.think[0] if len(pieces.think) == 1 else "\n".join(pieces.think)
-    final_think = pieces.think[-1] if pieces.think else ""
+    final_think = pieces.final_think
     focus, focus_ok = _side_boxes(pieces.focus, max_boxes)
     zoom, zoom_ok = _side_boxes(pieces.zoom, max_boxes)
     if violation is None and not (focus_ok and zoom_ok):
@@ -236,11 +259,7 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
             return _failed(violation, violation)
     if pieces.answer is None:
         return ParsedCompletion(None, ParseFailure.NO_ANSWER_TAG, violation, False, think, focus, zoom, final_think)
-    decoded = _decode_json(pieces.answer)
-    if decoded is None:
-        return ParsedCompletion(None, ParseFailure.BAD_JSON, violation, False, think, focus, zoom, final_think)
-    obj, repaired = decoded
-    answer = _to_answer(obj, max_boxes)
+    answer, repaired = _decode_answer(pieces.answer, max_boxes)
     if isinstance(answer, ParseFailure):
         return ParsedCompletion(None, answer, violation, repaired, think, focus, zoom, final_think)
     if violation is None and answer.present is False and answer.boxes:
@@ -291,23 +310,41 @@ _MAX_REPAIR_DEPTH = 32  # no real answer nests deeper; bounds the truncation rep
 _TRUNCATION_CANDIDATES = 3  # cut points tried, latest first
 
 
-def _decode_json(raw: str) -> tuple[object, bool] | None:
-    """(value, repaired) or None when even the repairs fail."""
+def _decode_answer(raw: str, max_boxes: int) -> tuple[Answer | ParseFailure, bool]:
+    """(answer, repaired), or (why not, repaired). Of a truncated document's cut points the latest that
+    gives an answer wins: closing it where it stopped can leave a half-written box item (``{"bbox_2d":
+    [1, 2, 3, 4]}, {``), which an earlier cut drops while keeping the complete boxes."""
+    first: tuple[ParseFailure, bool] | None = None  # the failure of the latest reading
+    for value, repaired in _json_values(raw):
+        answer = _to_answer(value, max_boxes)
+        if not isinstance(answer, ParseFailure):
+            return answer, repaired
+        first = first or (answer, repaired)
+        if answer is not ParseFailure.BAD_BOX:
+            break
+    return first or (ParseFailure.BAD_JSON, False)
+
+
+def _json_values(raw: str):
+    """The JSON values ``raw`` may be read as, each with whether it needed a repair: the text as it is, else
+    after the textual repairs, else each cut point of a truncated document that parses (latest first)."""
     try:
-        return json.loads(raw), False
+        yield json.loads(raw), False
+        return
     except Exception:  # noqa: BLE001 - JSONDecodeError, RecursionError on deep nesting, ...
         pass
     fixed = _repair_text(raw.strip())
     try:
-        return json.loads(fixed), True
+        yield json.loads(fixed), True
+        return
     except Exception:  # noqa: BLE001
         pass
     for candidate in _truncation_candidates(fixed):
         try:
-            return json.loads(candidate), True
+            value = json.loads(candidate)
         except Exception:  # noqa: BLE001
             continue
-    return None
+        yield value, True
 
 
 def _dq(match: re.Match) -> str:

@@ -245,3 +245,39 @@ def test_an_absent_verdict_with_boxes_keeps_its_boxes_out_of_the_detections():
     assert parse_completion(GOOD).answer.detections == [[1.0, 2.0, 3.0, 4.0]]
     boxes_only = parse_completion('<think>a</think><answer>{"boxes": [[1, 2, 3, 4]]}</answer>')
     assert boxes_only.strict and boxes_only.answer.detections == [[1.0, 2.0, 3.0, 4.0]]
+
+
+CUT = '<think>a</think><answer>{"present": true, "boxes": [{"bbox_2d": [1, 2, 3, 4]'
+
+
+@pytest.mark.parametrize("tail", [
+    "}, {",  # cut inside the next box item: closing it there gives a box with no coordinates
+    ', "confidence": 0.9}, {"confidence": 0.8',  # cut inside an item before its box
+    '}, {"bbox_2d": [5, 6',  # cut inside the next box's coordinates
+])
+def test_a_cut_answer_keeps_its_complete_boxes(tail):
+    parsed = parse_completion(CUT + tail)
+    assert parsed.failure is None and parsed.json_repaired
+    assert parsed.answer.present is True and parsed.answer.boxes == [[1.0, 2.0, 3.0, 4.0]]
+
+
+def test_a_cut_answer_whose_only_box_is_half_written_keeps_what_came_before_it():
+    parsed = parse_completion('<think>a</think><answer>{"present": true, "boxes": [{"confidence": 0.8')
+    assert parsed.failure is None and parsed.answer.present is True and parsed.answer.boxes == []
+
+
+@pytest.mark.parametrize("cut_tag", ["", "<", "</", "</ans", "</answer"])
+def test_an_answer_cut_inside_its_closing_tag_is_read(cut_tag):
+    parsed = parse_completion('<think>a</think><answer>{"present": true, "category": "moth", "boxes": [[1, 2, 3, 4]]}'
+                              + cut_tag)
+    assert parsed.answer == MOTH and parsed.failure is None
+    assert parsed.strict_violation == F.UNCLOSED_TAG and not parsed.json_repaired
+
+
+def test_the_final_think_is_the_last_before_the_answer():
+    answer = '<answer>{"present": true, "category": "moth", "boxes": [[1, 2, 3, 4]]}</answer>'
+    assert parse_completion("<think>one</think><think>two</think>" + answer).final_think == "two"
+    after = parse_completion("<think>before</think>" + answer + "<think>after</think>")
+    assert after.answer == MOTH and after.final_think == "before"
+    assert parse_completion(answer + "<think>after</think>").final_think == ""
+    assert parse_completion("<think>x</think><think>last</think>").final_think == "last"  # no answer

@@ -113,3 +113,13 @@ def test_contradicting_the_think_never_pays():
 def test_think_rule_is_validated():
     with pytest.raises(ValueError, match="think_rule"):
         RewardConfig(think_rule="strict")
+
+
+def test_a_think_after_the_answer_does_not_speak_for_it():
+    """Lenient parsing reads the answer whatever follows it; the think it follows is the one before it."""
+    brief = RewardConfig(frame={"kind": "original"}, think_rule="brief")
+    contradicting = completion("none", SAYS_MOTH) + "<think>present moth</think>"
+    agreeing = completion("present moth", SAYS_MOTH) + "<think>none</think>"
+    result = score_batch([contradicting, agreeing], [MOTH] * 2, config=brief, weights=WEIGHTS)
+    assert result.failures == ["think_contradicts_answer", None]
+    assert result.totals[0] == 0.0 and result.totals[1] > 0.0
