@@ -15,9 +15,13 @@ Matching (``IouConfig.mode``):
 - ``greedy``: Visual-RFT. Predictions sorted by confidence (highest first; written order when no
   confidences), each matched to the still-free ground truth of highest IoU if that IoU > threshold.
 
-IoU reward = sum of matched pair scores / max(#gt, #pred): range [0, 1] ([-1, 1] with giou). Extra
-predictions and missed objects both dilute it. No object expected and no box given: 1. Boxes expected
-but none given, or none expected but some given: 0.
+IoU reward = (sum of matched pair scores + floor x unpaired) / max(#gt, #pred), where floor is the pair
+score's lowest value (IoU 0, GIoU -1) and unpaired = max(#gt, #pred) - #matched pairs: range [0, 1]
+([-1, 1] with giou). Extra predictions and missed objects both pull it toward the floor, so with GIoU too
+no junk box and no omitted box can raise it. No object expected and no box given: 1. Boxes expected but
+none given, or none expected but some given: the floor.
+
+A ground-truth box with a NaN coordinate (a corrupt row) pairs with nothing: its pair scores are the floor.
 
 Confidence reward (Visual-RFT) = mean over predictions of (c if matched else 1 - c), range [0, 1],
 where "matched" means matched with IoU > threshold (in optimal mode: assigned with IoU > threshold).
@@ -106,10 +110,16 @@ def box_iou(a: Sequence[float], b: Sequence[float], *, width: float, height: flo
     return float(paired_iou(pa, pb, giou=giou)[0])
 
 
+def _floor(config: IouConfig) -> float:
+    """The lowest pair score: what an unpaired box counts."""
+    return -1.0 if config.giou else 0.0
+
+
 def _match(
     score: np.ndarray, iou: np.ndarray, confidences: Sequence[float] | None, config: IouConfig
-) -> tuple[float, list[bool]]:
-    """(sum of matched pair scores, per prediction: matched with IoU > threshold) of one answer.
+) -> tuple[float, int, list[bool]]:
+    """(sum of matched pair scores, number of pairs, per prediction: matched with IoU > threshold) of one
+    answer.
 
     ``score``/``iou``: (P, G) matrices of the answer's predictions against the ground truth.
     """
@@ -119,7 +129,7 @@ def _match(
         matched = [False] * n_pred
         for r, hit in zip(rows.tolist(), (iou[rows, cols] > config.threshold).tolist()):
             matched[r] = hit
-        return float(score[rows, cols].sum()), matched
+        return float(score[rows, cols].sum()), len(rows), matched
     iou_rows, score_rows = iou.tolist(), score.tolist()
     order = range(n_pred) if confidences is None else sorted(range(n_pred), key=lambda p: -confidences[p])
     free = [True] * score.shape[1]
@@ -134,14 +144,14 @@ def _match(
             free[best] = False
             matched[p] = True
             total += score_rows[p][best]
-    return total, matched
+    return total, sum(matched), matched
 
 
-def _empty_case(n_pred: int, n_gt: int, confidences: Sequence[float] | None) -> tuple[float, float]:
+def _empty_case(n_pred: int, n_gt: int, confidences: Sequence[float] | None, floor: float) -> tuple[float, float]:
     if n_pred == 0:
-        return (1.0, 1.0) if n_gt == 0 else (0.0, 0.0)
+        return (1.0, 1.0) if n_gt == 0 else (floor, 0.0)
     # Boxes given where no object exists: every prediction is unmatched.
-    return 0.0, (sum(1.0 - c for c in confidences) / n_pred if confidences is not None else 0.0)
+    return floor, (sum(1.0 - c for c in confidences) / n_pred if confidences is not None else 0.0)
 
 
 def box_rewards(
@@ -185,6 +195,7 @@ def box_rewards_batch(
     only the matching of rows with several boxes runs row by row.
     """
     n = len(preds)
+    floor = _floor(config)
     iou_out = np.zeros(n)
     conf_out = np.zeros(n)
     rows: list[int] = []
@@ -198,7 +209,7 @@ def box_rewards_batch(
             continue
         gt = gts[i]
         if not pred or not gt:
-            iou_out[i], conf_out[i] = _empty_case(len(pred), len(gt), confidences[i])
+            iou_out[i], conf_out[i] = _empty_case(len(pred), len(gt), confidences[i], floor)
             continue
         rows.append(i)
         n_pred.append(len(pred))
@@ -230,6 +241,8 @@ def box_rewards_batch(
     pair_pred = pred_start[pair_owner] + local // ng[pair_owner]
     pair_gt = gt_start[pair_owner] + local % ng[pair_owner]
     score, iou = _overlap(pred_arr[pair_pred], gt_arr[pair_gt], config.giou)
+    # A corrupt (NaN) ground-truth box pairs with nothing; the assignment below refuses NaN scores.
+    score, iou = np.where(np.isnan(score), floor, score), np.nan_to_num(iou, nan=0.0)
 
     # One box against one box: the common case, finished without a per-row loop.
     single = pairs == 1
@@ -237,20 +250,19 @@ def box_rewards_batch(
         at = pair_start[single]
         s_score, s_matched = score[at], iou[at] > config.threshold
         out_rows = row_idx[single]
-        iou_out[out_rows] = s_score if config.mode == OPTIMAL else np.where(s_matched, s_score, 0.0)
+        iou_out[out_rows] = s_score if config.mode == OPTIMAL else np.where(s_matched, s_score, floor)
         conf = np.array([_first_or_nan(confidences[i]) for i in out_rows.tolist()])
         conf_out[out_rows] = np.where(np.isnan(conf), 0.0, np.where(s_matched, conf, 1.0 - conf))
     for r in np.flatnonzero(~single).tolist():
         i, p, g, a = rows[r], n_pred[r], n_gt[r], int(pair_start[r])
-        total, matched = _match(
+        total, pairs_matched, matched = _match(
             score[a : a + p * g].reshape(p, g), iou[a : a + p * g].reshape(p, g), confidences[i], config
         )
-        iou_out[i] = total / max(p, g)
+        iou_out[i] = (total + floor * (max(p, g) - pairs_matched)) / max(p, g)
         c = confidences[i]
         if c is not None:
             conf_out[i] = sum(c[k] if matched[k] else 1.0 - c[k] for k in range(p)) / p
-    # Answers are checked finite by the parser; this guards against a corrupt (NaN) ground truth.
-    return np.nan_to_num(iou_out, nan=0.0), np.nan_to_num(conf_out, nan=0.0)
+    return iou_out, conf_out
 
 
 def _first_or_nan(confidences: Sequence[float] | None) -> float:

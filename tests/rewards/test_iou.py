@@ -108,12 +108,28 @@ def test_batch_applies_each_rows_frame_mapping():
     assert conf.tolist() == pytest.approx([0.0, 1.0, 0.0])
 
 
-def test_corrupt_ground_truth_gives_finite_rewards():
+@pytest.mark.parametrize("config", [OPT, IouConfig(mode="greedy"), IouConfig(giou=True)], ids=["optimal", "greedy", "giou"])
+def test_corrupt_ground_truth_gives_finite_rewards(config):
+    # One box against one box, then two ground-truth boxes (the assignment refuses NaN scores), beside a
+    # good row that must score as it would alone.
     iou, conf = box_rewards_batch(
-        [[A]], [[[np.nan, 0, 10, 10]]], confidences=[[0.5]], affines=[(1.0, 1.0, 0.0, 0.0)],
-        widths=[W], heights=[H], config=OPT,
+        [[A], [A], [A]], [[[np.nan, 0, 10, 10]], [[np.nan, 0, 10, 10], A], [A]],
+        confidences=[[0.5], None, None], affines=[(1.0, 1.0, 0.0, 0.0)] * 3,
+        widths=[W] * 3, heights=[H] * 3, config=config,
     )
     assert np.isfinite(iou).all() and np.isfinite(conf).all()
+    floor = -1.0 if config.giou else 0.0
+    assert iou.tolist() == pytest.approx([floor, (1.0 + floor) / 2, 1.0])
+
+
+def test_with_giou_junk_boxes_and_omitted_boxes_never_pay():
+    """An unpaired box counts GIoU's floor, -1: a far box scores -7/9, adding junk lowers that, and
+    answering no box at all scores -1, not the 0 that would make saying nothing the safe answer."""
+    config = IouConfig(mode="optimal", giou=True)
+    rewards = [box_rewards([B] * k, [A], width=W, height=H, config=config)[0] for k in (1, 2, 10)]
+    assert rewards == pytest.approx([-7 / 9, (-7 / 9 - 1) / 2, (-7 / 9 - 9) / 10])
+    assert box_rewards([], [A], width=W, height=H, config=config)[0] == -1.0
+    assert box_rewards([A, B], [A], width=W, height=H, config=config)[0] == pytest.approx(0.0)  # (1 - 1) / 2
 
 
 def _ref_pair(a, b, giou):
@@ -138,10 +154,11 @@ def _ref_sanitize(b):
 
 def _reference(pred, gt, conf, config):
     """Brute force: (iou reward, set of confidence rewards of every optimal/greedy matching)."""
+    floor = -1.0 if config.giou else 0.0  # what an unpaired box counts
     if not pred or not gt:
         if not pred:
-            return (1.0, {1.0}) if not gt else (0.0, {0.0})
-        return 0.0, {sum(1 - c for c in conf) / len(pred) if conf else 0.0}
+            return (1.0, {1.0}) if not gt else (floor, {0.0})
+        return floor, {sum(1 - c for c in conf) / len(pred) if conf else 0.0}
     p, g = [_ref_sanitize(b) for b in pred], [_ref_sanitize(b) for b in gt]
     pairs = [[_ref_pair(a, b, config.giou) for b in g] for a in p]
     thr, denominator = config.threshold, max(len(p), len(g))
@@ -157,7 +174,7 @@ def _reference(pred, gt, conf, config):
             if best is not None and pairs[k][best][1] > thr:
                 free[best], matched[k] = False, True
                 total += pairs[k][best][0]
-        return total / denominator, {confidence(matched)}
+        return (total + floor * (denominator - sum(matched))) / denominator, {confidence(matched)}
     assignments = []  # every one-to-one assignment of min(P, G) pairs
     for perm in itertools.permutations(range(max(len(p), len(g))), min(len(p), len(g))):
         assignments.append(list(zip(range(len(p)), perm)) if len(p) <= len(g) else list(zip(perm, range(len(g)))))
@@ -170,7 +187,7 @@ def _reference(pred, gt, conf, config):
             for a, b in asg:
                 matched[a] = pairs[a][b][1] > thr
             confidences.add(round(confidence(matched), 9))
-    return best / denominator, confidences
+    return (best + floor * (denominator - min(len(p), len(g)))) / denominator, confidences
 
 
 coord = st.floats(min_value=-50, max_value=150, allow_nan=False)
