@@ -112,7 +112,9 @@ def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, co
     union's longer side (at least ``min_side``, at most the image's shorter side), centred on the union
     and then moved by ``offset`` (x, y in [-1, 1]) times the room the union leaves on each side, so the
     union stays inside; finally shifted to lie inside the image. Square, so a square image's crop is
-    shown at the image's own size."""
+    shown at the image's own size; but where the union is wider (or taller) than a square the image can
+    hold, the region widens on that axis just enough to hold it (a wide animal in a landscape image), as
+    a zoom that cuts the animal would teach a cut box."""
     if not boxes:
         raise ValueError("zoom_region: needs at least one box")
     if context < 1.0:
@@ -122,21 +124,37 @@ def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, co
     x1, y1 = min(b[0] for b in boxes), min(b[1] for b in boxes)
     x2, y2 = max(b[2] for b in boxes), max(b[3] for b in boxes)
     side = min(max(math.ceil(max(x2 - x1, y2 - y1) * context - _SNAP), min_side), width, height)
-    left = (x1 + x2 - side) / 2 + offset[0] * max(side - (x2 - x1), 0) / 2
-    top = (y1 + y2 - side) / 2 + offset[1] * max(side - (y2 - y1), 0) / 2
-    left = min(max(round(left), 0), width - side)
-    top = min(max(round(top), 0), height - side)
-    return left, top, left + side, top + side
+    region_w = max(side, min(math.ceil(x2 - _SNAP) - math.floor(x1 + _SNAP), width))
+    region_h = max(side, min(math.ceil(y2 - _SNAP) - math.floor(y1 + _SNAP), height))
+    left = (x1 + x2 - region_w) / 2 + offset[0] * max(region_w - (x2 - x1), 0) / 2
+    top = (y1 + y2 - region_h) / 2 + offset[1] * max(region_h - (y2 - y1), 0) / 2
+    left = min(max(round(left), 0), width - region_w)
+    top = min(max(round(top), 0), height - region_h)
+    return left, top, left + region_w, top + region_h
 
 
 def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLimits) -> tuple[int, int]:
-    """(width, height) a crop is shown at: scaled to about ``pixels`` pixels, sides multiples of the
-    processor's cell, and a size the processor keeps as it is (so the shown size IS the input size)."""
+    """(width, height) a crop is shown at: scaled to about ``pixels`` pixels, sides whole cells of the
+    processor (of the cell counts just below and above each scaled side, the pair within the budget whose
+    aspect is nearest the crop's, the larger on a tie), and a size the processor keeps as it is (so the
+    shown size IS the input size). Flooring each side alone showed a 40 x 41 crop at 84 x 112 with a
+    112 x 112 budget: a quarter of its tokens lost and its aspect off by a quarter."""
     f = limits.factor
     scale = math.sqrt(pixels / (crop_width * crop_height))
-    width = max(f, math.floor(crop_width * scale / f + _SNAP) * f)  # sqrt(50176/2500)*50 = 223.99999999999997
-    height = max(f, math.floor(crop_height * scale / f + _SNAP) * f)
-    return limits.input_size(width, height)
+    cells_w, cells_h = crop_width * scale / f, crop_height * scale / f  # sqrt(50176/2500)*50/28 = 7.999999999999999
+    budget = pixels / (f * f) + _SNAP
+    aspect = math.log(crop_width / crop_height)
+
+    def cells(x: float) -> tuple[int, ...]:
+        low = max(1, math.floor(x + _SNAP))
+        return (low,) if abs(x - round(x)) < _SNAP else (low, low + 1)
+
+    fitting = [(w, h) for w in cells(cells_w) for h in cells(cells_h) if w * h <= budget]
+    if fitting:
+        w, h = min(fitting, key=lambda c: (abs(math.log(c[0] / c[1]) - aspect), -c[0] * c[1]))
+    else:  # a crop so thin that one cell on its short side is over the budget: the processor shrinks it
+        w, h = cells(cells_w)[0], cells(cells_h)[0]
+    return limits.input_size(w * f, h * f)
 
 
 def show_region(image, region: Sequence[int], *, pixels: int, limits: ImageLimits):

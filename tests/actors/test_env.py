@@ -96,6 +96,20 @@ def test_zoom_region_is_a_square_around_the_boxes_inside_the_image(boxes, contex
     assert zoom_region(boxes, width=112, height=112, context=context, min_side=28) == expected
 
 
+@pytest.mark.parametrize("boxes, expected", [
+    # 1024 x 768: side 1.5 * 900 = 1350 capped at 768 would cut the box; x widens to the box's 900
+    ([[50, 300, 950, 420]], (50, 0, 950, 768)),
+    # the same box, fractional: the region's whole pixels still hold it
+    ([[50.4, 300, 950.6, 420]], (50, 0, 951, 768)),
+    # a box the capped square holds stays in a square: side min(1.5 * 600, 768) = 768
+    ([[200, 300, 800, 420]], (116, 0, 884, 768)),
+])
+def test_zoom_region_widens_where_the_image_cannot_hold_a_square_around_the_boxes(boxes, expected):
+    region = zoom_region(boxes, width=1024, height=768, context=1.5, min_side=28)
+    assert region == expected
+    assert region[0] <= boxes[0][0] and region[2] >= boxes[0][2]
+
+
 def test_zoom_region_offset_moves_it_within_the_room_the_boxes_leave():
     # side 40 around a 20 x 20 box: 10 px of room each side; x moved right by all of it, y up by all of it
     assert zoom_region([[40, 40, 60, 60]], width=112, height=112, context=2.0, min_side=28,
@@ -116,6 +130,11 @@ def test_zoom_region_needs_boxes_and_a_context_of_at_least_one():
     ((28, 112), (112, 448)),  # scale 4: 112 x 448, exactly the budget
     ((100, 30), (392, 112)),  # scale 4.09: 409 x 122.6 floored to cells
     ((400, 400), (224, 224)),  # a crop larger than the budget is shrunk to it
+    # near-square crops keep their aspect and the whole budget (flooring each side alone: 196 x 224, 224 x 196)
+    ((50, 51), (224, 224)),
+    ((505, 504), (224, 224)),
+    # 10.8 x 5.9 cells, aspect 1.83: 11 x 6 is over the 64, and 10 x 5 (2.0) is nearer than 10 x 6 (1.67)
+    ((55, 30), (280, 140)),
 ])
 def test_zoom_size_fills_the_budget_in_whole_cells(crop, expected):
     w, h = zoom_size(*crop, pixels=224 * 224, limits=LIMITS)
@@ -369,3 +388,9 @@ def test_the_prompt_tells_the_model_its_frame_and_image_tokens_match_the_process
     grid = processor.image_processor(images=[_coordinate_image()], return_tensors="pt")["image_grid_thw"]
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert prompt_ids.count(pad) == math.prod(grid[0].tolist()) // 4 == 28  # 7 x 4 merged cells of 196 x 112
+
+
+def test_a_near_square_zoom_is_shown_square_with_every_token_of_the_budget():
+    limits = ImageLimits(factor=28, min_pixels=12544, max_pixels=12544)  # small-cpu's
+    for crop in [(40, 40), (40, 41), (41, 40), (39, 41)]:
+        assert zoom_size(*crop, pixels=12544, limits=limits) == (112, 112), crop
