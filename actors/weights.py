@@ -378,7 +378,10 @@ class WeightReceiver:
 
     ``apply(named_tensors, *, version)`` is the engine's ``load_weights``. Buckets may arrive in any
     order (threaded actors do not keep call order); a bucket of a newer version abandons an
-    incomplete older one; buckets of versions at or below the one held are ignored.
+    incomplete older one; buckets of versions at or below the one held are ignored. A bucket that is
+    already pending means the sender is sending the version again (after a worker died in the middle of
+    a broadcast, or an abort): the partial version is dropped and assembled anew. An abort received
+    over the broadcast drops it too.
     """
 
     def __init__(self, apply: Callable[..., Any]) -> None:
@@ -411,8 +414,10 @@ class WeightReceiver:
                     logger.warning("weights version %d abandoned incomplete (%d buckets) for version %d",
                                    self._pending_version, len(self._pending), version)
                 self._pending_version, self._pending, self._last_index = version, {}, None
-            if index in self._pending:
-                raise ValueError(f"weights bucket {index} of version {version} arrived twice")
+            if index in self._pending:  # the sender checks its stream's order: this is a second sending
+                logger.warning("weights version %d sent again (bucket %d arrived twice): %d buckets dropped",
+                               version, index, len(self._pending))
+                self._pending, self._last_index = {}, None
             self._pending[index] = tensors
             if is_last:
                 self._last_index = index
@@ -442,7 +447,12 @@ class WeightReceiver:
         if self._group is None:
             raise RuntimeError("receive_broadcast before join_group")
         while True:
-            manifest, named = self._group.recv_bucket()  # raises WeightSyncAborted on an abort
+            try:
+                manifest, named = self._group.recv_bucket()
+            except WeightSyncAborted:  # the sender gave up on this version: what arrived of it is void
+                with self._lock:
+                    self._pending_version, self._pending, self._last_index = None, {}, None
+                raise
             held = self.add_bucket(version=manifest.version, index=manifest.index, is_last=manifest.is_last,
                                    tensors=named)
             if manifest.is_last:

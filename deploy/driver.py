@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -470,12 +469,6 @@ class Driver:
             "sampler": self.sampler.state_dict(),
             "wall_s": self._elapsed(),
         }
-        leftover = self.out / "checkpoints" / step_dir_name(self.step)
-        if leftover.is_dir() and not is_complete(leftover):
-            # A crash between its rename and its COMPLETE marker left it; resume skipped it, and the learner
-            # refuses to write over an existing step directory.
-            log.warning("removing the incomplete checkpoint %s before writing step %d again", leftover, self.step)
-            shutil.rmtree(leftover)
         path = self.learner.save_checkpoint(self.out / "checkpoints", extra_state=extra)
         log.info("checkpoint %s", path)
         return path

@@ -253,11 +253,14 @@ class Learner:
         trainer_state = ckpt.trainer_state_json(step=self.version, world_size=self.world_size, extra_state=extra_state)
         tmp = ckpt.tmp_dir(root, self.version)
         final = root / ckpt.step_dir_name(self.version)
-        if final.exists():  # every rank sees the same filesystem
+        if final.exists() and ckpt.is_complete(final):  # every rank sees the same filesystem
             raise FileExistsError(f"checkpoint {final} already exists")
         if self.rank == 0:
             if tmp.exists():  # left over from a crash while writing this step
                 shutil.rmtree(tmp)
+            if final.exists():  # a crash between its rename and its COMPLETE marker: resume skipped it
+                log.warning("removing the incomplete checkpoint %s before writing step %d again", final, self.version)
+                shutil.rmtree(final)
             tmp.mkdir(parents=True)
         self.backend.barrier()
         self.backend.release_parameters()

@@ -148,11 +148,21 @@ def test_newer_version_abandons_an_incomplete_one_and_old_buckets_are_ignored():
     assert rec.loads == [(2, ["v2b0", "v2b1"])]
 
 
-def test_receiver_rejects_duplicate_and_out_of_range_buckets():
+def test_a_version_sent_again_is_assembled_anew():
+    """The sender sends a version again after a worker died in the middle of a broadcast: the buckets
+    that arrived of the first sending must not make the second one fail or mix into it."""
+    rec = Recorder()
+    receiver = WeightReceiver(rec.load_weights)
+    receiver.add_bucket(**_bucket(1, 0, False))
+    receiver.add_bucket(**_bucket(1, 1, False))  # the first sending stops here
+    assert receiver.add_bucket(version=1, index=0, is_last=False, tensors=[("again", torch.zeros(1))]) is None
+    assert receiver.add_bucket(**_bucket(1, 1, True)) == 1  # two buckets: the old bucket 1 was dropped too
+    assert rec.loads == [(1, ["again", "v1b1"])]
+
+
+def test_receiver_rejects_out_of_range_buckets():
     receiver = WeightReceiver(Recorder().load_weights)
     receiver.add_bucket(**_bucket(1, 0, False))
-    with pytest.raises(ValueError, match="twice"):
-        receiver.add_bucket(**_bucket(1, 0, False))
     receiver.add_bucket(**_bucket(1, 5, False))
     with pytest.raises(ValueError, match="0..2"):
         receiver.add_bucket(**_bucket(1, 2, True))  # three buckets, but indices 0, 2, 5
@@ -208,6 +218,33 @@ def test_gloo_group_delivers_identical_tensors_and_an_abort():
         assert_identical(named, tensors)
         assert (manifest_1.index, manifest_1.is_last, any(manifest_1.packed)) == (1, True, False)
         assert_identical(named_1, tensors[::-1])
+
+
+def test_a_version_aborted_over_the_broadcast_can_be_sent_again():
+    store = open_store(host="127.0.0.1", world_size=2, timeout_s=WAIT_S)
+    rec = Recorder()
+    receiver = WeightReceiver(rec.load_weights)
+    outcomes: list = []
+
+    def receive() -> None:
+        receiver.join_group(address=f"127.0.0.1:{store.port}", rank=1, world_size=2, backend="gloo", timeout_s=WAIT_S)
+        for _ in range(2):
+            try:
+                outcomes.append(receiver.receive_broadcast())
+            except BaseException as error:  # surfaced by the main thread's assertion
+                outcomes.append(error)
+
+    thread = threading.Thread(target=receive, daemon=True)
+    thread.start()
+    sender = BroadcastGroup(store=store, rank=0, world_size=2, backend="gloo", timeout_s=WAIT_S)
+    first = WeightBucket(version=1, index=0, is_last=False, tensors=[("w", torch.ones(2))])
+    sender.send_bucket(first)
+    sender.send_abort("export failed")
+    sender.send_bucket(first)
+    sender.send_bucket(WeightBucket(version=1, index=1, is_last=True, tensors=[("b", torch.ones(1))]))
+    thread.join(WAIT_S)
+    assert isinstance(outcomes[0], WeightSyncAborted) and outcomes[1:] == [1]
+    assert rec.loads == [(1, ["w", "b"])]
 
 
 # ---- both transports under Ray ----------------------------------------------------------------------------

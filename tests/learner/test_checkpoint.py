@@ -189,6 +189,22 @@ def test_checkpoint_is_a_loadable_hf_model_directory(model_dir, batches, tmp_pat
         learner.save_checkpoint(tmp_path)
 
 
+def test_a_step_renamed_but_never_marked_complete_is_written_again(model_dir, batches, tmp_path):
+    """A crash between publish's rename and its COMPLETE marker: resume skips the step, and the resumed run
+    (SFT's as the RL driver's) must be able to write it again, not fail on the directory left behind."""
+    crashed = Learner(config(model_dir, backend="torch"))
+    crashed.step(batches[0])
+    path = Path(crashed.save_checkpoint(tmp_path))
+    (path / ckpt.COMPLETE_MARKER).unlink()
+    (path / "junk").write_text("from the crashed run")
+    assert ckpt.latest_complete(tmp_path) is None
+
+    resumed = Learner(config(model_dir, backend="torch"))
+    resumed.step(batches[0])
+    assert Path(resumed.save_checkpoint(tmp_path)) == path == ckpt.latest_complete(tmp_path)
+    assert not (path / "junk").exists()
+
+
 # ---------------------------------------------------------------- resume in a new group of processes
 
 
