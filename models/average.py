@@ -21,7 +21,7 @@ CHECKPOINT_ONLY = {"COMPLETE", "trainer_state.json", "state", "rng"}
 def average_checkpoints(model_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
     """Write the uniform average of ``model_dirs``' weights (float tensors, summed in float64) to ``out_dir``, with the
     last directory's config, tokenizer and processor files; returns ``out_dir``. Every directory must hold one
-    ``model.safetensors`` with the same tensor names and shapes; non-float tensors must be equal in all."""
+    ``model.safetensors`` with the same tensor names, shapes and dtypes; non-float tensors must be equal in all."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -44,6 +44,8 @@ def average_checkpoints(model_dirs: Sequence[str | Path], out_dir: str | Path) -
         for name, tensor in weights.items():
             if tensor.shape != total[name].shape:
                 raise ValueError(f"{path}: {name} has shape {tuple(tensor.shape)}, {tuple(total[name].shape)} before")
+            if tensor.dtype != dtypes[name]:  # an int among floats would be compared, not summed
+                raise ValueError(f"{path}: {name} is {tensor.dtype}, {dtypes[name]} before")
             if tensor.is_floating_point():
                 total[name] += tensor.double()
             elif not torch.equal(tensor, total[name]):

@@ -15,8 +15,8 @@ from PIL import Image  # noqa: E402
 from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup  # noqa: E402
 from learner.batch import LearnerBatch, collate  # noqa: E402
 from learner.config import LearnerConfig, LoraSpec  # noqa: E402
-from learner.export import (WeightBucket, assemble_state_dict, export_weights, greedy_completion,  # noqa: E402
-                            load_buckets, save_hf_directory)
+from learner.export import (WeightBucket, assemble_state_dict, copy_model_files, export_weights,  # noqa: E402
+                            greedy_completion, load_buckets, save_hf_directory)
 from learner.learner import Learner  # noqa: E402
 
 
@@ -176,6 +176,18 @@ def test_hf_directory_of_the_policy_loads_with_transformers(model_dir, trained, 
     exported = assemble_state_dict(trained.export_weights())[1]
     assert set(loaded) == set(exported)
     assert all(torch.equal(loaded[name], exported[name]) for name in exported)
+
+
+def test_a_model_exported_from_a_checkpoint_is_not_that_checkpoint(tmp_path):
+    """RL and eval may start from <sft>/checkpoints/step_N: a plain model written from it must not carry
+    that checkpoint's COMPLETE marker and trainer state (it would pass for a resumable checkpoint)."""
+    source, out = tmp_path / "step_40", tmp_path / "export"
+    source.mkdir()
+    out.mkdir()
+    for name in ("COMPLETE", "trainer_state.json", "tokenizer.json", "config.json", "model.safetensors"):
+        (source / name).write_text("{}")
+    assert copy_model_files(source, out) == ["tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
 
 
 def test_lora_policy_exports_merged_weights(model_dir, batch):

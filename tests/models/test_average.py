@@ -52,6 +52,14 @@ def test_checkpoints_that_do_not_match_are_refused(tmp_path):
         average_checkpoints([a, other_shape], tmp_path / "out")
     with pytest.raises(ValueError, match="non-float tensor n differs"):
         average_checkpoints([a, other_int], tmp_path / "out")
+    # The same values in another dtype: an int64 among floats was compared with the running sum, found
+    # equal and left out of it, and the sum still divided by all directories (0.5 for a mean of 1).
+    float_w = checkpoint(tmp_path, "e", {"w": torch.ones(2), "n": torch.tensor([1])}, config="")
+    int_w = checkpoint(tmp_path, "f", {"w": torch.ones(2, dtype=torch.int64), "n": torch.tensor([1])}, config="")
+    bf16_w = checkpoint(tmp_path, "g", {"w": torch.ones(2, dtype=torch.bfloat16), "n": torch.tensor([1])}, config="")
+    for other in (int_w, bf16_w):
+        with pytest.raises(ValueError, match="w is torch"):
+            average_checkpoints([float_w, other], tmp_path / "out")
     with pytest.raises(ValueError, match="missing"):
         average_checkpoints([tmp_path / "nowhere"], tmp_path / "out")
 
