@@ -201,8 +201,13 @@ class RolloutFleet:
         comparison, and raises if any worker differs."""
         import ray
 
+        import torch
+
         named = [(name, t) for b in self._buckets for name, t in b.tensors]
-        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied())
+        # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
+        # a bfloat16 engine holds it, or every verification on a GPU would differ.
+        engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
+        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied(), dtype=engine_dtype)
         worker_sums = ray.get([w.handle.weights_checksum.remote() for w in self.workers])
         record = {"version": version, "learner": learner_sum,
                   "workers": dict(zip((w.name for w in self.workers), worker_sums))}

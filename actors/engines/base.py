@@ -142,7 +142,7 @@ class WeightsChecksum:
         if name in self._digests:
             raise ValueError(f"weight {name!r} given twice")
         tensor = as_torch(value).detach()
-        if self._dtype is not None:
+        if self._dtype is not None and tensor.is_floating_point():  # an engine keeps integer buffers as they are
             tensor = tensor.to(self._dtype)
         tensor = tensor.cpu().contiguous()
         h = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
@@ -159,8 +159,8 @@ class WeightsChecksum:
 def state_dict_checksum(named_tensors: Iterable[tuple[str, Any]], *, tie_word_embeddings: bool, dtype=None) -> str:
     """A deterministic hash of named weights, independent of their order.
 
-    Each tensor is hashed as name, dtype, shape and raw bytes, cast to ``dtype`` first when given (so a
-    float32 source can be compared with a bfloat16 engine). With tied embeddings ``lm_head.weight`` is
+    Each tensor is hashed as name, dtype, shape and raw bytes, a floating one cast to ``dtype`` first when
+    given (so a float32 source can be compared with a bfloat16 engine). With tied embeddings ``lm_head.weight`` is
     an alias of the embedding and is skipped, so a state dict and ``named_parameters()`` hash alike.
     """
     checksum = WeightsChecksum(tie_word_embeddings=tie_word_embeddings, dtype=dtype)

@@ -1,6 +1,7 @@
-"""``RolloutFleet``'s bookkeeping on a real local Ray: calls in flight, scaling down, restarts.
+"""``RolloutFleet``'s bookkeeping on a real local Ray: calls in flight, scaling down, restarts, weight checks.
 
-The workers here are a small stand-in actor (``EchoWorker``) made by hand, not the vLLM rollout actor: a vLLM
+The workers here are small stand-in actors (``EchoWorker``; ``HeldWeights`` with the real weight-receiving
+end) made by hand, not the vLLM rollout actor: a vLLM
 engine takes tens of seconds to start on these CPUs, and what is tested is what the fleet records about its
 actors' calls and processes. The real workers go through the same code in tests/e2e (``test_scaling``
 starts and retires vLLM workers during a run, ``test_chaos`` kills them).
@@ -13,11 +14,15 @@ import signal
 import time
 
 import pytest
+import torch
 
+from actors.engines.base import state_dict_checksum
 from actors.metrics import ROLLOUT_WORKERS, WORKER_RESTARTS, RunMetrics
+from actors.weights import WeightReceiverMixin
 from deploy.config import load_run_config, shipped_configs
 from deploy.actor_restarts import await_ready
 from deploy.rollout_fleet import FleetWorker, RolloutFleet
+from learner.export import WeightBucket
 
 ray = pytest.importorskip("ray")
 
@@ -95,4 +100,35 @@ def test_a_restart_is_counted_once_and_its_weights_are_forgotten(ray_cluster):
     assert fleet.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "rollout"}) == 1
     fleet.send_current([worker])  # no weights synced yet: nothing to send, nothing fails
     assert worker.version == 0
+    fleet.kill()
+
+
+class HeldWeights(WeightReceiverMixin):
+    """Takes weights through the real receiving end and holds them as an engine of ``dtype`` does (floating
+    ones cast, integer buffers as they are); hashes them as the HF engine hashes its state dict."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.named: list = []
+
+    def load_weights(self, named_tensors, *, version: int) -> None:
+        self.named = [(n, t.to(self.dtype) if t.is_floating_point() else t) for n, t in named_tensors]
+
+    def weights_checksum(self) -> str:
+        return state_dict_checksum(self.named, tie_word_embeddings=False)
+
+
+def test_verify_compares_the_learners_weights_as_a_bfloat16_engine_holds_them(ray_cluster, tiny_model_dir):
+    fleet = RolloutFleet(load_run_config(TINY_CPU, ["rollout.engine.dtype=bfloat16"]), model_path=tiny_model_dir,
+                         metrics=RunMetrics())
+    actor = ray.remote(HeldWeights).options(num_cpus=0)
+    fleet.workers = [FleetWorker(name=f"bf16-{i}", handle=actor.remote(torch.bfloat16)) for i in range(2)]
+    # float32 values that bfloat16 rounds: hashed as float32 they could never match a bfloat16 engine
+    exported = [("w", torch.tensor([1.0, 1.0 + 2**-12])), ("steps", torch.tensor([3]))]
+    fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=exported)])
+    record = fleet.verify(1)
+    assert set(record["workers"].values()) == {record["learner"]}
+    ray.get(fleet.workers[1].handle.load_weights.remote([("w", torch.zeros(2)), exported[1]], version=1))
+    with pytest.raises(RuntimeError, match="differ"):  # a worker holding other weights is still caught
+        fleet.verify(1)
     fleet.kill()
