@@ -181,6 +181,15 @@ class RunConfig(BaseModel):
         if self.sft is not None and self.sft.zoom_context is not None and self.rollout.env.max_turns < 2:
             raise ValueError(f"sft.zoom_context ({self.sft.zoom_context}) teaches zoom turns: it needs "
                              f"rollout.env.max_turns >= 2 (got {self.rollout.env.max_turns})")
+        overlong = self.rewards.overlong
+        longest = min(self.rollout.env.max_turns * self.rollout.sampling.max_tokens, self.rollout.env.max_completion_tokens)
+        if overlong is not None and overlong.l_max - overlong.l_cache >= longest:
+            # The penalty counts the model's own tokens, at most max_tokens per turn (and fewer than the
+            # completion budget, which the environment's turns share): set where no completion reaches, it is 0.
+            raise ValueError(
+                f"rewards.overlong: its ramp starts at l_max - l_cache = {overlong.l_max - overlong.l_cache} tokens, "
+                f"but a completion holds at most {longest} model tokens (rollout.env.max_turns × "
+                f"rollout.sampling.max_tokens, within rollout.env.max_completion_tokens): it could never apply")
         for index, stage in enumerate(self.curriculum.stages):
             unknown = set(stage.reward_weights) - set(REWARD_COMPONENTS)
             if unknown:

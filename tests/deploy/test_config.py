@@ -74,6 +74,8 @@ INVALID = [
     (["rollout.engine.backend=hf", "rollout.engine.cpu_cores=0"], "cpu_cores"),
     (["learner.schedule=cosine", "learner.max_steps=1000", "train.steps=100"],
      "learner.max_steps (1000) must equal train.steps (100)"),
+    # one turn of at most 256 model tokens: a ramp from 3,584 to 4,096 is never reached
+    (["rewards.overlong.l_max=4096", "rewards.overlong.l_cache=512"], "rewards.overlong: its ramp starts at"),
 ]
 
 
@@ -148,3 +150,11 @@ def test_cpu_core_lists_per_rank():
 def test_a_decaying_rl_schedule_ending_at_the_last_step_validates():
     config = load_run_config(None, ["learner.schedule=cosine", "learner.max_steps=100", "train.steps=100"])
     assert (config.learner.schedule, config.learner.max_steps) == ("cosine", 100)
+
+
+def test_an_overlong_penalty_the_completions_can_reach_validates():
+    config = load_run_config(None, ["rewards.overlong.l_max=256", "rewards.overlong.l_cache=64"])
+    assert config.rewards.overlong.l_max - config.rewards.overlong.l_cache < config.rollout.sampling.max_tokens
+    # three turns hold three times one turn's tokens
+    load_run_config(None, ["rewards.overlong.l_max=700", "rewards.overlong.l_cache=100", "rollout.env.max_turns=3",
+                           "rollout.prompt.allow_zoom=true"])
