@@ -18,8 +18,16 @@ Camouflage folders (``import_camo_folder``):
     CAMO and NC4K names carry none: category is null.
   * difficulty "auto" labels each image with ``data.difficulty`` (computed at ``STATS_SIDE`` px, the
     scale the threshold was calibrated at); images without an object are labelled easy.
+  * an image whose mask has an object but every component of it is dropped is skipped as
+    ``small_object`` (``empty_mask_means_absent`` concerns masks with no object pixel at all).
 COCO (``import_coco``): one "detect" row per (image, category) with all boxes of that category;
-boxes ``[x, y, w, h]`` → ``[x, y, x + w, y + h]``; crowd annotations are dropped by default.
+boxes ``[x, y, w, h]`` → ``[x, y, x + w, y + h]``; crowd annotations are dropped by default; a category
+without a name is unknown (its annotations are dropped), and a second image entry with an id already
+seen is skipped as ``duplicate_image_id``.
+
+Every box is checked as it will be stored (scaled by ``max_side`` per axis, as float32): one narrower
+than ``MIN_BOX_SIDE`` there is dropped like any degenerate box (a component, or a COCO annotation), so no
+row the loader would refuse is written.
 
 Image bytes are kept as they are when the file is JPEG or PNG (a JPEG set re-encoded as PNG would be
 several times larger); other formats, and images shrunk by ``max_side``, are stored as PNG.
@@ -172,9 +180,16 @@ def import_camo_folder(*, src: str | os.PathLike[str], out: str | os.PathLike[st
     report = ImportReport(out=Path(out), total=len(images))
     report.notes["orphan_mask"] = len(set(masks) - {p.stem for p in images})
 
+    seen: set[str] = set()
+
     def rows() -> Iterator[dict[str, Any]]:
         for done, path in enumerate(images, start=1):
-            row = _camo_row(path, masks.get(path.stem), config=config, report=report)
+            row = None
+            if path.stem in seen:  # a.jpg and a.JPG: one id, one mask
+                report.skip("duplicate_id", path.name)
+            else:
+                seen.add(path.stem)
+                row = _camo_row(path, masks.get(path.stem), config=config, report=report)
             if row is not None:
                 report.imported += 1
                 yield row
@@ -194,22 +209,26 @@ def import_coco(*, annotations_json: str | os.PathLike[str], images_dir: str | o
     config = CocoImportConfig(**options)
     try:
         coco = json.loads(Path(annotations_json).read_text())
-        categories = {c["id"]: str(c["name"]).strip().lower() for c in coco["categories"]}
+        named = {c["id"]: str(c["name"] or "").strip().lower() for c in coco["categories"]}
         images = list(coco["images"])
         annotations = list(coco.get("annotations", []))
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DatasetImportError(
             f"annotations_json: cannot read a COCO file at {annotations_json}: {error}") from error
+    categories = {key: name for key, name in named.items() if name}  # a blank name cannot be asked about
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for annotation in annotations:
         if isinstance(annotation, dict) and isinstance(annotation.get("image_id", []), Hashable):
             by_image[annotation["image_id"]].append(annotation)
     report = ImportReport(out=Path(out), total=len(images))
+    if len(named) > len(categories):
+        report.notes["unnamed_category"] = len(named) - len(categories)
+    seen: set = set()
 
     def rows() -> Iterator[dict[str, Any]]:
         for done, entry in enumerate(images, start=1):
             produced = list(_coco_rows(entry, by_image, categories, images_dir=Path(images_dir), config=config,
-                                       report=report))
+                                       report=report, seen=seen))
             if produced:
                 report.imported += 1
             yield from produced
@@ -270,12 +289,16 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
         if problem is not None:
             report.skip(problem, path.name)
             return None
-        boxes, union = _component_boxes(mask, config=config, report=report)
+        stored = _stored_size(rgb.size, max_side=config.max_side)
+        boxes, union = _component_boxes(mask, config=config, report=report, stored=stored)
+        if not boxes and mask.any():  # an object, but no component of it kept
+            report.skip("small_object", path.name)
+            return None
         if not boxes and not config.empty_mask_means_absent:
             report.skip("empty_mask", path.name)
             return None
         present, category = (True, category) if boxes else (False, None)
-    row_image, width, height, scale = _stored_image(rgb, data, fmt, max_side=config.max_side)
+    row_image, width, height = _stored_image(rgb, data, fmt, max_side=config.max_side)
     difficulty = config.difficulty
     if difficulty == "auto":
         difficulty = _measured_difficulty(rgb, union) if union is not None else "easy"
@@ -287,7 +310,7 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
         "task": "camo",
         "question": question_for("camo"),
         "category": category,
-        "boxes": [_scaled(b, scale, width, height) for b in boxes],
+        "boxes": boxes,
         "present": present,
         "split": config.split,
         "difficulty": difficulty,
@@ -313,35 +336,46 @@ def _load_mask(path: Path, *, threshold: int) -> np.ndarray | None:
         return None
 
 
-def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig,
-                     report: ImportReport) -> tuple[list[list[float]], np.ndarray | None]:
-    """Pixel-edge boxes of the kept components, largest first, and the union of kept components."""
+def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig, report: ImportReport,
+                     stored: tuple[int, int]) -> tuple[list[list[float]], np.ndarray | None]:
+    """Pixel-edge boxes of the kept components as stored (an image ``stored`` = (width, height) in size),
+    largest first, and the union of kept components (in the mask's pixels)."""
     labels, count = label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
         return [], None
     areas = np.bincount(labels.ravel())[1:]
     minimum = max(config.min_component_fraction * mask.size, config.min_component_relative * areas.max())
-    kept = [k + 1 for k in np.argsort(-areas, kind="stable") if areas[k] >= minimum]
-    report.notes["dropped_component"] += count - len(kept)
     extents = find_objects(labels)  # per label: the (row slice, column slice) of its bounding box
-    boxes = []
-    for k in kept:
-        rows, cols = extents[k - 1]
-        boxes.append([float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)])
+    kept, boxes = [], []
+    for k in np.argsort(-areas, kind="stable").tolist():
+        rows, cols = extents[k]
+        box = _stored_box([float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)],
+                          source=(mask.shape[1], mask.shape[0]), stored=stored)
+        if areas[k] >= minimum and box is not None:  # a thin leg may be under a pixel once shrunk
+            kept.append(k + 1)
+            boxes.append(box)
+    report.notes["dropped_component"] += count - len(kept)
     return boxes, np.isin(labels, kept)
 
 
-def _stored_image(image: Image.Image, data: bytes, fmt: str, *,
-                  max_side: int | None) -> tuple[bytes, int, int, float]:
-    """(bytes to store, width, height, scale applied to boxes)."""
-    if max_side is not None and max(image.size) > max_side:
-        scale = max_side / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+def _stored_size(size: tuple[int, int], *, max_side: int | None) -> tuple[int, int]:
+    """(width, height) an image of ``size`` is stored at: shrunk so its longer side is ``max_side``."""
+    width, height = size
+    if max_side is None or max(size) <= max_side:
+        return width, height
+    scale = max_side / max(size)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _stored_image(image: Image.Image, data: bytes, fmt: str, *, max_side: int | None) -> tuple[bytes, int, int]:
+    """(bytes to store, width, height)."""
+    size = _stored_size(image.size, max_side=max_side)
+    if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
-        return _png(image), image.width, image.height, scale
+        return _png(image), image.width, image.height
     if fmt in _KEPT_FORMATS:
-        return data, image.width, image.height, 1.0
-    return _png(image), image.width, image.height, 1.0
+        return data, image.width, image.height
+    return _png(image), image.width, image.height
 
 
 def _png(image: Image.Image) -> bytes:
@@ -350,8 +384,16 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _scaled(box: list[float], scale: float, width: int, height: int) -> list[float]:
-    return clamp_box([v * scale for v in box], width=width, height=height)
+def _stored_box(box: list[float], *, source: tuple[int, int], stored: tuple[int, int]) -> list[float] | None:
+    """``box`` (pixels of an image of ``source`` size) as stored: scaled per axis to the ``stored`` size (each
+    side is rounded apart when shrinking), clamped, in float32 as Parquet holds it; None where a side is then
+    under ``MIN_BOX_SIDE`` (the loader refuses such a row)."""
+    sx, sy = stored[0] / source[0], stored[1] / source[1]
+    scaled = clamp_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], width=stored[0], height=stored[1])
+    x1, y1, x2, y2 = (float(np.float32(v)) for v in scaled)
+    if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+        return None
+    return [x1, y1, x2, y2]
 
 
 def _measured_difficulty(image: Image.Image, mask: np.ndarray) -> str:
@@ -364,7 +406,7 @@ def _measured_difficulty(image: Image.Image, mask: np.ndarray) -> str:
 
 
 def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any, str], *, images_dir: Path,
-               config: CocoImportConfig, report: ImportReport) -> Iterator[dict[str, Any]]:
+               config: CocoImportConfig, report: ImportReport, seen: set) -> Iterator[dict[str, Any]]:
     try:
         image_id, file_name = entry["id"], str(entry["file_name"])
         hash(image_id)  # a JSON list or object cannot identify an image
@@ -372,6 +414,10 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
     except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         report.skip("bad_image_entry", repr(entry)[:80])
         return
+    if image_id in seen:  # its rows' ids would repeat the first entry's
+        report.skip("duplicate_image_id", file_name)
+        return
+    seen.add(image_id)
     path = images_dir / file_name
     if not path.is_file():
         report.skip("missing_image", file_name)
@@ -384,9 +430,10 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
     if declared is not None and declared != rgb.size:
         report.skip("size_mismatch", file_name)
         return
+    stored = _stored_size(rgb.size, max_side=config.max_side)
     boxes_by_category: dict[str, list[list[float]]] = defaultdict(list)
     for annotation in by_image.get(image_id, []):
-        kept = _coco_box(annotation, categories, config=config, width=rgb.width, height=rgb.height)
+        kept = _coco_box(annotation, categories, config=config, source=rgb.size, stored=stored)
         if isinstance(kept, str):
             report.notes[f"annotation_{kept}"] += 1
         else:
@@ -394,7 +441,7 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
     if not boxes_by_category:
         report.notes["no_annotations"] += 1
         return
-    row_image, width, height, scale = _stored_image(rgb, data, fmt, max_side=config.max_side)
+    row_image, width, height = _stored_image(rgb, data, fmt, max_side=config.max_side)
     for category in sorted(boxes_by_category):
         yield {
             "id": f"coco:{image_id}:{category}",
@@ -404,16 +451,16 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
             "task": "detect",
             "question": question_for("detect", category=category),
             "category": category,
-            "boxes": [_scaled(b, scale, width, height) for b in boxes_by_category[category]],
+            "boxes": boxes_by_category[category],
             "present": True,
             "split": config.split,
             "difficulty": config.difficulty,
         }
 
 
-def _coco_box(annotation: dict, categories: dict[Any, str], *, config: CocoImportConfig, width: int,
-              height: int) -> tuple[str, list[float]] | str:
-    """(category, clamped [x1, y1, x2, y2]) or the reason the annotation is dropped."""
+def _coco_box(annotation: dict, categories: dict[Any, str], *, config: CocoImportConfig, source: tuple[int, int],
+              stored: tuple[int, int]) -> tuple[str, list[float]] | str:
+    """(category, [x1, y1, x2, y2] as stored) or the reason the annotation is dropped."""
     if annotation.get("iscrowd") and not config.include_crowd:
         return "crowd"
     if not isinstance(annotation.get("category_id"), Hashable) or annotation.get("category_id") not in categories:
@@ -427,8 +474,8 @@ def _coco_box(annotation: dict, categories: dict[Any, str], *, config: CocoImpor
         return "bad_box"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
         return "bad_box"
-    box = clamp_box([x, y, x + w, y + h], width=width, height=height)
-    if box[2] - box[0] < MIN_BOX_SIDE or box[3] - box[1] < MIN_BOX_SIDE:
+    box = _stored_box([x, y, x + w, y + h], source=source, stored=stored)
+    if box is None:
         return "bad_box"
     return categories[annotation["category_id"]], box
 

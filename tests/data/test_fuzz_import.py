@@ -38,8 +38,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWar
 # shared), and function-scoped fixtures are not used inside the examples.
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-CAMO_SKIP_REASONS = {"corrupt_image", "missing_mask", "corrupt_mask", "size_mismatch", "empty_mask"}
-COCO_SKIP_REASONS = {"bad_image_entry", "missing_image", "corrupt_image", "size_mismatch"}
+CAMO_SKIP_REASONS = {"corrupt_image", "missing_mask", "corrupt_mask", "size_mismatch", "empty_mask", "small_object",
+                     "duplicate_id"}
+COCO_SKIP_REASONS = {"bad_image_entry", "missing_image", "corrupt_image", "size_mismatch", "duplicate_image_id"}
 PROBLEM_FIELDS = set(FIELD_NAMES) | {"row"}
 
 MAGIC = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", b"\xff\xd8\xff", b"GIF89a", b"GIF87a", b"BM",

@@ -152,6 +152,38 @@ def test_max_side_shrinks_images_and_boxes_together(tmp_path):
     assert validate_row(row) == [] and row["image"].startswith(b"\x89PNG")
 
 
+def test_an_object_too_small_to_keep_is_skipped_not_made_absent(tmp_path):
+    """Every component dropped as speckle is not an empty mask: the flag must not turn the image into 'no animal'."""
+    _jpeg(tmp_path / "Imgs" / "a.jpg", size=(640, 480))
+    _mask(tmp_path / "GT" / "a.png", [(100, 100, 112, 112)], size=(640, 480))  # 144 px < 0.0005 of the image
+    _jpeg(tmp_path / "Imgs" / "b.jpg")
+    _mask(tmp_path / "GT" / "b.png", [(0, 0, 32, 24)])
+    report = import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train",
+                                empty_mask_means_absent=True)
+    assert report.skipped == {"small_object": 1} and report.rows == 1
+    assert [r["id"] for r in read_rows(tmp_path / "o.parquet")] == ["nc4k:b"]
+
+
+def test_a_component_under_a_pixel_once_shrunk_is_dropped_and_the_rest_kept(tmp_path):
+    # 2000 x 1500 shrunk to 200 x 150: a 200 x 200 body stays 20 x 20, a 4 px wide leg would be 0.4 px
+    size = (2000, 1500)
+    _jpeg(tmp_path / "Imgs" / "a.jpg", size=size)
+    _mask(tmp_path / "GT" / "a.png", [(100, 100, 300, 300), (1000, 100, 1004, 1500)], size=size)
+    report = import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train",
+                                max_side=200, min_component_relative=0.0)
+    (row,) = read_rows(tmp_path / "o.parquet")
+    assert row["boxes"] == [[10.0, 10.0, 30.0, 30.0]] and validate_row(row) == []
+    assert report.notes["dropped_component"] == 1 and not report.skipped
+
+
+def test_a_second_image_with_the_same_stem_is_skipped(tmp_path):
+    _jpeg(tmp_path / "Imgs" / "a.jpg")
+    _jpeg(tmp_path / "Imgs" / "a.JPG", seed=1)
+    _mask(tmp_path / "GT" / "a.png", [(0, 0, 32, 24)])
+    report = import_camo_folder(src=tmp_path, out=tmp_path / "o.parquet", layout="nc4k", split="train")
+    assert report.skipped == {"duplicate_id": 1} and report.rows == 1
+
+
 def test_progress_is_reported(cod10k, tmp_path):
     seen = []
     import_camo_folder(src=cod10k, out=tmp_path / "o.parquet", split="train",
@@ -213,3 +245,34 @@ def test_coco_mostly_bad_and_unreadable_json_fail(tmp_path):
     with pytest.raises(DatasetImportError, match="annotations_json: cannot read"):
         import_coco(annotations_json=tmp_path / "broken.json", images_dir=tmp_path, out=tmp_path / "o.parquet",
                     split="train")
+
+
+def test_coco_rows_are_checked_as_stored(tmp_path):
+    """Boxes are scaled per axis and kept only if still a pixel wide as float32; an unnamed category and a
+    repeated image id are counted, not written (the loader would refuse those rows)."""
+    images_dir = tmp_path / "images"
+    _jpeg(images_dir / "a.jpg", size=(800, 600))
+    _jpeg(images_dir / "b.jpg", size=(1000, 999), seed=1)
+    _jpeg(images_dir / "c.jpg", seed=2)
+    images = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"},
+              {"id": 1, "file_name": "c.jpg"}]
+    annotations = [
+        {"image_id": 1, "category_id": 1, "bbox": [100, 100, 200, 100]},
+        {"image_id": 1, "category_id": 1, "bbox": [500, 500, 3, 3]},  # 0.75 px once shrunk to 200 x 150: dropped
+        {"image_id": 2, "category_id": 1, "bbox": [0, 0, 1000, 999]},  # stored 200 x 200: y scales by 200/999
+        {"image_id": 3, "category_id": 1, "bbox": [0.3, 1, 1.0, 10]},  # 0.99999994 px wide as float32: dropped
+        {"image_id": 3, "category_id": 3, "bbox": [1, 1, 10, 10]},  # unnamed category: unknown
+    ]
+    path = tmp_path / "instances.json"
+    categories = [{"id": 1, "name": "Cat"}, {"id": 3, "name": " "}]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    out = tmp_path / "coco.parquet"
+    report = import_coco(annotations_json=path, images_dir=images_dir, out=out, split="train", max_side=200)
+    assert report.skipped == {"duplicate_image_id": 1}
+    assert report.notes == {"unnamed_category": 1, "annotation_bad_box": 2, "annotation_unknown_category": 1,
+                            "no_annotations": 1}
+    rows = {r["id"]: r for r in read_rows(out)}
+    assert rows["coco:1:cat"]["boxes"] == [[25.0, 25.0, 75.0, 50.0]]
+    assert (rows["coco:2:cat"]["width"], rows["coco:2:cat"]["height"]) == (200, 200)
+    assert rows["coco:2:cat"]["boxes"] == [[0.0, 0.0, 200.0, 200.0]]  # not 199.8: each side is rounded apart
+    assert sorted(rows) == ["coco:1:cat", "coco:2:cat"] and all(validate_row(r) == [] for r in rows.values())
