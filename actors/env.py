@@ -16,6 +16,7 @@ Every box conversion goes through ``rewards.frames`` (the one place frames are c
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import re
@@ -26,7 +27,7 @@ from typing import Any
 from actors.config import QWEN_CELL, EnvConfig
 from actors.types import PromptGroup
 from data.prompts import PromptConfig, build_messages, frame_size
-from rewards.frames import INPUT, FrameSpec, smart_resize, to_original
+from rewards.frames import INPUT, MAX_ASPECT, FrameSpec, smart_resize, to_original
 
 ZOOM_STOP = "</zoom>"  # stop string that ends a turn which requests a zoom
 
@@ -134,27 +135,36 @@ def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, co
 
 
 def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLimits) -> tuple[int, int]:
-    """(width, height) a crop is shown at: scaled to about ``pixels`` pixels, sides whole cells of the
-    processor (of the cell counts just below and above each scaled side, the pair within the budget whose
-    aspect is nearest the crop's, the larger on a tie), and a size the processor keeps as it is (so the
-    shown size IS the input size). Flooring each side alone showed a 40 x 41 crop at 84 x 112 with a
-    112 x 112 budget: a quarter of its tokens lost and its aspect off by a quarter."""
+    """(width, height) a crop is shown at: whole cells of the processor that it keeps as they are (so the shown
+    size IS the input size: between its min and max pixels), at most ``pixels``, and of those the one nearest
+    the crop scaled to ``pixels`` in ratio on both sides (the larger on a tie).
+
+    Rounding each side to cells on its own broke both promises: a 40 x 41 crop was shown at 84 x 112 under a
+    112 x 112 budget (a quarter of its tokens and of its aspect lost), and where the processor's min and max
+    pixels are close (the small model: both 112 x 112) a 60 x 100 crop was shown at 112 x 168, which the
+    processor then shrank to 84 x 112, so the model was told one frame and saw another."""
+    return _zoom_cells(crop_width, crop_height, pixels, limits)
+
+
+@functools.lru_cache(maxsize=4096)
+def _zoom_cells(crop_width: int, crop_height: int, pixels: int, limits: ImageLimits) -> tuple[int, int]:
     f = limits.factor
     scale = math.sqrt(pixels / (crop_width * crop_height))
-    cells_w, cells_h = crop_width * scale / f, crop_height * scale / f  # sqrt(50176/2500)*50/28 = 7.999999999999999
-    budget = pixels / (f * f) + _SNAP
-    aspect = math.log(crop_width / crop_height)
-
-    def cells(x: float) -> tuple[int, ...]:
-        low = max(1, math.floor(x + _SNAP))
-        return (low,) if abs(x - round(x)) < _SNAP else (low, low + 1)
-
-    fitting = [(w, h) for w in cells(cells_w) for h in cells(cells_h) if w * h <= budget]
-    if fitting:
-        w, h = min(fitting, key=lambda c: (abs(math.log(c[0] / c[1]) - aspect), -c[0] * c[1]))
-    else:  # a crop so thin that one cell on its short side is over the budget: the processor shrinks it
-        w, h = cells(cells_w)[0], cells(cells_h)[0]
-    return limits.input_size(w * f, h * f)
+    ideal_w, ideal_h = crop_width * scale / f, crop_height * scale / f  # cells, at exactly the budget
+    fewest = max(1, math.ceil(limits.min_pixels / (f * f) - _SNAP))
+    most = max(fewest, math.floor(min(pixels, limits.max_pixels) / (f * f) + _SNAP))
+    best, best_key = (1, fewest), None
+    for w in range(1, most + 1):
+        low, high = max(1, math.ceil(fewest / w)), most // w
+        if low > high:
+            continue
+        for h in {min(max(math.floor(ideal_h), low), high), min(max(math.ceil(ideal_h), low), high), low, high}:
+            if max(w, h) > MAX_ASPECT * min(w, h):  # the processor refuses such an image
+                continue
+            key = (max(abs(math.log(w / ideal_w)), abs(math.log(h / ideal_h))), -w * h)
+            if best_key is None or key < best_key:
+                best, best_key = (w, h), key
+    return best[0] * f, best[1] * f
 
 
 def show_region(image, region: Sequence[int], *, pixels: int, limits: ImageLimits):

@@ -108,8 +108,10 @@ class ReportFiles:
 
 
 def read_events(path: str | Path) -> tuple[list[dict], int]:
-    """(step events with an int ``step``, ``stage`` and numeric ``reward_total``, lines skipped)."""
-    events, bad = [], 0
+    """(step events with an int ``step``, ``stage`` and numeric ``reward_total``, one per step in step order,
+    lines skipped). A resumed run appends the steps it trains again after its checkpoint: the last line of a
+    step is the one the final model descends from."""
+    by_step, bad = {}, 0
     with open(path, encoding="utf-8") as f:
         for line in f:
             if not line.strip():
@@ -121,12 +123,12 @@ def read_events(path: str | Path) -> tuple[list[dict], int]:
             except json.JSONDecodeError:
                 ok = False
             if ok:
-                events.append(event)
+                by_step[event["step"]] = event
             else:
                 bad += 1
     if bad:
         log.warning("report: skipped %d unreadable lines of %s", bad, path)
-    return events, bad
+    return [by_step[step] for step in sorted(by_step)], bad
 
 
 def plot_curves(events: Sequence[dict], *, out_path: str | Path, stage_names: Sequence[str] | None = None) -> None:

@@ -110,7 +110,7 @@ class SFTSummary:
     checkpoint: str  # the last checkpoint (weights and optimiser state): what a resume or a control continues
     model: str  # the model the run produced, for RL and evaluation: the weight average, else the last checkpoint
     wall_s: float  # seconds this run trained, those before a resume included
-    nll: float  # mean NLL per token over the last log_every steps
+    nll: float | None  # mean NLL per token over the last log_every steps of this run (None: it made no step)
     rows: int  # training rows available
     events_path: str
     averaged_steps: list[int]  # the snapshots ``model`` averages ([]: average_last is 0)
@@ -381,6 +381,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
             if step > saved_step:
                 checkpoint = save_checkpoint()
+            trained = trained_s()  # as the last checkpoint records it: averaging and shutdown are not training
     finally:
         learner.shutdown()
     if checkpoint is None:
@@ -389,8 +390,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     if snapshots is not None and snapshots.steps():
         averaged_steps = snapshots.average(out / AVERAGE_DIR)
         model = str(out / AVERAGE_DIR)
-    summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=trained_s(),
-                         nll=sum(recent) / len(recent) if recent else float("nan"), rows=len(data.rows),
+    summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=trained,
+                         nll=sum(recent) / len(recent) if recent else None, rows=len(data.rows),
                          events_path=str(out / SFT_EVENTS_FILE), averaged_steps=averaged_steps)
     (out / SFT_SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary

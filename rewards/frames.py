@@ -42,6 +42,9 @@ QWEN_MIN_PIXELS = 56 * 56
 QWEN_MAX_PIXELS = 28 * 28 * 1280
 
 
+MAX_ASPECT = 200  # the longest side over the shortest that Qwen2.5-VL's processor accepts
+
+
 @lru_cache(maxsize=4096)
 def smart_resize(
     height: int,
@@ -59,8 +62,8 @@ def smart_resize(
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got height={height} width={width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"absolute aspect ratio must be smaller than 200, got {height}x{width}")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"absolute aspect ratio must be smaller than {MAX_ASPECT}, got {height}x{width}")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

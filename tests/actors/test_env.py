@@ -9,6 +9,8 @@ records the requests it receives, so the test can look at exactly what the model
 
 from __future__ import annotations
 
+import itertools
+
 import io
 import math
 
@@ -128,13 +130,13 @@ def test_zoom_region_needs_boxes_and_a_context_of_at_least_one():
 @pytest.mark.parametrize("crop, expected", [
     ((50, 50), (224, 224)),  # scale sqrt(50176 / 2500) = 4.48: 224 x 224
     ((28, 112), (112, 448)),  # scale 4: 112 x 448, exactly the budget
-    ((100, 30), (392, 112)),  # scale 4.09: 409 x 122.6 floored to cells
+    ((100, 30), (420, 112)),  # 14.6 x 4.4 cells: 15 x 4 and 14 x 4 are as near in ratio; the larger
     ((400, 400), (224, 224)),  # a crop larger than the budget is shrunk to it
     # near-square crops keep their aspect and the whole budget (flooring each side alone: 196 x 224, 224 x 196)
     ((50, 51), (224, 224)),
     ((505, 504), (224, 224)),
-    # 10.8 x 5.9 cells, aspect 1.83: 11 x 6 is over the 64, and 10 x 5 (2.0) is nearer than 10 x 6 (1.67)
-    ((55, 30), (280, 140)),
+    # 10.8 x 5.9 cells: 11 x 6 is over the 64; 10 x 6 is within 8 % of both sides, 10 x 5 is 15 % short
+    ((55, 30), (280, 168)),
 ])
 def test_zoom_size_fills_the_budget_in_whole_cells(crop, expected):
     w, h = zoom_size(*crop, pixels=224 * 224, limits=LIMITS)
@@ -394,3 +396,22 @@ def test_a_near_square_zoom_is_shown_square_with_every_token_of_the_budget():
     limits = ImageLimits(factor=28, min_pixels=12544, max_pixels=12544)  # small-cpu's
     for crop in [(40, 40), (40, 41), (41, 40), (39, 41)]:
         assert zoom_size(*crop, pixels=12544, limits=limits) == (112, 112), crop
+
+
+@pytest.mark.parametrize("limits, pixels", [
+    (ImageLimits(factor=28, min_pixels=12544, max_pixels=12544), 12544),  # small-cpu: every image is 16 tokens
+    (LIMITS, 224 * 224),
+    (ImageLimits(factor=28, min_pixels=3136, max_pixels=1003520), 1003520),  # Qwen2.5-VL's defaults
+])
+def test_a_crop_is_shown_at_a_size_the_processor_keeps(limits, pixels):
+    """The shown size is the frame the model is told; the processor must not resize it again. With min and
+    max pixels both 112 x 112, a 60 x 100 crop was shown at 112 x 168 and the processor made it 84 x 112."""
+    sides = [1, 3, 28, 40, 41, 60, 100, 112, 505, 1000, 5000]
+    for width, height in itertools.product(sides, sides):
+        if max(width, height) > 200 * min(width, height):
+            continue
+        shown = zoom_size(width, height, pixels=pixels, limits=limits)
+        assert limits.input_size(*shown) == shown, (width, height, shown)
+        assert shown[0] * shown[1] <= max(pixels, limits.min_pixels)
+    assert zoom_size(60, 100, pixels=12544, limits=ImageLimits(factor=28, min_pixels=12544, max_pixels=12544)) \
+        == (112, 112)  # 16 cells: 4 x 4 is nearer a 3.1 x 5.2 ideal than 2 x 8

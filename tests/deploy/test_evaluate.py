@@ -223,6 +223,18 @@ def test_greedy_mode_is_temperature_zero_with_one_sample(original_frame_config):
         mode_config(original_frame_config.rollout, "beam")
 
 
+def test_a_resumed_runs_replayed_steps_are_read_once(tmp_path):
+    """Steps 1-5 logged, a crash, a resume from step 3's checkpoint logs 4-7 again: seven steps, the replay's."""
+    from deploy.report import read_events
+
+    lines = [{"step": s, "stage": 0, "reward_total": 0.1 * s} for s in range(1, 6)]
+    lines += [{"step": s, "stage": 0, "reward_total": 1.0 + 0.1 * s} for s in range(4, 8)]
+    (tmp_path / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    events, bad = read_events(tmp_path / "events.jsonl")
+    assert bad == 0 and [e["step"] for e in events] == list(range(1, 8))
+    assert [e["reward_total"] for e in events[2:4]] == pytest.approx([0.3, 1.4])  # step 4 is the replay's
+
+
 # --------------------------------------------------------------------------- end to end
 
 
