@@ -108,15 +108,19 @@ def grpo_loss(
         raise ValueError(f"advantages must be [B] = [{shape[0]}], got shape {tuple(advantages.shape)}")
 
     weight = mask.to(logprobs.dtype)
+    keep = mask.bool()
     adv = advantages.to(logprobs.dtype).unsqueeze(1)  # [B, 1]
-    log_ratio = logprobs - old_logprobs.detach()
+    # Masked positions (prompt padding, the environment's tokens) hold log-probs that may lie far apart: they are
+    # set equal BEFORE any exp, as an overflow there would make the loss and every gradient NaN (inf * 0).
+    log_ratio = torch.where(keep, logprobs - old_logprobs.detach(), 0.0)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg_tok = -torch.minimum(ratio * adv, clipped * adv)
     loss_tok = pg_tok
     kl_tok = None
     if kl_coef > 0.0:
-        kl_tok = k3_kl(log_p=logprobs, log_q=ref_logprobs.detach())  # KL(policy || ref)
+        ref = ref_logprobs.detach()
+        kl_tok = k3_kl(log_p=torch.where(keep, logprobs, ref), log_q=ref)  # KL(policy || ref); 0 where masked
         loss_tok = pg_tok + kl_coef * kl_tok
 
     tokens_per_row = weight.sum(dim=1)  # [B]

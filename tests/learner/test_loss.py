@@ -113,6 +113,23 @@ def test_k3_kl_to_reference():
     torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.75, -0.5]], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_masked_token_far_from_the_reference_leaves_the_loss_finite(dtype):
+    """A masked position (an environment token, padding) where the policy lies 95 nats below the reference: the
+    k3 term's exp overflows there in float32 and inf * 0 made the loss and the whole gradient NaN."""
+    logprobs = torch.tensor([[-0.5, -100.0]], dtype=dtype, requires_grad=True)
+    old = torch.tensor([[-0.6, 0.0]], dtype=dtype)
+    ref = torch.tensor([[-0.55, -5.0]], dtype=dtype)
+    adv, mask = torch.tensor([1.0], dtype=dtype), torch.tensor([[1.0, 0.0]])
+    loss, stats = grpo_loss(logprobs, old, adv, mask, kl_coef=0.01, ref_logprobs=ref)
+    loss.backward()
+    # the masked column contributes nothing: rho = exp(0.1) within the clip, kl = exp(-0.05) + 0.05 - 1
+    rho, kl = math.exp(0.1), math.exp(-0.05) + 0.05 - 1
+    assert loss.item() == pytest.approx(-rho + 0.01 * kl, rel=1e-6)
+    assert stats[L.LOSS_KL_REF].item() == pytest.approx(kl, rel=1e-4)
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-rho + 0.01 * (1 - math.exp(-0.05)), 0.0]], dtype=dtype))
+
+
 def test_kl_off_ignores_reference_and_kl_on_requires_it():
     logprobs, old, adv, mask = _table()
     plain, _ = grpo_loss(logprobs, old, adv, mask)
