@@ -147,6 +147,13 @@ class RunConfig(BaseModel):
                 f"learner.temperature ({self.learner.temperature}) must equal rollout.sampling.temperature "
                 f"({self.rollout.sampling.temperature}): the engine reports log-probs of the tempered distribution"
             )
+        if self.rollout.sampling.top_p < 1.0 and self.learner.old_logprobs == "behaviour":
+            # The engines report log-probs renormalised over the nucleus; the learner's are of the whole
+            # distribution, so every ratio would start below 1 by the nucleus' mass, which the low clip then cuts.
+            raise ValueError(
+                f"rollout.sampling.top_p ({self.rollout.sampling.top_p}) < 1 needs learner.old_logprobs=recompute: "
+                "the engine's behaviour log-probs are renormalised over the top-p nucleus, the learner's are not"
+            )
         if self.rewards.frame.kind != self.rollout.prompt.frame:
             raise ValueError(
                 f"rewards.frame.kind ({self.rewards.frame.kind}) must equal rollout.prompt.frame "

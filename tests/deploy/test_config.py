@@ -74,6 +74,7 @@ INVALID = [
     (["rollout.engine.backend=hf", "rollout.engine.cpu_cores=0"], "cpu_cores"),
     (["learner.schedule=cosine", "learner.max_steps=1000", "train.steps=100"],
      "learner.max_steps (1000) must equal train.steps (100)"),
+    (["rollout.sampling.top_p=0.9"], "rollout.sampling.top_p (0.9) < 1 needs learner.old_logprobs=recompute"),
     # one turn of at most 256 model tokens: a ramp from 3,584 to 4,096 is never reached
     (["rewards.overlong.l_max=4096", "rewards.overlong.l_cache=512"], "rewards.overlong: its ramp starts at"),
 ]
@@ -158,3 +159,8 @@ def test_an_overlong_penalty_the_completions_can_reach_validates():
     # three turns hold three times one turn's tokens
     load_run_config(None, ["rewards.overlong.l_max=700", "rewards.overlong.l_cache=100", "rollout.env.max_turns=3",
                            "rollout.prompt.allow_zoom=true"])
+
+
+def test_top_p_below_one_validates_with_recomputed_old_logprobs():
+    config = load_run_config(None, ["rollout.sampling.top_p=0.9", "learner.old_logprobs=recompute"])
+    assert config.rollout.sampling.top_p == 0.9
