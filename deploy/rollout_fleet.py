@@ -66,14 +66,23 @@ class RolloutFleet:
         self.checksums: list[dict] = []  # per verified sync: the learner's checksum and each worker's
         self._next_index = 0
         self._buckets: list = []  # the current version's weight buckets (for workers that start later)
-        self._recovery = threading.RLock()  # async mode: the learner thread's weight sync may recover too
+        # Async mode: the learner thread's weight sync (which may recover workers) and the main thread's scaling
+        # take turns. A worker stopped in the middle of a sync failed it, and one started in the middle could be
+        # recorded with weights it never got.
+        self._lock = threading.RLock()
         self._tied_cache: bool | None = None
 
     # ------------------------------------------------------------------ workers
     def start(self, count: int) -> None:
         """Start ``count`` workers; returns at once unless the run has weights to send them first."""
         for _ in range(count):
-            self.workers.append(self._start_worker())
+            worker = self._start_worker()
+            with self._lock:
+                if self._buckets:  # joining a run in progress: start from the current weights
+                    if worker.pid is None:
+                        worker.pid = await_ready(worker.handle)
+                    self.send_current([worker])
+                self.workers.append(worker)
 
     def _start_worker(self) -> FleetWorker:
         import ray
@@ -88,9 +97,8 @@ class RolloutFleet:
             .remote(config=self.config.rollout, model_path=self.model_path, worker_id=name)
         )
         worker = FleetWorker(name=name, handle=handle)
-        if self._buckets:  # joining a run in progress: start from the current weights
+        if self._buckets:  # it will need weights: wait for its engine here, not while holding the lock
             worker.pid = await_ready(handle)
-            self.send_current([worker])
         return worker
 
     def await_started(self) -> None:
@@ -116,10 +124,11 @@ class RolloutFleet:
         for worker in active[desired:]:
             worker.retiring = True
             log.info("scaling down: retiring %s after its %d in-flight calls", worker.name, len(worker.busy))
-        for worker in [w for w in self.workers if w.retiring and not w.busy]:
-            ray.kill(worker.handle)
-            self.workers.remove(worker)
-            log.info("scaled down: %s stopped", worker.name)
+        with self._lock:
+            for worker in [w for w in self.workers if w.retiring and not w.busy]:
+                ray.kill(worker.handle)
+                self.workers.remove(worker)
+                log.info("scaled down: %s stopped", worker.name)
         self.metrics.rollout_workers.set(len(self.active()))
 
     def kill(self) -> None:
@@ -159,7 +168,7 @@ class RolloutFleet:
     def recover(self, worker: FleetWorker) -> bool:
         """Wait for ``worker`` to take calls; True (restart counted, weights version reset to 0) when it is a
         new process. Several failed calls of one death find the new process id already known and count nothing."""
-        with self._recovery:
+        with self._lock:
             pid = restarted_pid(worker.handle, worker.pid, role="rollout", name=worker.name, metrics=self.metrics)
             if pid is None:
                 return False
@@ -170,24 +179,26 @@ class RolloutFleet:
     def sync(self, buckets: Iterable) -> None:
         """Make ``buckets`` (one version's weights, as the learner exports them) the current weights and
         deliver them to every worker."""
-        self._buckets = list(buckets)
-        self.send_current(self.workers)
+        with self._lock:
+            self._buckets = list(buckets)
+            self.send_current(list(self.workers))
 
     def send_current(self, workers: list[FleetWorker]) -> None:
         """Deliver the current weights (if any yet) to ``workers``; a worker found dead on the way is waited
         for and served again (a receiver ignores a version it already holds)."""
         import ray
 
-        if not self._buckets:
-            return
-        try:
-            self._deliver(workers)
-        except ray.exceptions.RayActorError as error:
-            # A worker died since its last call (no call of ours saw it): wait for Ray to restart it.
-            log.warning("weight sync failed (%s); waiting for restarted workers", type(error).__name__)
-            for worker in workers:
-                self.recover(worker)
-            self._deliver(workers)
+        with self._lock:
+            if not self._buckets:
+                return
+            try:
+                self._deliver(workers)
+            except ray.exceptions.RayActorError as error:
+                # A worker died since its last call (no call of ours saw it): wait for Ray to restart it.
+                log.warning("weight sync failed (%s); waiting for restarted workers", type(error).__name__)
+                for worker in workers:
+                    self.recover(worker)
+                self._deliver(workers)
 
     def _deliver(self, workers: list[FleetWorker]) -> None:
         sender = WeightSender(self.weight_sync)
@@ -203,14 +214,16 @@ class RolloutFleet:
 
         import torch
 
-        named = [(name, t) for b in self._buckets for name, t in b.tensors]
+        with self._lock:  # the weights and workers of one sync, not of one half-replaced by another
+            buckets, workers = list(self._buckets), list(self.workers)
+        named = [(name, t) for b in buckets for name, t in b.tensors]
         # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
         # a bfloat16 engine holds it, or every verification on a GPU would differ.
         engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
         learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied(), dtype=engine_dtype)
-        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in self.workers])
+        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in workers])
         record = {"version": version, "learner": learner_sum,
-                  "workers": dict(zip((w.name for w in self.workers), worker_sums))}
+                  "workers": dict(zip((w.name for w in workers), worker_sums))}
         self.checksums.append(record)
         if any(s != learner_sum for s in worker_sums):
             raise RuntimeError(f"weight sync of version {version}: worker checksums differ from the learner's: {record}")

@@ -132,3 +132,39 @@ def test_verify_compares_the_learners_weights_as_a_bfloat16_engine_holds_them(ra
     with pytest.raises(RuntimeError, match="differ"):  # a worker holding other weights is still caught
         fleet.verify(1)
     fleet.kill()
+
+
+class SlowReceiver(HeldWeights):
+    """Takes three seconds over each weights bucket, so that a sync is still going when the fleet is rescaled."""
+
+    def receive_weight_bucket(self, message):
+        time.sleep(3.0)
+        return super().receive_weight_bucket(message)
+
+
+def test_scaling_down_during_a_weight_sync_waits_for_it(ray_cluster, tiny_model_dir):
+    """Async mode: the learner thread syncs weights while the main thread applies `refocus scale`. They take
+    turns: a worker list changed in the middle of a sync could leave a worker recorded with weights it never
+    got (or, stopped mid-sync, fail the sync's calls)."""
+    import threading
+
+    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path=tiny_model_dir, metrics=RunMetrics())
+    actor = ray.remote(SlowReceiver).options(num_cpus=0)
+    fleet.workers = [FleetWorker(name=f"slow-{i}", handle=actor.remote(torch.float32)) for i in range(2)]
+    fleet.await_started()
+    errors: list = []
+
+    def learner_thread() -> None:
+        try:
+            fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=[("w", torch.ones(2))])])
+        except BaseException as error:  # surfaced by the assertion below
+            errors.append(error)
+
+    thread = threading.Thread(target=learner_thread)
+    thread.start()
+    time.sleep(1.5)  # the buckets are out: the sync waits for the workers
+    fleet.rescale(1)
+    assert not thread.is_alive()  # the scale-down waited for the sync to finish
+    thread.join(60)
+    assert errors == [] and [w.name for w in fleet.workers] == ["slow-0"] and fleet.workers[0].version == 1
+    fleet.kill()
