@@ -70,6 +70,15 @@ class RunSummary:
     wall_s: float
 
 
+def refuse_earlier_run(out: Path) -> None:
+    """Raise if ``out`` holds an earlier RL run's checkpoints: a fresh run there would write over its steps (or
+    fail at its first checkpoint) and could report the earlier run's model as its own."""
+    earlier = latest_complete(out / "checkpoints")
+    if earlier is not None:
+        raise ValueError(f"train.output_dir: {out} holds an earlier run (checkpoint {earlier.name}); pass --resume "
+                         "to continue it, or set another train.output_dir")
+
+
 class Driver:
     """Runs one training job described by a RunConfig (see the module docstring)."""
 
@@ -77,6 +86,8 @@ class Driver:
         self.config = config
         self.resume = resume
         self.out = Path(config.train.output_dir)
+        if not resume:
+            refuse_earlier_run(self.out)
         self.ledger = GroupLedger()
         self.metrics = RunMetrics()
         self.metrics_port: int | None = None
@@ -514,7 +525,7 @@ class Driver:
             else:
                 self._run_async(events)
         finished = self.out / "checkpoints" / step_dir_name(self.step)
-        if self.last_checkpoint is None and is_complete(finished):
+        if self.resume and self.last_checkpoint is None and is_complete(finished):
             self.last_checkpoint = str(finished.resolve())  # resumed a run that had already finished
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"step_{self.step}"):
             self.last_checkpoint = self._checkpoint()

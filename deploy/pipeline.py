@@ -43,12 +43,14 @@ def run_pipeline(config, *, resume: bool = False,
                  progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict:
     """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
     ``<train.output_dir>/pipeline_summary.json``). ``progress(stage)`` gives a ``(done, total)`` callback."""
-    from deploy.driver import Driver
+    from deploy.driver import Driver, refuse_earlier_run
     from deploy.sft import run_sft
     from deploy.training_data import prepare_training_data
     from models.config import resolve_model_path
 
     out = Path(config.train.output_dir)
+    if not resume:  # before SFT and model building, not after them
+        refuse_earlier_run(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary: dict = {"stages": {}}

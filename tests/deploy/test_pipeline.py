@@ -24,3 +24,27 @@ def test_a_finished_sft_with_an_average_needs_the_average_too(tmp_path):
     assert finished_sft(tmp_path, steps=30) is None  # the average RL would start from is gone
     average.mkdir()
     assert finished_sft(tmp_path, steps=30) == (str(checkpoint), str(average))
+
+
+def test_a_fresh_run_refuses_an_output_dir_that_holds_an_earlier_run(tmp_path, monkeypatch):
+    """Without --resume, a second `refocus train` there retrained RL and then reported the earlier run's last
+    checkpoint as its own (or failed at its first checkpoint, after the training). It now stops at once,
+    before building anything, and says what to do; a partial checkpoint alone is no earlier run."""
+    import pytest
+
+    import deploy.pipeline as pipeline
+    from deploy.config import load_run_config
+    from deploy.driver import Driver
+
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_3").mkdir(parents=True)
+    config = load_run_config(None, [f"train.output_dir={out}"])
+    Driver(config)  # step_3 has no COMPLETE marker: nothing to continue
+    (out / "checkpoints" / "step_3" / "COMPLETE").write_text("ok\n")
+    monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: pytest.fail("built a model first"))
+    with pytest.raises(ValueError, match=r"train.output_dir: .* holds an earlier run \(checkpoint step_3\); pass "
+                                         r"--resume"):
+        pipeline.run_pipeline(config)
+    with pytest.raises(ValueError, match="holds an earlier run"):
+        Driver(config)
+    assert Driver(config, resume=True).resume
