@@ -18,7 +18,7 @@ from deploy.jobs import ClusterError  # stdlib-only module: importing it keeps `
 
 log = logging.getLogger("refocus")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, ClusterError)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ClusterError)
 
 
 # --------------------------------------------------------------------------- model / data / rewards
@@ -102,6 +102,7 @@ def cmd_rewards_score(args) -> int:
 
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "small-cpu.yaml"  # the main job on the embedded default
+MAIN_JOB = "deploy/configs/small-cpu.yaml, the main job"
 
 
 def cmd_train(args) -> int:
@@ -261,8 +262,8 @@ def cmd_stage_advance(args) -> int:
 # --------------------------------------------------------------------------- parser
 
 
-def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
-    p.add_argument("config", nargs=None if required else "?", help="run config YAML (default: built-in defaults)")
+def _add_config_args(p: argparse.ArgumentParser, *, required: bool = False, default: str = "built-in defaults") -> None:
+    p.add_argument("config", nargs=None if required else "?", help=f"run config YAML (default: {default})")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="dotted override, repeatable, e.g. --set learner.lr=1e-6",
@@ -325,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "RL driver (rollouts, rewards, buffer, learner, weight sync, checkpoints, /metrics), then evaluates the "
         "final checkpoint and writes the report. Default config: the embedded small-cpu learning run.",
     )
-    _add_config_args(p)
+    _add_config_args(p, default=MAIN_JOB)
     p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     p.set_defaults(func=cmd_train)
 
@@ -334,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains on the config's training rows as the rollout would prompt them; writes "
         "OUT/checkpoints/step_N (model directories RL and eval start from), sft_events.jsonl, sft_summary.json.",
     )
-    _add_config_args(p)
+    _add_config_args(p, default=MAIN_JOB)
     p.add_argument("--out", help="output directory (default: TRAIN.OUTPUT_DIR/sft)")
     p.add_argument("--resume", action="store_true", help="continue from OUT's last complete checkpoint")
     p.add_argument("--init-from", help="start from this SFT checkpoint's full state (e.g. the SFT control)")

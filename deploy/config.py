@@ -70,6 +70,13 @@ class ClusterConfig(BaseModel):
     reward_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each reward worker")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts of a dead rollout/reward worker")
 
+    @model_validator(mode="after")
+    def _workers_within_bounds(self) -> ClusterConfig:
+        if not self.min_rollout_workers <= self.rollout_workers <= self.max_rollout_workers:
+            raise ValueError(f"rollout_workers ({self.rollout_workers}) must lie within min_rollout_workers "
+                             f"({self.min_rollout_workers}) and max_rollout_workers ({self.max_rollout_workers})")
+        return self
+
 
 class TrainConfig(BaseModel):
     """The training loop."""

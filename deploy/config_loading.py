@@ -73,6 +73,24 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
 BASE_KEY = "base"
 
 
+def config_chain(path: str | Path) -> list[Path]:
+    """``path`` and the files of its ``base`` chain (resolved), in the order they are read; a chain that loops
+    or a file that does not read ends it (loading the config says why)."""
+    chain: list[Path] = []
+    current = Path(path)
+    while current.resolve() not in chain:
+        chain.append(current.resolve())
+        try:
+            loaded = yaml.safe_load(current.read_text())
+        except (OSError, yaml.YAMLError):
+            break
+        base = loaded.get(BASE_KEY) if isinstance(loaded, dict) else None
+        if not isinstance(base, str):
+            break
+        current = current.parent / base
+    return chain
+
+
 def _load_document(path: Path, *, seen: tuple[Path, ...]) -> dict:
     """The YAML mapping of ``path`` merged over its ``base`` chain."""
     if path.resolve() in seen:
@@ -81,6 +99,8 @@ def _load_document(path: Path, *, seen: tuple[Path, ...]) -> dict:
         loaded = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a YAML config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if loaded is not None and not isinstance(loaded, dict):

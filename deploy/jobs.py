@@ -146,6 +146,7 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     current directory, so the job reads it by its relative path.
     """
     from deploy.config import load_run_config
+    from deploy.config_loading import config_chain
 
     if any(o.partition("=")[0].strip() == "train.run_name" for o in overrides):
         raise ValueError("train.run_name is the submission id: pass --run-name instead of --set train.run_name")
@@ -154,13 +155,12 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     config = Path(config_path).resolve()
     if not root.is_dir():
         raise NotADirectoryError(f"--working-dir {working_dir}: not a directory")
-    if not config.is_relative_to(root):
-        raise ValueError(f"config {config_path} is outside the working dir {root}: only the working dir is uploaded")
-    relative = config.relative_to(root)
-    if relative.parts[0] in WORKING_DIR_EXCLUDES:
-        raise ValueError(f"config {config_path} is under {relative.parts[0]}/, which is not uploaded")
+    _check_uploaded(config, root=root)
     sets = job_overrides(run_name=submission_id, overrides=overrides)
     load_run_config(config, sets)  # exactly what the job will load: a bad field fails here, not on the cluster
+    for base in config_chain(config)[1:]:  # the files it starts from are read on the cluster too
+        _check_uploaded(base, root=root)
+    relative = config.relative_to(root)
     command = entrypoint(relative.as_posix(), overrides=sets)
 
     runtime_env: dict = {"working_dir": str(root), "excludes": WORKING_DIR_EXCLUDES, "env_vars": dict(env_vars)}
@@ -187,6 +187,16 @@ def status(job_id: str, *, address: str, token: str | None = None) -> dict:
             "end_time": info.end_time, "driver_exit_code": info.driver_exit_code}
 
 
+def _check_uploaded(path: Path, *, root: Path) -> None:
+    """Raise unless ``path`` is uploaded with the working dir ``root``."""
+    if not path.is_relative_to(root):
+        raise ValueError(f"config {path} is outside the working dir {root}: only the working dir is uploaded")
+    # Ray reads the excludes as .gitignore patterns: a name matches at any depth.
+    excluded = next((part for part in path.relative_to(root).parts if part in WORKING_DIR_EXCLUDES), None)
+    if excluded is not None:
+        raise ValueError(f"config {path} is under {excluded}/, which is not uploaded")
+
+
 def logs(job_id: str, *, address: str, follow: bool = False, token: str | None = None) -> Iterator[str]:
     """The job's output so far, or (``follow``) chunks as they come until the job ends."""
     client = _client(address, token)
@@ -199,15 +209,22 @@ def logs(job_id: str, *, address: str, follow: bool = False, token: str | None =
     status(job_id, address=address, token=token)  # an unknown id fails here, not deep in a websocket
     loop = asyncio.new_event_loop()
     stream = client.tail_job_logs(job_id)
+    waiting = None  # the wait for the next chunk
     try:
         while True:
+            waiting = loop.create_task(stream.__anext__())
             try:
-                yield loop.run_until_complete(stream.__anext__())
+                yield loop.run_until_complete(waiting)
             except StopAsyncIteration:
                 return
             except _request_errors() as e:
                 raise ClusterError(f"following logs of job {job_id!r} on {address}: {_reason(e)}") from None
     finally:
+        # Ctrl-C leaves the wait for the next chunk running: cancel it first, or closing the stream raises
+        # "aclose(): asynchronous generator is already running".
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+            loop.run_until_complete(asyncio.gather(waiting, return_exceptions=True))
         loop.run_until_complete(stream.aclose())
         loop.close()
 

@@ -75,6 +75,8 @@ INVALID = [
     (["learner.schedule=cosine", "learner.max_steps=1000", "train.steps=100"],
      "learner.max_steps (1000) must equal train.steps (100)"),
     (["rollout.sampling.top_p=0.9"], "rollout.sampling.top_p (0.9) < 1 needs learner.old_logprobs=recompute"),
+    # the job's control actor refuses such a count after model, data and SFT: caught at load instead
+    (["cluster.rollout_workers=4", "cluster.max_rollout_workers=2"], "rollout_workers (4) must lie within"),
     # one turn of at most 256 model tokens: a ramp from 3,584 to 4,096 is never reached
     (["rewards.overlong.l_max=4096", "rewards.overlong.l_cache=512"], "rewards.overlong: its ramp starts at"),
 ]

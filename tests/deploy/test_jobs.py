@@ -104,6 +104,7 @@ def test_job_command_names_the_run_and_joins_its_cluster():
     (TINY_CPU, ["train.run_name=mine"], ValueError, "--run-name"),
     (Path("/etc/hostname"), [], ValueError, "outside the working dir"),
     (REPO / ".tmp" / "x.yaml", [], ValueError, "not uploaded"),
+    (REPO / "deploy" / "runs" / "x.yaml", [], ValueError, "under runs/, which is not uploaded"),  # at any depth
 ])
 def test_submit_refuses_bad_input_before_uploading(config, overrides, error, match):
     with pytest.raises(error, match=match):
@@ -119,6 +120,8 @@ def test_submit_refuses_bad_input_before_uploading(config, overrides, error, mat
     (["status", "some-job", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job API"),
     (["logs", "some-job", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job API"),
     (["stop", "some-job", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job API"),
+    (["config", "check", "deploy"], "deploy: a directory, not a YAML config file"),
+    (["submit", "deploy/configs", "--address", "http://127.0.0.1:9"], "a directory, not a YAML config file"),
 ])
 def test_cli_user_mistakes_exit_2_with_one_error_line(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -126,6 +129,41 @@ def test_cli_user_mistakes_exit_2_with_one_error_line(argv, message, capsys, mon
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.startswith("error: ")] and message in err
+
+
+def test_submit_refuses_a_config_whose_base_is_not_uploaded(tmp_path):
+    """The job reads the base chain on the cluster too: a base outside the working dir never gets there."""
+    (tmp_path / "my.yaml").write_text(f"base: {TINY_CPU}\n")
+    with pytest.raises(ValueError, match=r"tiny-cpu.yaml is outside the working dir"):
+        jobs.submit(tmp_path / "my.yaml", address="http://127.0.0.1:9", overrides=[], working_dir=tmp_path,
+                    env_vars={})
+
+
+def test_ctrl_c_while_following_logs_exits_130(monkeypatch, capsys):
+    """Ctrl-C arrives while the log stream waits for its next chunk. The job API's websocket is replaced by an
+    async generator (a real job would have to be running here); the interrupt is raised in the event loop, as
+    SIGINT's handler raises it, outside the task that waits. Closing the stream then raised RuntimeError."""
+    import asyncio
+
+    class WaitingStream:
+        async def _chunks(self):
+            yield "step 1\n"
+
+            def interrupt():
+                raise KeyboardInterrupt
+
+            asyncio.get_running_loop().call_later(0.2, interrupt)
+            await asyncio.sleep(3600)  # the job runs on without a new line
+            yield "never"
+
+        def tail_job_logs(self, job_id):
+            return self._chunks()
+
+    monkeypatch.setattr(jobs, "_client", lambda address, token: WaitingStream())
+    monkeypatch.setattr(jobs, "status", lambda *args, **kwargs: {"status": "RUNNING"})
+    assert main(["logs", "some-job", "--follow", "--address", "http://127.0.0.1:8265"]) == 130
+    out, err = capsys.readouterr()
+    assert out == "step 1\n" and "interrupted" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- a real cluster
