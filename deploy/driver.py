@@ -211,9 +211,12 @@ class Driver:
         return len(self._putting)
 
     def _buffered(self) -> int:
+        """Groups in the buffer (also what the buffer-depth gauge shows)."""
         import ray
 
-        return ray.get(self.buffer.__len__.remote())
+        depth = ray.get(self.buffer.__len__.remote())
+        self.metrics.buffer_depth.set(depth)
+        return depth
 
     def _dispatch(self, prompts: list[PromptGroup], workers: list[FleetWorker]) -> None:
         """One chunk of ``prompts`` to each of ``workers`` (in order)."""
@@ -250,6 +253,7 @@ class Driver:
         if time.monotonic() - self._last_poll < 0.5:
             return
         self._last_poll = time.monotonic()
+        self._buffered()  # the buffer-depth gauge, whatever the loop asks the buffer
         status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
                   "rollout_workers": len(self.fleet.active()), "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
@@ -564,6 +568,7 @@ class Driver:
         self._settle_buffer_drops()
         for group_id in sorted(self.ledger.open):
             self.ledger.drop(group_id, DROP_SHUTDOWN)
+            self.metrics.groups_dropped.labels(reason=DROP_SHUTDOWN).inc()
 
     def shutdown(self) -> None:
         import ray

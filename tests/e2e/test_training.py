@@ -137,6 +137,8 @@ def test_whole_system_trains_and_accounts_for_every_group(mode, tiny_model_dir, 
         assert final_scrape[counter] > first.get(counter, 0.0), counter
     assert final_scrape["refocus_learner_steps_total"] == STEPS
     assert final_scrape["refocus_rollout_workers"] == 2
+    if mode == "async":  # generation runs ahead of the learner: the buffer holds the next step's groups
+        assert max(s["refocus_buffer_depth_groups"] for s in driver.scrapes) > 0
 
     # The stage advanced on its own (tiny-cpu: at most 3 steps per stage) and the reward weights in use
     # changed with it: every trained total is the weighted sum under its own group's stage.
