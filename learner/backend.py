@@ -253,6 +253,7 @@ class DeepSpeedBackend:
         self.module = self.engine.module
         self.policy = EngineForward(self.engine)
         self.reference = self._reference_model(ds_config, dtype) if config.kl_coef > 0 else None
+        self._grad_norm: float | None = None  # ZeRO-0 float32: the pre-clip norm DeepSpeed does not keep
 
     def _reference_model(self, ds_config: dict, dtype: torch.dtype):
         """The frozen initial policy for the KL term, partitioned like the policy (no optimiser)."""
@@ -260,6 +261,8 @@ class DeepSpeedBackend:
 
         ref_config = self.config.model_copy(update={"lora": None, "freeze_vision": False, "gradient_checkpointing": False})
         inference_config = {k: v for k, v in ds_config.items() if k != "gradient_clipping"}
+        if self.config.zero_stage in (1, 2):  # they partition optimiser state, and DeepSpeed wants an optimiser
+            inference_config["zero_optimization"] = {**ds_config.get("zero_optimization", {}), "stage": 0}
         model = load_model(ref_config, dtype=dtype, zero3_config=inference_config if self.config.zero_stage == 3 else None)
         model.requires_grad_(False)
         engine, *_ = deepspeed.initialize(model=model, config=inference_config)
@@ -282,6 +285,11 @@ class DeepSpeedBackend:
         # × world_size cancels DeepSpeed's average over ranks (see the module docstring); DeepSpeed's
         # engine.step() only updates on the accumulation boundary, so it is called every micro-batch.
         self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+        if self.config.zero_stage == 0 and not self.bf16 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed clips float32 ZeRO-0 gradients without keeping their norm: take it here, reduced
+            # over the ranks already (backward all-reduces on the boundary), before the step clips it.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
         self.engine.step()
 
     def apply(self) -> float:
@@ -289,6 +297,8 @@ class DeepSpeedBackend:
             raise RuntimeError("the optimiser step was not applied: micro-batches per step differ from "
                                f"gradient_accumulation_steps ({self.config.gradient_accumulation_steps})")
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norm
         return float(norm) if norm is not None else float("nan")
 
     @property

@@ -232,12 +232,22 @@ def test_pinning_to_cpus_the_process_may_not_use_fails_clearly(model_dir):
         Learner(config(model_dir, cpu_cores=str(missing)))
 
 
-def test_kl_to_the_initial_policy(model_dir, batch):
-    """The reference is the initial policy: KL is exactly 0 before the first update, > 0 after it."""
-    learner = Learner(config(model_dir, kl_coef=0.1, lr=1e-3))
+@pytest.mark.parametrize("zero_stage", [3, 2, 1, 0])
+def test_kl_to_the_initial_policy(model_dir, batch, zero_stage):
+    """The reference is the initial policy: KL is exactly 0 before the first update, > 0 after it. Under ZeRO
+    stages 1 and 2 building the reference failed ("zero stage 1 requires an optimizer")."""
+    learner = Learner(config(model_dir, kl_coef=0.1, lr=1e-3, zero_stage=zero_stage))
     first, second = learner.step(batch), learner.step(batch)
     assert first[LOSS_KL_REF] == 0.0
     assert second[LOSS_KL_REF] > 0.0
+
+
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_every_zero_stage_reports_the_grad_norm_plain_torch_does(model_dir, batch, zero_stage):
+    """ZeRO-0 in float32 reported NaN: DeepSpeed clips those gradients without keeping their norm."""
+    reference = Learner(config(model_dir, backend="torch")).step(batch)
+    stats = Learner(config(model_dir, zero_stage=zero_stage)).step(batch)
+    assert stats[GRAD_NORM] == pytest.approx(reference[GRAD_NORM], rel=1e-4)
 
 
 def test_freeze_vision_keeps_the_tower_fixed(model_dir, batch):
