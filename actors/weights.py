@@ -337,7 +337,10 @@ class BroadcastGroup:
 
     def send_bucket(self, bucket: BucketLike, *, pack_below_bytes: int = 0) -> None:
         """The manifest, then every chunk (one broadcast each)."""
-        manifest, chunks = pack_bucket(bucket, pack_below_bytes=pack_below_bytes, device=self.device)
+        self.send_packed(*pack_bucket(bucket, pack_below_bytes=pack_below_bytes, device=self.device))
+
+    def send_packed(self, manifest: BucketManifest, chunks: list) -> None:
+        """A bucket ``pack_bucket`` made for this group's device: the manifest, then every chunk."""
         self._broadcast_json(asdict(manifest))
         for chunk in chunks:
             self.broadcast(chunk)
@@ -539,9 +542,12 @@ class WeightSender:
                     raise ValueError(f"weights bucket stream out of order at bucket {bucket.index} of version "
                                      f"{bucket.version} (expected bucket {count} of version {version})")
                 version = bucket.version
-                sending = True
                 if broadcast:
-                    self._group.send_bucket(bucket, pack_below_bytes=self._config.pack_below_bytes)
+                    # Packed before the first broadcast: a failure there (out of memory) can still be told.
+                    packed = pack_bucket(bucket, pack_below_bytes=self._config.pack_below_bytes,
+                                         device=self._group.device)
+                    sending = True
+                    self._group.send_packed(*packed)
                 else:
                     ref = ray.put(bucket_to_message(bucket))  # once: every receiver maps the same object
                     calls.extend(r.receive_weight_bucket.remote(ref) for r in self._receivers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -322,17 +323,47 @@ def test_both_receivers_get_byte_identical_weights_and_the_version(ray_session, 
 
     with pytest.raises(RuntimeError, match="export failed"):
         sender.sync(cut_stream())
-    # the receivers kept version 2 and the transport still works for the next version
+    # the receivers kept version 2; the same version sent again arrives whole (its first buckets do not make
+    # it "arrive twice"), and the transport works on for the next version
     assert ray.get([h.versions.remote() for h in holders]) == [([1, 2], 2), ([1, 2], 2)]
+    assert sender.sync(export_weights(policy, version=3, bucket_bytes=4096)).version == 3
     with torch.no_grad():
         policy.mlp[0].weight.mul_(-1.0)
     sender.sync(export_weights(policy, version=4, bucket_bytes=4096))
     expected = weights_checksum(policy.state_dict().items())
     assert ray.get([h.checksum.remote() for h in holders]) == [expected, expected]
-    assert ray.get([h.versions.remote() for h in holders]) == [([1, 2, 4], 4), ([1, 2, 4], 4)]
+    assert ray.get([h.versions.remote() for h in holders]) == [([1, 2, 3, 4], 4), ([1, 2, 3, 4], 4)]
     assert ray.get([h.copied_arrays.remote() for h in holders]) == [0, 0]  # zero-copy gets (read-only views)
     for h in holders:
         ray.kill(h)
+
+
+def test_a_bucket_that_cannot_be_packed_is_told_to_the_broadcast_receivers(ray_session, monkeypatch):
+    """Packing a bucket for the broadcast can fail (out of GPU memory). Counted as inside the broadcast, it sent
+    no abort, and the receivers waited for the bucket until timeout_s, holding up the next sync."""
+    import actors.weights as weights_module
+
+    ray = ray_session
+    holder = ray.remote(num_cpus=0)(PolicyHolder).remote(0)
+    policy = TinyPolicy()
+    sender = WeightSender(WeightSyncConfig(transport="broadcast", bucket_bytes=4096, timeout_s=30.0))
+    sender.connect([holder])
+    real_pack = weights_module.pack_bucket
+
+    def pack_but_the_second(bucket, **kwargs):
+        if bucket.index == 1:
+            raise MemoryError("no room to pack")
+        return real_pack(bucket, **kwargs)
+
+    monkeypatch.setattr(weights_module, "pack_bucket", pack_but_the_second)
+    with pytest.raises(MemoryError):
+        sender.sync(export_weights(policy, version=1, bucket_bytes=4096))
+    monkeypatch.undo()
+    start = time.monotonic()
+    assert sender.sync(export_weights(policy, version=2, bucket_bytes=4096)).version == 2
+    assert time.monotonic() - start < 20  # not held up by a receiver waiting out the timeout
+    assert ray.get(holder.versions.remote()) == ([2], 2)
+    ray.kill(holder)
 
 
 def test_sender_refuses_an_out_of_order_stream(ray_session):
