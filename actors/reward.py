@@ -467,13 +467,14 @@ def merge_batches(parts: Sequence[tuple[Sequence[int], RewardColumns]], *, total
     """One batch in row order from ``score_request`` results and the rows each covered.
 
     Components missing from a part (none in practice: every request computes the same set) are 0.0
-    on its rows. Raises ValueError when the parts do not cover ``total`` rows.
+    on its rows. Raises ValueError unless the parts cover each of the ``total`` rows exactly once.
     """
     if len(parts) == 1 and list(parts[0][0]) == list(range(total)):
         return parts[0][1].to_batch()
-    covered = sum(len(rows) for rows, _ in parts)
-    if covered != total:
-        raise ValueError(f"the parts cover {covered} rows of {total}")
+    listed = sorted(row for rows, _ in parts for row in rows)
+    if listed != list(range(total)):  # each row exactly once: overlapping parts would leave others at 0
+        raise ValueError(f"the parts cover rows {listed[:8]}{'...' if len(listed) > 8 else ''}, not each of "
+                         f"0..{total - 1} once")
     names = sorted({name for _, columns in parts for name in columns.components})
     merged = RewardColumns(
         totals=np.zeros(total),

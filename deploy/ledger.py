@@ -36,13 +36,13 @@ class GroupLedger:
         self.issued.add(group_id)
 
     def reissue(self, group_id: str) -> None:
-        self._require(group_id, self.issued, "issued")
+        self._require_open(group_id)
         if group_id in self.generated:
             raise LedgerError(f"group {group_id} re-issued after it was generated")
         self.reissued[group_id] += 1
 
     def generate(self, group_id: str) -> None:
-        self._require(group_id, self.issued, "issued")
+        self._require_open(group_id)
         if group_id in self.generated:
             raise LedgerError(f"group {group_id} generated twice")
         self.generated.add(group_id)
@@ -61,6 +61,12 @@ class GroupLedger:
             self._require(group_id, self.generated, "generated")
         if group_id in self.trained or group_id in self.dropped:
             raise LedgerError(f"group {group_id} settled twice")
+
+    def _require_open(self, group_id: str) -> None:
+        """Issued and not settled: a group dropped before it was generated (a bad prompt, the run's end) ends there."""
+        self._require(group_id, self.issued, "issued")
+        if group_id in self.trained or group_id in self.dropped:
+            raise LedgerError(f"group {group_id} moved after it was settled ({self.dropped.get(group_id, 'trained')})")
 
     @staticmethod
     def _require(group_id: str, states: set[str], name: str) -> None:

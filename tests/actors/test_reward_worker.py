@@ -158,8 +158,14 @@ def test_requests_for_groups_carry_only_what_scoring_needs():
     merged = merge_batches([(rows, worker.score_request(request)) for rows, request in parts], total=4)
     assert merged == worker.score_groups(groups, stage_weights=stage_weights)
     assert merged.totals == [1.0, 1.0, pytest.approx(2 / 3), 0.0]
-    with pytest.raises(ValueError, match="cover 3 rows of 4"):
-        merge_batches([(rows, worker.score_request(request)) for rows, request in parts[1:]], total=4)
+    scored = [(rows, worker.score_request(request)) for rows, request in parts]
+    with pytest.raises(ValueError, match=r"cover rows \[0, 1, 3\], not each of 0..3 once"):
+        merge_batches(scored[1:], total=4)
+    # four rows listed, but row 2 twice and row 0 never: row 0 would have scored 0 unnoticed
+    with pytest.raises(ValueError, match="not each of 0..3 once"):
+        merge_batches([([2], scored[0][1]), ([2, 1, 3], scored[1][1])], total=4)
+    with pytest.raises(ValueError, match="not each of 0..1 once"):  # a row past the batch, not an IndexError
+        merge_batches([([0, 7], scored[0][1])], total=2)
 
 
 OVERLONG_CONFIG = RewardConfig(frame={"kind": "original"}, overlong={"l_max": 100, "l_cache": 20})

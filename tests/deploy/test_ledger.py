@@ -33,6 +33,9 @@ def test_lifecycle_reconciles():
         ([("issue", "a"), ("generate", "a"), ("train", "a"), ("train", "a")], "settled twice"),
         ([("issue", "a"), ("generate", "a"), ("train", "a"), ("drop", "a")], "settled twice"),
         ([("issue", "a"), ("generate", "a"), ("reissue", "a")], "after it was generated"),
+        # a group dropped before it was generated ends there: it neither comes back nor is generated
+        ([("issue", "a"), ("drop_bad_prompt", "a"), ("reissue", "a")], r"moved after it was settled \(bad_prompt\)"),
+        ([("issue", "a"), ("drop_shutdown", "a"), ("generate", "a")], r"moved after it was settled \(shutdown\)"),
     ],
 )
 def test_double_counting_is_an_error(moves, message):
@@ -41,6 +44,8 @@ def test_double_counting_is_an_error(moves, message):
         for move, gid in moves:
             if move == "drop":
                 ledger.drop(gid, DROP_NO_SIGNAL)
+            elif move.startswith("drop_"):
+                ledger.drop(gid, {"drop_bad_prompt": DROP_BAD_PROMPT, "drop_shutdown": DROP_SHUTDOWN}[move])
             else:
                 getattr(ledger, move)(gid)
 
