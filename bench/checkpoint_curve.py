@@ -227,9 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     if averages:
         result["averaged"] = {name: {**average, **evaluation(average["checkpoint"], Path(average["checkpoint"]).parent)}
                               for name, average in averages.items()}
-        if "sft" in points:  # one model (averaged already where SFT averaged): its own "average"
-            sft = points["sft"][0]
-            result["averaged"]["sft"] = {"steps": [sft["step"]], "easy": sft["easy"], "hard": sft["hard"]}
+        for name, ps in points.items():
+            window = late_window(ps, last=args.last)
+            if name not in result["averaged"] and len(window) == 1:  # one model (SFT, averaged already where SFT
+                point = window[0]                                    # averaged; a control taken as it was): its
+                result["averaged"][name] = {"steps": [point["step"]],  # own "average", not left out of the margin
+                                            "easy": point["easy"], "hard": point["hard"]}
         result["margin_averaged"] = (late_margin({name: v["hard"]["miou"] for name, v in result["averaged"].items()})
                                      if "rl" in averages else None)
     plot_curve(points, late, out_path=out / PLOT_FILE, averaged=result.get("averaged"))

@@ -127,3 +127,48 @@ def test_plot_curve_writes_a_png(tmp_path):
     late = {name: late_summary(ps, last=2) for name, ps in points.items()}
     plot_curve(points, late, out_path=tmp_path / "curve.png", averaged={"rl": point(50, 190.0, 0.46)})
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_control_of_one_checkpoint_is_its_own_average_in_the_averaged_margin(tmp_path, monkeypatch):
+    """A control taken as it was (`bench.learning --reuse`) has one checkpoint: it was left out of `averaged`, so
+    `margin_averaged` compared RL with SFT alone (+0.07 here) while `margin_late` counted the control (-0.03).
+    Evaluation, averaging and plotting are stubbed (each evaluation would start a vLLM engine on a trained model);
+    the series, late windows and margins are the script's own."""
+    from types import SimpleNamespace
+
+    import bench.checkpoint_curve as curve
+    import deploy.pipeline
+    from bench.learning import FIELDS
+    from deploy.evaluate import ALL_TASKS, GREEDY
+
+    def point(name: str, step: int, wall: float) -> dict:
+        return {"step": step, "wall_s": wall, "checkpoint": str(tmp_path / name / "checkpoints" / f"step_{step}")}
+
+    series = {"sft": [point("sft", 100, 0.0)], "sft_control": [point("control", 300, 900.0)],
+              "rl": [point("rl1", 10, 300.0), point("rl2", 20, 600.0), point("rl3", 30, 900.0)]}
+    hard = {"sft": 0.30, "control": 0.40, "rl1": 0.36, "rl2": 0.38, "rl3": 0.37}  # RL's average: 0.37
+
+    def evaluate(config, *, model_path, out, **kwargs):
+        miou = hard.get(Path(model_path).parts[-3], 0.37)
+        values = {"format_validity": 1.0, "presence_accuracy": 1.0, "category_accuracy": 0.0, "miou": miou,
+                  "found_rate": 1.0, "miou_found": miou, "presence_auc": 1.0, "ap50": 0.0, "distinct_answers": 1,
+                  "rows": 10}
+        table = {key: values[field] for key, field in FIELDS.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(
+            {"splits": {split: {"modes": {GREEDY: {ALL_TASKS: table}}} for split in ("test_easy", "test_hard")}}))
+        return None, SimpleNamespace(eval_json=out / "eval.json")
+
+    def average(checkpoints, model):
+        Path(model).mkdir(parents=True, exist_ok=True)
+        (Path(model) / curve.AVERAGED_FROM_FILE).write_text("[]")
+
+    monkeypatch.setattr(curve, "checkpoint_series", lambda setting: series)
+    monkeypatch.setattr(curve, "known_evals", lambda roots, **kwargs: {})
+    monkeypatch.setattr(curve, "plot_curve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(curve, "average_checkpoints", average)
+    monkeypatch.setattr(deploy.pipeline, "evaluate_and_report", evaluate)
+    assert curve.main([str(tmp_path / "setting"), "--last", "3", "--average", "--out", str(tmp_path / "curve")]) == 0
+    result = json.loads((tmp_path / "curve" / curve.CURVE_FILE).read_text())
+    assert set(result["averaged"]) == {"sft", "sft_control", "rl"}
+    assert result["margin_late"] == pytest.approx(-0.03) and result["margin_averaged"] == pytest.approx(-0.03)
