@@ -134,6 +134,7 @@ def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, co
     return left, top, left + region_w, top + region_h
 
 
+@functools.lru_cache(maxsize=4096)
 def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLimits) -> tuple[int, int]:
     """(width, height) a crop is shown at: whole cells of the processor that it keeps as they are (so the shown
     size IS the input size: between its min and max pixels), at most ``pixels``, and of those the one nearest
@@ -143,11 +144,6 @@ def zoom_size(crop_width: int, crop_height: int, *, pixels: int, limits: ImageLi
     112 x 112 budget (a quarter of its tokens and of its aspect lost), and where the processor's min and max
     pixels are close (the small model: both 112 x 112) a 60 x 100 crop was shown at 112 x 168, which the
     processor then shrank to 84 x 112, so the model was told one frame and saw another."""
-    return _zoom_cells(crop_width, crop_height, pixels, limits)
-
-
-@functools.lru_cache(maxsize=4096)
-def _zoom_cells(crop_width: int, crop_height: int, pixels: int, limits: ImageLimits) -> tuple[int, int]:
     f = limits.factor
     scale = math.sqrt(pixels / (crop_width * crop_height))
     ideal_w, ideal_h = crop_width * scale / f, crop_height * scale / f  # cells, at exactly the budget

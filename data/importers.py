@@ -348,10 +348,12 @@ def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig, report: Impo
     extents = find_objects(labels)  # per label: the (row slice, column slice) of its bounding box
     kept, boxes = [], []
     for k in np.argsort(-areas, kind="stable").tolist():
+        if areas[k] < minimum:
+            continue
         rows, cols = extents[k]
         box = _stored_box([float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)],
                           source=(mask.shape[1], mask.shape[0]), stored=stored)
-        if areas[k] >= minimum and box is not None:  # a thin leg may be under a pixel once shrunk
+        if box is not None:  # a thin leg may be under a pixel once shrunk
             kept.append(k + 1)
             boxes.append(box)
     report.notes["dropped_component"] += count - len(kept)

@@ -77,9 +77,11 @@ class RolloutFleet:
         """Start ``count`` workers; returns at once unless the run has weights to send them first."""
         for _ in range(count):
             worker = self._start_worker()
+            if self._buckets:  # it will need weights: wait for its engine here, not while holding the lock
+                worker.pid = await_ready(worker.handle)
             with self._lock:
                 if self._buckets:  # joining a run in progress: start from the current weights
-                    if worker.pid is None:
+                    if worker.pid is None:  # the first weights arrived while it started
                         worker.pid = await_ready(worker.handle)
                     self.send_current([worker])
                 self.workers.append(worker)
@@ -96,10 +98,7 @@ class RolloutFleet:
                      runtime_env={"env_vars": actor_env()})  # also when joining a cluster (refocus submit)
             .remote(config=self.config.rollout, model_path=self.model_path, worker_id=name)
         )
-        worker = FleetWorker(name=name, handle=handle)
-        if self._buckets:  # it will need weights: wait for its engine here, not while holding the lock
-            worker.pid = await_ready(handle)
-        return worker
+        return FleetWorker(name=name, handle=handle)
 
     def await_started(self) -> None:
         """Wait until every worker takes calls and learn its process id (a restart gets a new one)."""

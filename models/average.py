@@ -12,10 +12,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from learner.checkpoint import COMPLETE_MARKER, RNG_DIR, STATE_DIR, TRAINER_STATE_FILE
+
 WEIGHTS_FILE = "model.safetensors"
 AVERAGED_FROM_FILE = "averaged_from.json"
 # A learner checkpoint's resumable state: not part of the averaged model (a plain model directory, not a checkpoint).
-CHECKPOINT_ONLY = {"COMPLETE", "trainer_state.json", "state", "rng"}
+CHECKPOINT_ONLY = {COMPLETE_MARKER, TRAINER_STATE_FILE, STATE_DIR, RNG_DIR}
 
 
 def average_checkpoints(model_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:

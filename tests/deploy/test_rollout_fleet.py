@@ -165,7 +165,11 @@ def test_scaling_down_during_a_weight_sync_waits_for_it(ray_cluster, tiny_model_
 
     thread = threading.Thread(target=learner_thread)
     thread.start()
-    time.sleep(1.5)  # the buckets are out: the sync waits for the workers
+    deadline = time.monotonic() + 60
+    while fleet._lock.acquire(blocking=False):  # until the sync holds the fleet (then it waits 3 s on the workers)
+        fleet._lock.release()
+        assert time.monotonic() < deadline, "the sync never started"
+        time.sleep(0.01)
     fleet.rescale(1)
     assert not thread.is_alive()  # the scale-down waited for the sync to finish
     thread.join(60)
