@@ -156,13 +156,11 @@ def test_a_decaying_rl_schedule_ending_at_the_last_step_validates():
 
 
 def test_an_overlong_penalty_the_completions_can_reach_validates():
-    config = load_run_config(None, ["rewards.overlong.l_max=256", "rewards.overlong.l_cache=64"])
-    assert config.rewards.overlong.l_max - config.rewards.overlong.l_cache < config.rollout.sampling.max_tokens
-    # three turns hold three times one turn's tokens
+    # its ramp starts at 192 of one turn's 256 tokens; below, at 600 of three turns' 768
+    load_run_config(None, ["rewards.overlong.l_max=256", "rewards.overlong.l_cache=64"])
     load_run_config(None, ["rewards.overlong.l_max=700", "rewards.overlong.l_cache=100", "rollout.env.max_turns=3",
                            "rollout.prompt.allow_zoom=true"])
 
 
 def test_top_p_below_one_validates_with_recomputed_old_logprobs():
-    config = load_run_config(None, ["rollout.sampling.top_p=0.9", "learner.old_logprobs=recompute"])
-    assert config.rollout.sampling.top_p == 0.9
+    load_run_config(None, ["rollout.sampling.top_p=0.9", "learner.old_logprobs=recompute"])  # no error

@@ -47,4 +47,4 @@ def test_a_fresh_run_refuses_an_output_dir_that_holds_an_earlier_run(tmp_path, m
         pipeline.run_pipeline(config)
     with pytest.raises(ValueError, match="holds an earlier run"):
         Driver(config)
-    assert Driver(config, resume=True).resume
+    Driver(config, resume=True)  # continuing that run is what --resume is for: no error
