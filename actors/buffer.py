@@ -54,6 +54,7 @@ STAT_STALENESS_PREFIX = "buffer/staleness/"  # + lag: handed-out groups by learn
 STAT_PUTS_WAITING = "buffer/puts_waiting"  # producers blocked on a full buffer now
 STAT_PUT_WAIT_S = "buffer/put_wait_s"  # total seconds producers spent blocked (backpressure)
 STAT_PUT_TIMEOUTS = "buffer/put_timeouts"  # puts refused after waiting put_timeout_s
+STAT_SPILL_FAILURES = "buffer/spill_failures"  # spill files that could not be written (their groups retried later)
 
 DROP_STALE = "stale"  # policy_version < learner_version - max_staleness
 DROP_REASONS = (DROP_STALE,)
@@ -212,6 +213,7 @@ class _Counts:
     staleness: Counter = field(default_factory=Counter)  # lag -> groups handed out
     put_wait_s: float = 0.0
     put_timeouts: int = 0
+    spill_failures: int = 0
 
 
 class TrajectoryBuffer:
@@ -273,7 +275,13 @@ class TrajectoryBuffer:
                     to_spill = self._take_pending_locked()
             self._not_empty.notify_all()
         if to_spill is not None:
-            self._write_spill(*to_spill)
+            # The group is held (and may already be handed out): a failed write must not fail the put, or the
+            # producer's retry would be refused as a duplicate. Its groups wait for the next spill file.
+            try:
+                self._write_spill(*to_spill)
+            except OSError as e:
+                logger.error("buffer: spill file %d could not be written (%s); its %d groups stay in memory "
+                             "and are written with the next spill file", to_spill[0], e, len(to_spill[1]))
 
     def _refuse_duplicate(self, gid: str) -> None:
         if gid in self._ids_seen:
@@ -370,6 +378,7 @@ class TrajectoryBuffer:
                 STAT_PUTS_WAITING: self._puts_waiting,
                 STAT_PUT_WAIT_S: self._counts.put_wait_s,
                 STAT_PUT_TIMEOUTS: self._counts.put_timeouts,
+                STAT_SPILL_FAILURES: self._counts.spill_failures,
             }
             out.update({STAT_DROPPED_PREFIX + reason: self._counts.dropped[reason] for reason in DROP_REASONS})
             out.update({f"{STAT_STALENESS_PREFIX}{lag}": c for lag, c in sorted(self._counts.staleness.items())})
@@ -386,7 +395,10 @@ class TrajectoryBuffer:
 
     # ---- spill ----
     def flush(self) -> None:
-        """Write groups put since the last spill file (no-op without spill_dir)."""
+        """Write groups put since the last spill file (no-op without spill_dir).
+
+        Raises OSError when the file cannot be written; its groups stay held and pending, so a later flush or
+        spill writes them."""
         with self._lock:
             to_spill = self._take_pending_locked() if self._pending else None
         if to_spill is not None:
@@ -475,8 +487,17 @@ class TrajectoryBuffer:
         table = pa.Table.from_batches([e.batch for e in entries], schema=GROUP_SCHEMA)
         table = table.append_column(PUT_TIME_COLUMN, pa.array([e.put_time for e in entries], pa.float64()))
         tmp = self._spill_dir / (name + ".tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, self._spill_dir / name)  # atomic: a file is either whole or absent
+        try:
+            pq.write_table(table, tmp)
+            os.replace(tmp, self._spill_dir / name)  # atomic: a file is either whole or absent
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            with self._lock:
+                self._counts.spill_failures += 1
+                # Ahead of groups put meanwhile, into the next spill file (a restart holds them after the groups
+                # of files written in between: FIFO order then bends, nothing is lost).
+                self._pending[:0] = [e for e in entries if not e.left]
+            raise
         with self._lock:
             # Groups handed out while the file was written are already in the consumed log.
             still_held = [e for e in entries if not e.left]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,6 +24,7 @@ from actors.buffer import (
     STAT_PUT_TIMEOUTS,
     STAT_PUT_WAIT_S,
     STAT_PUTS_WAITING,
+    STAT_SPILL_FAILURES,
     STAT_STALENESS_PREFIX,
     TARGET_TYPE,
     TRAJECTORY_TYPE,
@@ -301,6 +303,48 @@ def test_cut_off_log_line_redelivers_that_group(tmp_path):
     # the cut line was cleared, so the records written after it are readable: nothing comes back again
     again = TrajectoryBuffer.restore(config)
     assert again.get(1, learner_version=0, timeout_s=0) == [] and again.accounting().got == 3
+
+
+def _fail_writes(monkeypatch, times: int) -> None:
+    """The next ``times`` spill writes fail as on a full disk, after writing part of the file (a full disk
+    cannot be made here: the tests run as root, and a tmpfs of a few KiB needs mount rights)."""
+    real_write = pq.write_table
+    left = [times]
+
+    def write_table(table, where, **kwargs):
+        if left[0] > 0:
+            left[0] -= 1
+            Path(where).write_bytes(b"PAR1 cut")
+            raise OSError(28, "No space left on device")
+        return real_write(table, where, **kwargs)
+
+    monkeypatch.setattr("actors.buffer.pq.write_table", write_table)
+
+
+def test_a_failed_spill_write_fails_no_put_and_its_groups_go_into_the_next_file(tmp_path, monkeypatch):
+    config = BufferConfig(capacity=16, spill_dir=str(tmp_path), spill_every_groups=2)
+    buffer = TrajectoryBuffer(config)
+    _fail_writes(monkeypatch, times=1)
+    buffer.put(make_group("g0"))
+    buffer.put(make_group("g1"))  # its spill write fails: the put still succeeds, g0 and g1 are held
+    assert buffer.stats()[STAT_SPILL_FAILURES] == 1 and len(buffer) == 2
+    assert not list(tmp_path.glob("groups-*"))  # neither a file nor its cut-off .tmp is left
+    buffer.put(make_group("g2"))  # the next spill file holds g0, g1 and g2
+    # a crash now loses nothing the failed write held
+    restored = TrajectoryBuffer.restore(config)
+    assert [g.group_id for g in restored.get(3, learner_version=0, timeout_s=0)] == ["g0", "g1", "g2"]
+
+
+def test_a_failed_flush_raises_and_a_later_flush_writes_its_groups(tmp_path, monkeypatch):
+    config = BufferConfig(capacity=16, spill_dir=str(tmp_path), spill_every_groups=8)
+    buffer = TrajectoryBuffer(config)
+    buffer.put(make_group("g0"))
+    _fail_writes(monkeypatch, times=1)
+    with pytest.raises(OSError, match="No space"):
+        buffer.flush()  # asked for durability explicitly: the caller hears it failed
+    assert [g.group_id for g in TrajectoryBuffer.restore(config).get(1, learner_version=0, timeout_s=0)] == []
+    buffer.flush()
+    assert [g.group_id for g in TrajectoryBuffer.restore(config).get(1, learner_version=0, timeout_s=0)] == ["g0"]
 
 
 def test_fresh_buffer_refuses_a_used_spill_dir(tmp_path):
