@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from actors.config import RolloutConfig
 from actors.engines import EngineRequest, EngineSample, RolloutEngine, build_engine
@@ -49,7 +52,7 @@ STAT_WEIGHT_VERSION = "rollout/weight_version"  # a gauge: version of the weight
 TIMING_GENERATE = "generate"
 TIMING_ENV = "env"
 
-# Seeds of successive engine calls are this far apart: one call seeds its sequences seed, seed+1, ...
+# An engine call seeds its sequences s, s+1, ... (s a multiple of this), so calls' seeds never overlap.
 _SEED_STRIDE = 1 << 20
 
 
@@ -136,10 +139,14 @@ class RolloutWorker:
         self.engine.close()
 
     def _seed(self, turn: int) -> int | None:
+        """The seed of this worker's current call at ``turn``: a function of the base seed, the worker's id, the
+        call count and the turn. The id is in it because every worker counts its calls from 0: without it two
+        workers' call c would draw their samples from the same random streams."""
         base = self.config.sampling.seed
         if base is None:
             return None
-        return base + (self._calls * self.config.env.max_turns + turn) * _SEED_STRIDE
+        stream = np.random.SeedSequence([base, zlib.crc32(self.worker_id.encode()), self._calls, turn])
+        return int(stream.generate_state(1, np.uint32)[0]) * _SEED_STRIDE  # < 2**52
 
     def _room(self, sample: TrajectoryBuilder) -> int:
         """Tokens ``sample`` may still add: the completion budget and the engine's context length."""

@@ -109,19 +109,23 @@ def test_the_learner_recomputes_the_behaviour_logprobs(worker, reference):
     assert torch.allclose(logprobs[mask], batch.old_logprobs[mask], atol=2e-3)
 
 
-def test_seeded_worker_calls_are_reproducible_and_successive_calls_differ(worker, tiny_model_dir):
-    twin = RolloutWorker(config=worker.config, model_path=str(tiny_model_dir), worker_id="twin", engine=worker.engine)  # same engine, fresh counter
-    fresh = RolloutWorker(config=worker.config, model_path=str(tiny_model_dir), worker_id="fresh",
-                          engine=worker.engine)
-    first = twin.generate_groups(_prompts())
-    second = twin.generate_groups(_prompts())
-    again = fresh.generate_groups(_prompts())
+def test_seeded_worker_calls_are_reproducible_successive_calls_differ_and_workers_differ(worker, tiny_model_dir):
+    def new_worker(worker_id):  # same engine, fresh call counter
+        return RolloutWorker(config=worker.config, model_path=str(tiny_model_dir), worker_id=worker_id,
+                             engine=worker.engine)
+
+    first_worker = new_worker("rollout-0")
+    first = first_worker.generate_groups(_prompts())
+    second = first_worker.generate_groups(_prompts())
+    again = new_worker("rollout-0").generate_groups(_prompts())  # a worker of that name started over (a resume)
+    other = new_worker("rollout-1").generate_groups(_prompts())  # another worker's first call
 
     def ids(groups):
         return [t.completion_ids for g in groups for t in g.trajectories]
 
     assert ids(again) == ids(first)
     assert ids(second) != ids(first)
+    assert ids(other) != ids(first)
 
 
 def test_load_weights_bumps_the_policy_version(worker, reference):
