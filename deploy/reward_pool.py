@@ -18,6 +18,7 @@ from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_f
 from actors.types import TrajectoryGroup
 from deploy.config import RunConfig
 from deploy.actor_restarts import pid_call, restarted_pid
+from deploy.worker_env import actor_env
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class RewardPool:
         import ray
 
         c = self.config.cluster
-        actor = ray.remote(RewardWorker).options(num_cpus=c.reward_cpus, max_restarts=c.max_restarts)
+        actor = ray.remote(RewardWorker).options(num_cpus=c.reward_cpus, max_restarts=c.max_restarts,
+                                                 runtime_env={"env_vars": actor_env()})  # also when joining a cluster
         self.handles += [actor.remote(self.config.rewards) for _ in range(count)]
         self.pids += [None] * count
 

@@ -91,3 +91,13 @@ def test_a_worker_killed_with_the_batch_is_waited_for_and_the_batch_scored_again
     assert pool.pids[0] not in (None, victim)
     assert pool.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "reward"}) == 1
     pool.kill()
+
+
+def test_reward_workers_get_the_actor_environment_also_on_a_running_cluster(ray_cluster, monkeypatch):
+    """Set after Ray started, so it reaches a worker only through the actor's runtime_env (as on a cluster the
+    job joins, whose processes never saw the driver's environment)."""
+    monkeypatch.setenv("HF_HOME", "/refocus-test/hf-home")
+    pool = _pool()
+    envs = ray.get([h.__ray_call__.remote(lambda actor: os.environ.get("HF_HOME")) for h in pool.handles])
+    assert envs == ["/refocus-test/hf-home"] * 2
+    pool.kill()
