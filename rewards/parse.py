@@ -459,10 +459,12 @@ def _to_answer(obj: object, max_boxes: int) -> Answer | ParseFailure:
         return ParseFailure.BAD_JSON
     raw_boxes = None
     has_boxes_field = False
-    for key in _BOX_KEYS:
+    for key in _BOX_KEYS:  # the first box field that is not null ({"boxes": null, "bbox_2d": [...]} has a box)
         if key in obj:
-            raw_boxes, has_boxes_field = obj[key], True
-            break
+            has_boxes_field = True
+            if obj[key] is not None:
+                raw_boxes = obj[key]
+                break
     boxes: list[Box] = []
     item_confidences: list[float | None] = []
     if raw_boxes is not None:

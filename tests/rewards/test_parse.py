@@ -102,6 +102,20 @@ MOTH = Answer(present=True, category="moth", boxes=[[1.0, 2.0, 3.0, 4.0]], confi
             None,
             False,
         ),
+        # A null box field does not hide a box given under another name; null alone is no box.
+        (
+            '<think>a</think><answer>{"present": true, "category": "moth", "boxes": null, "bbox_2d": [1, 2, 3, 4]}'
+            '</answer>',
+            MOTH,
+            None,
+            False,
+        ),
+        (
+            '<think>a</think><answer>{"category": null, "boxes": null}</answer>',
+            Answer(present=False, category=None, boxes=[], confidences=None),
+            None,
+            False,
+        ),
         # Confidences that do not fit the boxes are dropped, the answer kept.
         (
             '<think>a</think><answer>{"present": true, "category": "moth", "boxes": [[1,2,3,4]], "confidences": [0.5, 0.5]}</answer>',
