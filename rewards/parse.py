@@ -302,7 +302,6 @@ def _box_from_text(raw: str) -> Box | None:
 # Answer JSON
 
 _FENCE_RE = re.compile(r"```(?:json)?")
-_SINGLE_QUOTED_RE = re.compile(r"'((?:[^'\\\n]|\\.)*)'")
 _PY_LITERAL_RE = re.compile(r"\b(?:True|False|None)\b")
 _PY_LITERALS = {"True": "true", "False": "false", "None": "null"}
 _TRAILING_COMMA_RE = re.compile(r",\s*([\]}])")
@@ -347,16 +346,48 @@ def _json_values(raw: str):
         yield value, True
 
 
-def _dq(match: re.Match) -> str:
-    inner = match.group(1).replace("\\'", "'").replace('"', '\\"')
-    return f'"{inner}"'
+def _double_quoted(s: str) -> str:
+    """Single-quoted strings (Python's repr) in double quotes, leaving double-quoted ones whole: Python writes
+    ``{'category': "it's"}``, whose apostrophe must not open a string. One pass, linear in ``len(s)``."""
+    out: list[str] = []
+    i, n = 0, len(s)
+    while i < n:
+        ch = s[i]
+        if ch not in "'\"":
+            j = i + 1
+            while j < n and s[j] not in "'\"":
+                j += 1
+            out.append(s[i:j])
+            i = j
+            continue
+        j = i + 1
+        if ch == '"':  # copied as it is, escapes included
+            while j < n and s[j] != '"':
+                j += 2 if s[j] == "\\" else 1
+            out.append(s[i:j + 1])
+            i = j + 1
+            continue
+        inner: list[str] = []
+        while j < n and s[j] not in "'\n":
+            if s[j] == "\\" and j + 1 < n:
+                inner.append("'" if s[j + 1] == "'" else s[j:j + 2])
+                j += 2
+            else:
+                inner.append('\\"' if s[j] == '"' else s[j])
+                j += 1
+        if j < n and s[j] == "'":
+            out.append('"' + "".join(inner) + '"')
+        else:  # no closing quote on this line: a stray apostrophe, and no quote follows it before j
+            out.append(s[i:j])
+        i = j + 1 if j < n and s[j] == "'" else j
+    return "".join(out)
 
 
 def _repair_text(s: str) -> str:
     """Textual repairs; only called once json.loads has failed."""
     s = _FENCE_RE.sub("", s)
     if "'" in s:
-        s = _SINGLE_QUOTED_RE.sub(_dq, s)
+        s = _double_quoted(s)
     s = _PY_LITERAL_RE.sub(lambda m: _PY_LITERALS[m.group()], s)
     return _TRAILING_COMMA_RE.sub(r"\1", s).strip()
 

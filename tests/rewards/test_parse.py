@@ -43,6 +43,21 @@ MOTH = Answer(present=True, category="moth", boxes=[[1.0, 2.0, 3.0, 4.0]], confi
             None,
             True,
         ),
+        # Python's repr quotes a string holding an apostrophe in double quotes: mixed quoting, read as such.
+        (
+            """<think>a</think><answer>{'present': True, 'category': "moth's wing", 'boxes': [[1, 2, 3, 4]]}"""
+            "</answer>",
+            Answer(present=True, category="moth's wing", boxes=[[1.0, 2.0, 3.0, 4.0]], confidences=None),
+            None,
+            True,
+        ),
+        (
+            """<think>a</think><answer>{'present': True, 'category': 'say "moth"', 'boxes': [[1, 2, 3, 4]]}"""
+            "</answer>",
+            Answer(present=True, category='say "moth"', boxes=[[1.0, 2.0, 3.0, 4.0]], confidences=None),
+            None,
+            True,
+        ),
         # Trailing commas.
         (
             '<think>a</think><answer>{"present": true, "category": "moth", "boxes": [[1, 2, 3, 4],],}</answer>',
@@ -223,6 +238,7 @@ def test_bounds_make_adversarial_input_cheap():
         ("<think>" * 4_000, F.NO_ANSWER_TAG),
         ('<think>a</think><answer>{"boxes": [' + "[1,2,3,4]," * 3_000, F.TOO_MANY_BOXES),
         ("<focus>[1,2,3,4]</focus>" * 1_300, F.NO_ANSWER_TAG),
+        ("<think>a</think><answer>{" + "'a" * 15_000 + "</answer>", F.BAD_JSON),
     ]
     for text, failure in cases:
         parsed = parse_completion(text, max_chars=32_768, max_boxes=100)
