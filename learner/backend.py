@@ -94,9 +94,10 @@ def make_optimizer(model, config: LearnerConfig) -> torch.optim.AdamW:
     for name, param in model.named_parameters():
         if param.requires_grad:
             (vision if _is_vision(name) else rest).append(param)
-    groups = [{"params": rest, "lr": config.lr}]
-    if vision:
-        groups.append({"params": vision, "lr": config.lr * config.vision_lr_scale})
+    # Empty groups left out (DeepSpeed drops them too): when only the tower trains (LoRA on its layers alone),
+    # the first group, whose lr the backends report, is the tower's.
+    groups = [{"params": params, "lr": lr} for params, lr in ((rest, config.lr),
+                                                               (vision, config.lr * config.vision_lr_scale)) if params]
     # foreach=False: the same per-tensor arithmetic whatever the grouping, so ZeRO's flat partitions and
     # the plain backend's tensors round identically.
     return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.adam_eps,

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup  # noqa: E402
 from learner.backend import deepspeed_config, lr_factor  # noqa: E402
 from learner.batch import LearnerBatch, collate  # noqa: E402
-from learner.config import LearnerConfig  # noqa: E402
+from learner.config import LearnerConfig, LoraSpec  # noqa: E402
 from learner.export import assemble_state_dict  # noqa: E402
 from learner.forward import sequence_logprobs  # noqa: E402
 from learner.learner import GRAD_NORM, LR, SAMPLES, STEP, TOKENS, Learner  # noqa: E402
@@ -224,6 +224,15 @@ def test_vision_tower_has_its_own_scaled_lr(model_dir, backend):
     for name, value in before.items():
         factor = 1 - 0.25e-2 * 0.1 if name.startswith("model.visual.") else 1 - 1e-2 * 0.1
         torch.testing.assert_close(after[name], value * factor, atol=1e-7, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["deepspeed", "torch"])
+def test_the_reported_lr_is_the_tower_s_when_only_the_tower_trains(model_dir, batch, backend):
+    """LoRA on the vision tower's qkv alone: the text group is empty. Torch reported its lr (1e-2), which no
+    parameter used; DeepSpeed, which drops empty groups, the tower's."""
+    learner = Learner(config(model_dir, backend=backend, lr=1e-2, vision_lr_scale=0.25, warmup_steps=0,
+                             lora=LoraSpec(rank=4, alpha=8.0, targets=["qkv"])))
+    assert learner.step(batch)[LR] == pytest.approx(0.25e-2)
 
 
 def test_pinning_to_cpus_the_process_may_not_use_fails_clearly(model_dir):
