@@ -106,8 +106,8 @@ class SamplingConfig(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=4.0, description="softmax temperature; 0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass; 1 = off")
     max_tokens: int = Field(256, ge=1, le=131_072, description="most tokens the model generates in ONE turn")
-    seed: int | None = Field(None, ge=0, description="base seed of the sampler, mixed with each rollout worker's id and call count; "
-                                "None = not reproducible")
+    seed: int | None = Field(None, ge=0, description="base seed of the sampler, mixed with each rollout worker's id "
+                             "and call count; None = not reproducible")
 
     @model_validator(mode="after")
     def _greedy_single(self) -> SamplingConfig:

@@ -52,7 +52,8 @@ STAT_WEIGHT_VERSION = "rollout/weight_version"  # a gauge: version of the weight
 TIMING_GENERATE = "generate"
 TIMING_ENV = "env"
 
-# An engine call seeds its sequences s, s+1, ... (s a multiple of this), so calls' seeds never overlap.
+# An engine call seeds its sequences s, s+1, ... (s a multiple of this): two calls' seeds overlap only where their
+# 32-bit streams (RolloutWorker._seed) are equal.
 _SEED_STRIDE = 1 << 20
 
 

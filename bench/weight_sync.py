@@ -191,8 +191,8 @@ def main() -> None:
                 times = interleaved({"sync": lambda: seconds(sync), "raw": lambda: seconds(raw),
                                      "transport": sync_without_apply}, args.repeats)
                 # Each worker's first apply is the warm-up round's: left out, as the other figures leave it out.
-                applied = sum((per_worker[1:] for per_worker in ray.get([w.take_apply_seconds.remote() for w in workers])),
-                              [])
+                per_worker = ray.get([w.take_apply_seconds.remote() for w in workers])
+                applied = [s for worker_seconds in per_worker for s in worker_seconds[1:]]
                 med = {name: statistics.median(t) for name, t in times.items()}
                 results[transport_name] = {
                     "sync_s": med["sync"], "raw_s": med["raw"],

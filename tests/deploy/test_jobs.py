@@ -168,7 +168,8 @@ def test_ctrl_c_while_following_logs_exits_130(monkeypatch, capsys):
 
 def test_logs_into_a_pipe_its_reader_closed_exits_141_without_a_traceback():
     """`refocus logs JOB | head`: head leaves after its lines, the next write fails with EPIPE. A real pipe to
-    a child process; the job API is replaced by a generator of 100,000 lines (more than a pipe buffer holds) (a real job would have to run)."""
+    a child process; the job API is replaced by a generator of 100,000 lines, more than a pipe buffer holds (a
+    real job would have to run)."""
     script = ("import sys; from deploy import jobs; from deploy.cli import main\n"
               "jobs.logs = lambda *a, **k: (f'step {i}\\n' for i in range(100_000))\n"
               "sys.exit(main(['logs', 'job', '--address', 'http://127.0.0.1:9']))\n")
