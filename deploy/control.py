@@ -33,7 +33,7 @@ class JobControl:
     def scale(self, rollout_workers: int) -> int:
         """Ask for ``rollout_workers`` rollout workers; returns the number now desired."""
         low, high = self._limits
-        if not isinstance(rollout_workers, int) or not low <= rollout_workers <= high:
+        if type(rollout_workers) is not int or not low <= rollout_workers <= high:  # bool is an int subclass
             raise ValueError(f"--rollout-workers must be an integer in [{low}, {high}], got {rollout_workers!r}")
         self._desired_workers = rollout_workers
         return rollout_workers
