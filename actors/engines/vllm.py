@@ -82,7 +82,9 @@ class VLLMEngine(RolloutEngine):
             model=self.model_path,
             dtype=config.dtype,
             max_model_len=config.max_model_len,
-            limit_mm_per_prompt={"image": config.max_images_per_prompt},
+            # No videos (our processor reads images only): left at vLLM's default, its start-up warm-up of the
+            # multimodal processor failed on a dummy video ("Multi-modal warmup failed").
+            limit_mm_per_prompt={"image": config.max_images_per_prompt, "video": 0},
             tensor_parallel_size=config.tensor_parallel_size,
             gpu_memory_utilization=config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,

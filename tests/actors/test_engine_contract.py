@@ -9,6 +9,7 @@ original weights before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -28,6 +29,24 @@ RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # vLLM's mo
 LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's CPU kernels sum in another order
 
 
+@contextlib.contextmanager
+def _logged(logger_name: str):
+    """The messages ``logger_name`` logs meanwhile. Recorded by a filter, not a handler: vLLM (re)configures its
+    loggers while it starts, dropping handlers added to them, and they do not propagate to caplog's."""
+    messages: list[str] = []
+
+    def record(log_record: logging.LogRecord) -> bool:
+        messages.append(log_record.getMessage())
+        return True
+
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(record)
+    try:
+        yield messages
+    finally:
+        logger.removeFilter(record)
+
+
 def _engine(model_dir, backend):
     # One thread for the hf engine: with other processes on the cores, OpenMP barriers stall
     # (measured: 50 tokens 10 s with 2 threads, 0.2 s with 1, under a load of 8 on 2 cores).
@@ -44,10 +63,18 @@ def hf_engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def vllm_engine(tiny_model_dir):
-    engine = _engine(tiny_model_dir, "vllm")
-    yield engine
+def vllm_start(tiny_model_dir):
+    """The vLLM engine and what its renderer logged while it started (in-process vLLM warms up then). One per
+    module: closing a second in-process engine tears down the distributed state the first one uses."""
+    with _logged("vllm.renderers.base") as messages:
+        engine = _engine(tiny_model_dir, "vllm")
+    yield engine, messages
     engine.close()
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(vllm_start):
+    return vllm_start[0]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -202,17 +229,6 @@ def test_stop_strings_end_the_sample_right_after_the_stop_string(engine, request
     assert hits >= 4
 
 
-class _Records(logging.Handler):
-    """Warnings a logger emits (vLLM's loggers do not propagate to the root, so caplog would not see them)."""
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-
-
 def test_load_weights_changes_outputs_and_checksum(engine, requests, reference, processor):
     tied = reference.config.tie_word_embeddings
     original = {name: p.detach().clone() for name, p in reference.named_parameters()}
@@ -224,14 +240,10 @@ def test_load_weights_changes_outputs_and_checksum(engine, requests, reference, 
     # Half of the tensors as numpy arrays: what the Ray object store hands over zero-copy.
     names = sorted(perturbed)
     payload = [(name, perturbed[name].numpy() if k % 2 else perturbed[name]) for k, name in enumerate(names)]
-    reload_warnings = _Records()
-    logging.getLogger(RELOAD_LOGGER).addHandler(reload_warnings)
-    try:
+    with _logged(RELOAD_LOGGER) as reload_messages:
         engine.load_weights(payload, version=1)
-    finally:
-        logging.getLogger(RELOAD_LOGGER).removeHandler(reload_warnings)
     # vLLM warned "<layer>: Failed to load weights" for its derived buffers on every reload: filtered out.
-    assert reload_warnings.messages == []
+    assert not [m for m in reload_messages if "Failed to load weights" in m]
     try:
         assert engine.weight_version == 1
         assert engine.weights_checksum() == state_dict_checksum(perturbed.items(), tie_word_embeddings=tied)
@@ -252,6 +264,15 @@ def test_load_weights_changes_outputs_and_checksum(engine, requests, reference, 
         engine.load_weights(original.items(), version=2)
     assert engine.weights_checksum() == state_dict_checksum(original.items(), tie_word_embeddings=tied)
     assert [s.token_ids for s in _greedy(engine, requests)] == [s.token_ids for s in before]
+
+
+@pytest.mark.vllm
+def test_vllm_starts_with_its_multimodal_warm_up_done(vllm_start):
+    """Its warm-up runs the processor on a dummy image and, unless videos are limited to 0, a dummy video, which
+    our image-only processor refuses: it failed (a warning), and the first request paid for the processor."""
+    _, messages = vllm_start
+    assert any("Multi-modal warmup completed" in m for m in messages), messages
+    assert not any("warmup failed" in m for m in messages)
 
 
 def test_load_weights_rejects_unknown_names(hf_engine):
