@@ -377,9 +377,10 @@ def _double_quoted(s: str) -> str:
                 j += 1
         if j < n and s[j] == "'":
             out.append('"' + "".join(inner) + '"')
+            i = j + 1
         else:  # no closing quote on this line: a stray apostrophe, and no quote follows it before j
             out.append(s[i:j])
-        i = j + 1 if j < n and s[j] == "'" else j
+            i = j
     return "".join(out)
 
 
