@@ -343,8 +343,12 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     def trained_s() -> float:
         return seconds_before + time.perf_counter() - start
 
+    recorded_s: float | None = None  # the seconds trained that the last checkpoint written here records
+
     def save_checkpoint() -> str:  # at the current step, with the seconds trained up to it
-        return learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": trained_s()})
+        nonlocal recorded_s
+        recorded_s = trained_s()
+        return learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": recorded_s})
 
     saved_step = step  # the step of the last checkpoint written (or started from)
     recent: list[float] = []
@@ -381,7 +385,10 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
             if step > saved_step:
                 checkpoint = save_checkpoint()
-            trained = trained_s()  # as the last checkpoint records it: averaging and shutdown are not training
+                saved_step = step
+            # As the last checkpoint records it: writing it, averaging and shutdown are not training (a control
+            # continued from it must see the same figure). A run that made no step trained only the seconds before.
+            trained = recorded_s if recorded_s is not None and saved_step == step else trained_s()
     finally:
         learner.shutdown()
     if checkpoint is None:

@@ -59,6 +59,6 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
         assert [e["step"] for e in events] == list(range(STEPS + 1, control.steps + 1))
         assert 0.0 < events[0]["wall_s"] < events[-1]["wall_s"] <= control.wall_s
         last = tmp_path / "control" / "checkpoints" / step_dir_name(control.steps)
-        assert control.wall_s == pytest.approx(_recorded_seconds(last), abs=0.5)
+        assert control.wall_s == _recorded_seconds(last)  # exactly: the seconds spent writing it are not training
     finally:
         ray.shutdown()
