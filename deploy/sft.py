@@ -385,10 +385,9 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 snapshots.take(learner, step)  # the last step (max_seconds, or steps not a multiple)
             if step > saved_step:
                 checkpoint = save_checkpoint()
-                saved_step = step
             # As the last checkpoint records it: writing it, averaging and shutdown are not training (a control
             # continued from it must see the same figure). A run that made no step trained only the seconds before.
-            trained = recorded_s if recorded_s is not None and saved_step == step else trained_s()
+            trained = recorded_s if recorded_s is not None else trained_s()
     finally:
         learner.shutdown()
     if checkpoint is None:
