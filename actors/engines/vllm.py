@@ -51,7 +51,7 @@ def _drop_set_num_threads_warning(record: logging.LogRecord) -> bool:
 # caches), never checkpoint weights: every in-place reload warns that they "Failed to load weights" and puts
 # them back as they were, which is right. Three warning lines per weight sync would bury the run's log.
 _LAYERS_WITHOUT_CHECKPOINT_WEIGHTS = frozenset({"FusedMMInputNorm", "RotaryEmbedding", "MRotaryEmbedding"})
-_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
 def _drop_reload_warning_of_derived_layers(record: logging.LogRecord) -> bool:
@@ -91,7 +91,7 @@ class VLLMEngine(RolloutEngine):
             logprobs_mode="processed_logprobs",  # see actors/engines/base.py: behaviour log-probs
         )
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_drop_set_num_threads_warning)  # once per process
-        logging.getLogger(_RELOAD_LOGGER).addFilter(_drop_reload_warning_of_derived_layers)
+        logging.getLogger(RELOAD_LOGGER).addFilter(_drop_reload_warning_of_derived_layers)
         self.tokenizer = self._llm.get_tokenizer()
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id

@@ -22,10 +22,10 @@ from actors.config import EngineConfig  # noqa: E402
 from actors.engines import EngineRequest, build_engine  # noqa: E402
 from actors.types import placeholder_token_ids  # noqa: E402
 from actors.engines.base import FINISH_LENGTH, FINISH_REASONS, FINISH_STOP, state_dict_checksum  # noqa: E402
+from actors.engines.vllm import RELOAD_LOGGER  # noqa: E402  (imports vLLM only when an engine is built)
 from models.processor import load_processor  # noqa: E402
 
 BACKENDS = ["hf", pytest.param("vllm", marks=pytest.mark.vllm)]
-RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"  # vLLM's module that reloads weights in place
 LOGPROB_TOLERANCE = 2e-3  # float32 on both sides; vLLM's CPU kernels sum in another order
 
 
