@@ -49,11 +49,12 @@ from deploy.rollout_fleet import FleetWorker, RolloutFleet
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
-from learner.checkpoint import is_complete, latest_complete, step_dir_name
+from learner.checkpoint import CHECKPOINTS_DIR, is_complete, latest_complete, refuse_earlier_run, step_dir_name
 from models.config import resolve_model_path
 
 log = logging.getLogger(__name__)
 
+OUTPUT_DIR_SETTING = "train.output_dir"  # what an error about the run directory names
 EVENTS_FILE = "events.jsonl"  # one JSON object per learner step: rewards, stage, learner stats, timings
 SUMMARY_FILE = "summary.json"
 
@@ -70,15 +71,6 @@ class RunSummary:
     wall_s: float
 
 
-def refuse_earlier_run(out: Path) -> None:
-    """Raise if ``out`` holds an earlier RL run's checkpoints: a fresh run there would write over its steps (or
-    fail at its first checkpoint) and could report the earlier run's model as its own."""
-    earlier = latest_complete(out / "checkpoints")
-    if earlier is not None:
-        raise ValueError(f"train.output_dir: {out} holds an earlier run (checkpoint {earlier.name}); pass --resume "
-                         "to continue it, or set another train.output_dir")
-
-
 class Driver:
     """Runs one training job described by a RunConfig (see the module docstring)."""
 
@@ -87,7 +79,7 @@ class Driver:
         self.resume = resume
         self.out = Path(config.train.output_dir)
         if not resume:
-            refuse_earlier_run(self.out)
+            refuse_earlier_run(self.out, setting=OUTPUT_DIR_SETTING)
         self.ledger = GroupLedger()
         self.metrics = RunMetrics()
         self.metrics_port: int | None = None
@@ -484,16 +476,16 @@ class Driver:
             "sampler": self.sampler.state_dict(),
             "wall_s": self._elapsed(),
         }
-        path = self.learner.save_checkpoint(self.out / "checkpoints", extra_state=extra)
+        path = self.learner.save_checkpoint(self.out / CHECKPOINTS_DIR, extra_state=extra)
         log.info("checkpoint %s", path)
         return path
 
     def _restore(self) -> None:
         import ray
 
-        path = latest_complete(self.out / "checkpoints")
+        path = latest_complete(self.out / CHECKPOINTS_DIR)
         if path is None:
-            log.info("resume: no complete checkpoint under %s; starting fresh", self.out / "checkpoints")
+            log.info("resume: no complete checkpoint under %s; starting fresh", self.out / CHECKPOINTS_DIR)
             return
         extra = self.learner.load_checkpoint(path)
         self.step, self.version = extra["step"], extra["version"]
@@ -528,7 +520,7 @@ class Driver:
                     self._finish_step(batch, self._learn(batch), events)
             else:
                 self._run_async(events)
-        finished = self.out / "checkpoints" / step_dir_name(self.step)
+        finished = self.out / CHECKPOINTS_DIR / step_dir_name(self.step)
         if self.resume and self.last_checkpoint is None and is_complete(finished):
             self.last_checkpoint = str(finished.resolve())  # resumed a run that had already finished
         if self.last_checkpoint is None or not self.last_checkpoint.endswith(f"step_{self.step}"):

@@ -43,14 +43,17 @@ def run_pipeline(config, *, resume: bool = False,
                  progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict:
     """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
     ``<train.output_dir>/pipeline_summary.json``). ``progress(stage)`` gives a ``(done, total)`` callback."""
-    from deploy.driver import Driver, refuse_earlier_run
+    from deploy.driver import OUTPUT_DIR_SETTING, Driver
     from deploy.sft import run_sft
     from deploy.training_data import prepare_training_data
+    from learner.checkpoint import refuse_earlier_run
     from models.config import resolve_model_path
 
     out = Path(config.train.output_dir)
-    if not resume:  # before SFT and model building, not after them
-        refuse_earlier_run(out)
+    if not resume:  # before SFT and model building, not after them; a finished SFT is reused, not refused
+        refuse_earlier_run(out, setting=OUTPUT_DIR_SETTING)
+        if config.sft is not None and finished_sft(out / SFT_DIR, steps=config.sft.steps) is None:
+            refuse_earlier_run(out / SFT_DIR, setting=OUTPUT_DIR_SETTING)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary: dict = {"stages": {}}

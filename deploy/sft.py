@@ -290,7 +290,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     weight average ``average/`` (the summary's ``model``). ``init_from``: start from that checkpoint's full state
     (weights, optimiser, step) and write to ``out_dir`` (the SFT control), its run's snapshots up to that step
     counting as this run's earlier ones (the average spans the whole trajectory); ``resume``: continue from
-    ``out_dir``'s last complete checkpoint. Starts a local Ray when none is running.
+    ``out_dir``'s last complete checkpoint; neither: a fresh run, which refuses an ``out_dir`` holding an earlier
+    run's checkpoints. Starts a local Ray when none is running.
     """
     import ray
 
@@ -298,7 +299,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     from deploy.training_data import prepare_training_data
     from deploy.worker_env import actor_env
     from learner.batch import collate
-    from learner.checkpoint import latest_complete
+    from learner.checkpoint import CHECKPOINTS_DIR, latest_complete, refuse_earlier_run
     from learner.loss import SFT_NLL
     from models.config import resolve_model_path
     from models.processor import load_processor
@@ -307,7 +308,9 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     if sft is None:
         raise ValueError("sft: the config has no sft section")
     out = Path(out_dir)
-    ckpt_root = out / "checkpoints"
+    if not resume and init_from is None:  # a fresh run here would leave the earlier one's later checkpoints
+        refuse_earlier_run(out, setting="--out")
+    ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     model_path = str(resolve_model_path(config.model))
     data = prepare_training_data(config.data)

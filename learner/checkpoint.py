@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+CHECKPOINTS_DIR = "checkpoints"  # <run output dir>/checkpoints/step_N, for RL and SFT runs alike
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
@@ -64,6 +65,16 @@ def latest_complete(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under ``root``, or None (partial ones skipped)."""
     found = complete_checkpoints(root)
     return found[-1][1] if found else None
+
+
+def refuse_earlier_run(out: str | Path, *, setting: str) -> None:
+    """Raise if the run directory ``out`` holds an earlier run's checkpoints: a fresh run there would write over
+    its steps and leave its later ones, which a resume would then take for its own. ``setting`` names what chose
+    ``out`` (a config field or a flag), for the message."""
+    earlier = latest_complete(Path(out) / CHECKPOINTS_DIR)
+    if earlier is not None:
+        raise ValueError(f"{setting}: {out} holds an earlier run (checkpoint {earlier.name}); pass --resume to "
+                         f"continue it, or set another {setting}")
 
 
 def capture_rng() -> dict:

@@ -48,3 +48,36 @@ def test_a_fresh_run_refuses_an_output_dir_that_holds_an_earlier_run(tmp_path, m
     with pytest.raises(ValueError, match="holds an earlier run"):
         Driver(config)
     Driver(config, resume=True)  # continuing that run is what --resume is for: no error
+
+
+def test_a_fresh_sft_refuses_a_directory_that_holds_an_earlier_unfinished_one(tmp_path, monkeypatch):
+    """A second `refocus sft --out DIR` (or `refocus train` after an interrupted SFT) without --resume trained
+    from step 0 beside the earlier run's checkpoints and appended to its events; a later --resume could then take
+    the earlier run's last checkpoint for its own. Both now stop before loading anything; a finished SFT is
+    still reused by the main job, and --resume or --init-from are not refused."""
+    import pytest
+
+    import deploy.pipeline as pipeline
+    from deploy.config import load_run_config
+    from deploy.sft import run_sft
+
+    out = tmp_path / "run"
+    sft_dir = out / "sft"
+    (sft_dir / "checkpoints" / "step_100").mkdir(parents=True)
+    (sft_dir / "checkpoints" / "step_100" / "COMPLETE").write_text("ok\n")
+    config = load_run_config(None, [f"train.output_dir={out}", "sft.steps=500"])
+    loaded = []
+    monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: loaded.append(1) or pytest.fail("ran"))
+    with pytest.raises(ValueError, match=r"--out: .*sft holds an earlier run \(checkpoint step_100\); pass --resume"):
+        run_sft(config, out_dir=sft_dir)
+    with pytest.raises(ValueError, match=r"train.output_dir: .*sft holds an earlier run \(checkpoint step_100\)"):
+        pipeline.run_pipeline(config)
+    assert not loaded
+    for kwargs in ({"resume": True}, {"init_from": sft_dir / "checkpoints" / "step_100"}):
+        with pytest.raises(pytest.fail.Exception, match="ran"):  # past the refusal, stopped at the model
+            run_sft(config, out_dir=sft_dir, **kwargs)
+
+    (sft_dir / SFT_SUMMARY_FILE).write_text(json.dumps(  # the SFT finished: the main job takes it as it is
+        {"steps": 500, "checkpoint": str(sft_dir / "checkpoints" / "step_100")}))
+    with pytest.raises(pytest.fail.Exception, match="ran"):  # past both refusals, stopped building the model
+        pipeline.run_pipeline(config)
