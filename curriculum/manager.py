@@ -1,7 +1,8 @@
 """The curriculum's state: which stage runs, what it rewards and draws, and when it advances.
 
 The learner calls observe() once per training step with the stage reward (the mean total reward, under
-the current stage's weights, of the groups trained on in that step). The manager feeds it to the
+the current stage's weights, of the groups drawn for that step: those trained on and those dynamic sampling
+set aside for want of signal, so that a stage the policy masters shows it). The manager feeds it to the
 stage's PlateauDetector and moves to the next stage when the detector says so, when the stage's
 max_steps runs out, or when an operator calls force_advance(). The last stage never advances; its
 detector still runs so the smoothed reward stays visible in the metrics.

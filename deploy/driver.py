@@ -14,7 +14,8 @@ One loop on the Ray driver process moves prompt groups through the actors::
 Results stream: every rollout call carries one chunk of groups and is handled the moment it returns
 (``ray.wait``), so groups are scored and buffered while other workers still generate. Dynamic
 sampling sets aside groups whose samples all got the same reward (they carry no gradient) and
-issues more prompts, up to ``train.max_generation_factor`` × the step's groups.
+issues more prompts, up to ``train.max_generation_factor`` × the step's groups; the groups it sets aside
+still count in the step's rewards (curriculum, sampler, metrics, events): they are what the policy did.
 
 The rollout workers themselves (starting, scaling, weights, restarts) are ``deploy.rollout_fleet``'s, the
 reward workers (requests per curriculum stage, restarts) ``deploy.reward_pool``'s.
@@ -405,10 +406,10 @@ class Driver:
         for group in batch:
             self.ledger.train(group.group_id)
             self.metrics.group_staleness.observe(self.version - 1 - group.policy_version)
-        for group in self._pool:  # zero-signal groups the step did not need
+        set_aside, self._pool = self._pool, []  # zero-signal groups the step did not need
+        for group in set_aside:
             self.ledger.drop(group.group_id, DROP_NO_SIGNAL)
             self.metrics.groups_dropped.labels(reason=DROP_NO_SIGNAL).inc()
-        self._pool.clear()
         tokens = sum(sum(t.loss_mask) for g in batch for t in g.trajectories)
         self.metrics.trained_tokens.inc(tokens)
         self.metrics.trained_groups.inc(len(batch))
@@ -417,9 +418,10 @@ class Driver:
         self.metrics.weight_sync_seconds.observe(stats["sync_seconds"])
         self.metrics.weight_version.set(self.version)
         self.metrics.weight_version_lag.set(self.version - self.fleet.lowest_version())
-        rewards = self._observe_rewards(batch)
+        rewards = self._observe_rewards(batch + set_aside)
         event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
-                 "trained_tokens": tokens, "group_ids": [g.group_id for g in batch],
+                 "trained_tokens": tokens, "zero_signal_set_aside": len(set_aside),
+                 "group_ids": [g.group_id for g in batch],
                  "policy_versions": [g.policy_version for g in batch], "wall_s": self._elapsed()}
         events.write(json.dumps(event) + "\n")
         events.flush()
@@ -430,11 +432,15 @@ class Driver:
         if every and self.step % every == 0:
             self.last_checkpoint = self._checkpoint()
 
-    def _observe_rewards(self, batch: list[TrajectoryGroup]) -> dict:
-        """Reward metrics per component and stage; the stage's mean reward feeds the curriculum."""
+    def _observe_rewards(self, groups: list[TrajectoryGroup]) -> dict:
+        """Reward metrics per component and stage; the stage's mean reward feeds the curriculum, and every group's
+        outcome the sampler's filter. ``groups``: all the step drew, those dynamic sampling set aside for want of
+        signal too: they are the prompts the policy has mastered (or cannot yet do), so without them the stage
+        reward of a policy that masters its stage stays at that of the groups it still gets partly wrong, and the
+        sampler's ``filter_solved`` never saw a solved group."""
         stage = self.curriculum.current_stage
         per_stage: dict[int, dict[str, list[float]]] = {}
-        for g in batch:
+        for g in groups:
             columns = per_stage.setdefault(g.stage, {})
             for t in g.trajectories:
                 columns.setdefault("total", []).append(t.reward)

@@ -17,8 +17,10 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.reward import RewardWorker, apply_rewards
+from curriculum.sampler import METRIC_FILTERED_PROMPTS
 from deploy.config import load_run_config, shipped_configs
 from deploy.driver import Driver
+from deploy.ledger import DROP_NO_SIGNAL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
 
@@ -161,11 +163,16 @@ def test_a_step_without_signal_ends_once_the_generation_budget_is_spent(mode, ti
     """Without the brevity reward the tiny model earns 0 on every sample, so no group ever has signal
     (what a policy that has memorised its few-shot set looks like to dynamic sampling). Each step must
     end once ``max_generation_factor`` × ``prompts_per_step`` groups have come and train on zero-signal
-    groups; the rest of what came is dropped as no_signal."""
+    groups; the rest of what came is dropped as no_signal.
+
+    The groups set aside count as what the policy did: the sampler's filter of unsolved prompts (one group of
+    history here) sees every one of them, not only those trained (it once saw only the trained ones, so with
+    dynamic sampling a fully solved or unsolved group, what the filter is for, almost never reached it)."""
     steps, factor = 2, 2
     config, driver, summary, _ = _run(
         mode, tiny_model_dir=tiny_model_dir, data_dir=data_dir, tmp_path=tmp_path, steps=steps, signal=False,
-        overrides=["train.dynamic_sampling=true", f"train.max_generation_factor={factor}", "cluster.rollout_workers=1"])
+        overrides=["train.dynamic_sampling=true", f"train.max_generation_factor={factor}", "cluster.rollout_workers=1",
+                   "curriculum.sampler.filter_solved=true", "curriculum.sampler.history=1"])
     need = config.train.prompts_per_step
     assert summary.steps == steps
     totals = {t.reward for r in driver.records for g in r["groups"] for t in g.trajectories}
@@ -178,3 +185,8 @@ def test_a_step_without_signal_ends_once_the_generation_budget_is_spent(mode, ti
     if mode == "sync":
         assert no_signal == steps * (factor - 1) * need
     assert driver.ledger.reconciles() and not driver.ledger.open
+
+    drawn = driver.ledger.trained | {g for g, reason in driver.ledger.dropped.items() if reason == DROP_NO_SIGNAL}
+    prompts = {group_id.rsplit("#", 1)[0] for group_id in drawn}
+    assert len(prompts) > need * steps  # more prompts came than were trained: the data has 48 training rows
+    assert driver.sampler.metrics()[METRIC_FILTERED_PROMPTS] == len(prompts)
