@@ -60,6 +60,18 @@ def _drop_reload_warning_of_derived_layers(record: logging.LogRecord) -> bool:
                 and record.args[:1] and record.args[0] in _LAYERS_WITHOUT_CHECKPOINT_WEIGHTS)
 
 
+# Logged at INFO by every rollout worker on every weight sync. The driver's step line and
+# refocus_weight_sync_seconds already give each sync's time: two lines per worker per step only bury the log.
+PER_SYNC_INFO = {
+    "vllm.model_executor.model_loader.reload.inplace": "Reloading and processing weights took %.2f seconds",
+    "vllm.v1.core.block_pool": "Successfully reset prefix cache",
+}
+
+
+def _drop_per_sync_info(record: logging.LogRecord) -> bool:
+    return record.msg != PER_SYNC_INFO.get(record.name)
+
+
 class VLLMEngine(RolloutEngine):
     """``RolloutEngine`` on ``vllm.LLM``."""
 
@@ -92,6 +104,8 @@ class VLLMEngine(RolloutEngine):
         )
         logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_drop_set_num_threads_warning)  # once per process
         logging.getLogger(RELOAD_LOGGER).addFilter(_drop_reload_warning_of_derived_layers)
+        for logger_name in PER_SYNC_INFO:
+            logging.getLogger(logger_name).addFilter(_drop_per_sync_info)
         self.tokenizer = self._llm.get_tokenizer()
         hf_config = AutoConfig.from_pretrained(self.model_path)
         self.image_pad_id = hf_config.image_token_id
