@@ -66,13 +66,12 @@ def test_a_fresh_sft_refuses_a_directory_that_holds_an_earlier_unfinished_one(tm
     (sft_dir / "checkpoints" / "step_100").mkdir(parents=True)
     (sft_dir / "checkpoints" / "step_100" / "COMPLETE").write_text("ok\n")
     config = load_run_config(None, [f"train.output_dir={out}", "sft.steps=500"])
-    loaded = []
-    monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: loaded.append(1) or pytest.fail("ran"))
+    # Building or loading the model fails the test (pytest.raises(ValueError) does not catch that failure).
+    monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: pytest.fail("ran"))
     with pytest.raises(ValueError, match=r"--out: .*sft holds an earlier run \(checkpoint step_100\); pass --resume"):
         run_sft(config, out_dir=sft_dir)
     with pytest.raises(ValueError, match=r"train.output_dir: .*sft holds an earlier run \(checkpoint step_100\)"):
         pipeline.run_pipeline(config)
-    assert not loaded
     for kwargs in ({"resume": True}, {"init_from": sft_dir / "checkpoints" / "step_100"}):
         with pytest.raises(pytest.fail.Exception, match="ran"):  # past the refusal, stopped at the model
             run_sft(config, out_dir=sft_dir, **kwargs)
