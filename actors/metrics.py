@@ -87,7 +87,8 @@ class RunMetrics:
             _counter_name(GROUPS_DROPPED), "Groups not trained on, by reason", ["reason"], registry=r
         )
         self.reward_mean = Gauge(
-            REWARD_MEAN, "Mean reward of the last learner batch", ["component", "stage"], registry=r
+            REWARD_MEAN, "Mean reward of the groups the last learner step drew (trained or set aside for want of "
+            "signal)", ["component", "stage"], registry=r
         )
         self.curriculum_stage = Gauge(CURRICULUM_STAGE, "Current curriculum stage (1-based)", registry=r)
         self.curriculum_transitions = Counter(
