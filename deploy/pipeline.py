@@ -50,10 +50,12 @@ def run_pipeline(config, *, resume: bool = False,
     from models.config import resolve_model_path
 
     out = Path(config.train.output_dir)
+    sft_out = out / SFT_DIR
+    finished = None if config.sft is None else finished_sft(sft_out, steps=config.sft.steps)
     if not resume:  # before SFT and model building, not after them; a finished SFT is reused, not refused
         refuse_earlier_run(out, setting=OUTPUT_DIR_SETTING)
-        if config.sft is not None and finished_sft(out / SFT_DIR, steps=config.sft.steps) is None:
-            refuse_earlier_run(out / SFT_DIR, setting=OUTPUT_DIR_SETTING)
+        if config.sft is not None and finished is None:
+            refuse_earlier_run(sft_out, setting=OUTPUT_DIR_SETTING)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     summary: dict = {"stages": {}}
@@ -73,8 +75,6 @@ def run_pipeline(config, *, resume: bool = False,
     rl_config = config
     if config.sft is not None:
         began = time.perf_counter()
-        sft_out = out / SFT_DIR
-        finished = finished_sft(sft_out, steps=config.sft.steps)
         if finished is None:
             result = run_sft(config, out_dir=sft_out, resume=resume,
                              progress=progress("sft") if progress else None)
