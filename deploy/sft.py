@@ -390,7 +390,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
                 checkpoint = save_checkpoint()
             # As the last checkpoint records it: writing it, averaging and shutdown are not training (a control
             # continued from it must see the same figure). A run that made no step trained only the seconds before.
-            trained = recorded_s if recorded_s is not None else trained_s()
+            trained = recorded_s if recorded_s is not None else seconds_before
     finally:
         learner.shutdown()
     if checkpoint is None:

@@ -50,7 +50,7 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
                           out_dir=tmp_path / "a", resume=True)
         assert resumed.steps == STEPS  # no step: the run had trained its max_seconds before the resume
         assert resumed.checkpoint == str(checkpoint)
-        assert resumed.wall_s >= trained
+        assert resumed.wall_s == trained  # exactly what it had trained: starting up and stopping are not training
 
         control = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 4, max_seconds=trained),
                           out_dir=tmp_path / "control", init_from=checkpoint)
