@@ -28,6 +28,7 @@ def test_actors_write_no_hugging_face_progress_bars_unless_the_user_wants_them(m
 def test_actors_inherit_caches_and_run_vllm_in_process(monkeypatch):
     monkeypatch.setenv("HF_HOME", "/refocus-test/hf-home")
     monkeypatch.delenv("VLLM_CACHE_ROOT", raising=False)
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)  # a vLLM engine built here sets it
     env = actor_env()
     assert env["HF_HOME"] == "/refocus-test/hf-home" and "VLLM_CACHE_ROOT" not in env
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
