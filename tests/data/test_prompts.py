@@ -90,6 +90,20 @@ def test_brief_prompt_names_the_zoom_tool_when_allowed_and_carries_no_demos():
         PromptConfig(system="brief", n_demos=1)
 
 
+def test_omitted_system_prompt_is_an_empty_message_not_the_templates_default():
+    from models.tokenizer import train_tokenizer
+
+    config = PromptConfig(frame="input", system="omit", question="omit")
+    messages = build_messages(question="q", task="camo", width=112, height=112, config=config, input_size=(112, 112))
+    assert messages[0] == {"role": "system", "content": ""}
+    # Without any system message Qwen's chat template would insert "You are a helpful assistant."
+    text = train_tokenizer(vocab_size=2048).apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.startswith("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|vision_start|>")
+    assert "helpful" not in text
+    with pytest.raises(ValidationError, match="omit carries no demonstrations"):
+        PromptConfig(system="omit", n_demos=1)
+
+
 def test_input_frame_needs_the_input_size_and_tasks_are_checked():
     with pytest.raises(ValueError, match="input_size"):
         build_messages(question="q", task="camo", width=100, height=80, config=PromptConfig(frame="input"))
