@@ -63,7 +63,7 @@ class PromptConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _brief_alone(self) -> PromptConfig:
+    def _demos_only_in_the_full_text(self) -> PromptConfig:
         if self.system != "full" and self.n_demos:
             raise ValueError(f"system: {self.system} carries no demonstrations (set n_demos 0)")
         return self

@@ -299,7 +299,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     from deploy.training_data import prepare_training_data
     from deploy.worker_env import actor_env
     from learner.batch import collate
-    from learner.checkpoint import CHECKPOINTS_DIR, latest_complete, refuse_earlier_run
+    from learner.checkpoint import CHECKPOINTS_DIR, latest_complete, read_trainer_state, refuse_earlier_run
     from learner.loss import SFT_NLL
     from models.config import resolve_model_path
     from models.processor import load_processor
@@ -310,6 +310,12 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     out = Path(out_dir)
     if not resume and init_from is None:  # a fresh run here would leave the earlier one's later checkpoints
         refuse_earlier_run(out, setting="--out")
+    if init_from is not None:  # a continuation with no step left would write a copy of its start and call it done
+        from_step = int(read_trainer_state(init_from)["extra_state"].get("sft_step", 0))
+        if from_step >= sft.steps:
+            raise ValueError(f"sft.steps: {sft.steps}, but --init-from {init_from} is at step {from_step}, so there is "
+                             "nothing to train (steps count from the first run's step 0: raise sft.steps, and bound the "
+                             "time with sft.max_seconds)")
     ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     model_path = str(resolve_model_path(config.model))

@@ -6,7 +6,8 @@ checkpoint records the seconds it trained (W). Then:
 - A resumed with more steps and ``max_seconds`` = W stops at once: it has already trained W seconds. (Before
   the checkpoints recorded them, a resumed run counted from 0 and trained another W seconds.)
 - A run started from A's checkpoint in another directory (``init_from``: the SFT control, which continues SFT
-  for as long as RL trained) counts from 0, so the same ``max_seconds`` lets it train.
+  for as long as RL trained) counts from 0, so the same ``max_seconds`` lets it train; one whose ``sft.steps``
+  leaves it nothing to train is refused before it writes anything (it used to copy its start and report it).
 """
 
 import json
@@ -51,6 +52,11 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
         assert resumed.steps == STEPS  # no step: the run had trained its max_seconds before the resume
         assert resumed.checkpoint == str(checkpoint)
         assert resumed.wall_s == trained  # exactly what it had trained: starting up and stopping are not training
+
+        with pytest.raises(ValueError, match=f"sft.steps: {STEPS}, but --init-from .* is at step {STEPS}"):
+            run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS), out_dir=tmp_path / "none_left",
+                    init_from=checkpoint)  # a control needs steps beyond its start, or it trains nothing
+        assert not (tmp_path / "none_left").exists()
 
         control = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 4, max_seconds=trained),
                           out_dir=tmp_path / "control", init_from=checkpoint)
