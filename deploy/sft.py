@@ -38,6 +38,7 @@ SFT_EVENTS_FILE = "sft_events.jsonl"  # one JSON object per SFT step
 SFT_SUMMARY_FILE = "sft_summary.json"
 SNAPSHOT_DIR = "snapshots"  # <out>/snapshots/step_N: the weights average_last averages (the last K are kept)
 AVERAGE_DIR = "average"  # <out>/average: their weight average, a plain model directory
+SFT_STEP_KEY = "sft_step"  # the SFT step a learner checkpoint was written at, in its extra_state
 
 
 class SFTConfig(BaseModel):
@@ -311,7 +312,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     if not resume and init_from is None:  # a fresh run here would leave the earlier one's later checkpoints
         refuse_earlier_run(out, setting="--out")
     if init_from is not None:  # a continuation with no step left would write a copy of its start and call it done
-        from_step = int(read_trainer_state(init_from)["extra_state"].get("sft_step", 0))
+        from_step = int(read_trainer_state(init_from)["extra_state"].get(SFT_STEP_KEY, 0))
         if from_step >= sft.steps:
             raise ValueError(f"sft.steps: {sft.steps}, but --init-from {init_from} is at step {from_step}, so there is "
                              "nothing to train (steps count from the first run's step 0: raise sft.steps, and bound the "
@@ -333,7 +334,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     step, seconds_before = 0, 0.0
     if start_from is not None:
         extra = learner.load_checkpoint(start_from)
-        step = int(extra.get("sft_step", 0))
+        step = int(extra.get(SFT_STEP_KEY, 0))
         # A resume counts the seconds this run trained before it (``max_seconds`` and ``wall_s`` are the whole
         # run's); a run started from another run's checkpoint (the SFT control) counts from 0.
         seconds_before = float(extra.get("wall_s", 0.0)) if init_from is None else 0.0
@@ -357,7 +358,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     def save_checkpoint() -> str:  # at the current step, with the seconds trained up to it
         nonlocal recorded_s
         recorded_s = trained_s()
-        return learner.save_checkpoint(ckpt_root, extra_state={"sft_step": step, "wall_s": recorded_s})
+        return learner.save_checkpoint(ckpt_root, extra_state={SFT_STEP_KEY: step, "wall_s": recorded_s})
 
     saved_step = step  # the step of the last checkpoint written (or started from)
     recent: list[float] = []

@@ -59,14 +59,14 @@ def test_a_fresh_sft_refuses_a_directory_that_holds_an_earlier_unfinished_one(tm
 
     import deploy.pipeline as pipeline
     from deploy.config import load_run_config
-    from deploy.sft import run_sft
+    from deploy.sft import SFT_STEP_KEY, run_sft
     from learner.checkpoint import write_trainer_state
 
     out = tmp_path / "run"
     sft_dir = out / "sft"
     (sft_dir / "checkpoints" / "step_100").mkdir(parents=True)
     (sft_dir / "checkpoints" / "step_100" / "COMPLETE").write_text("ok\n")
-    write_trainer_state(sft_dir / "checkpoints" / "step_100", step=100, world_size=1, extra_state={"sft_step": 100})
+    write_trainer_state(sft_dir / "checkpoints" / "step_100", step=100, world_size=1, extra_state={SFT_STEP_KEY: 100})
     config = load_run_config(None, [f"train.output_dir={out}", "sft.steps=500"])
     # Building or loading the model fails the test (pytest.raises(ValueError) does not catch that failure).
     monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: pytest.fail("ran"))
