@@ -53,6 +53,8 @@ def _progress_bar(description: str, unit: str = "img"):
         nonlocal bar
         if bar is None:
             bar = tqdm(total=total, desc=description, unit=unit)
+        if total != bar.total:  # an estimate that moves (SFT bounded by max_seconds)
+            bar.total = total
         bar.update(done - bar.n)
         if done >= total:
             bar.close()

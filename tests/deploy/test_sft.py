@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deploy.config import load_run_config, shipped_configs
-from deploy.sft import SFTConfig, SupervisedBatches, row_order, sft_learner_config
+from deploy.sft import SFTConfig, SupervisedBatches, expected_last_step, row_order, sft_learner_config
 
 TINY_CPU = next(p for p in shipped_configs() if p.name == "tiny-cpu.yaml")
 
@@ -19,6 +19,19 @@ def test_first_epoch_is_easy_first_then_every_epoch_is_a_permutation():
     assert [rows[i]["difficulty"] for i in first] == ["easy"] * 8 + ["hard"] * 4
     assert [rows[i]["difficulty"] for i in second] != ["easy"] * 8 + ["hard"] * 4  # later epochs mixed
     assert list(itertools.islice(row_order(rows, seed=1, easy_first=True), 24)) == first + second  # seeded
+
+
+def test_the_expected_last_step_follows_the_time_left_at_the_pace_so_far():
+    # no time bound: sft.steps
+    assert expected_last_step(10, 500, first_step=0, elapsed_s=15.0, left_s=None) == 500
+    # 10 steps in 15 s = 1.5 s per step; 30 s left -> 20 more steps; 31 s -> 21 (the check runs before a step)
+    assert expected_last_step(10, 50_000, first_step=0, elapsed_s=15.0, left_s=30.0) == 30
+    assert expected_last_step(10, 50_000, first_step=0, elapsed_s=15.0, left_s=31.0) == 31
+    # a control from step 500: the pace counts its own steps only (4 in 6 s), never beyond sft.steps
+    assert expected_last_step(504, 50_000, first_step=500, elapsed_s=6.0, left_s=3.0) == 506
+    assert expected_last_step(504, 505, first_step=500, elapsed_s=6.0, left_s=300.0) == 505
+    # time already up: this step is the last
+    assert expected_last_step(504, 50_000, first_step=500, elapsed_s=6.0, left_s=-1.0) == 504
 
 
 def test_sft_config_checks_batch_geometry():

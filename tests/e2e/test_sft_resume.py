@@ -58,13 +58,37 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
                     init_from=checkpoint)  # a control needs steps beyond its start, or it trains nothing
         assert not (tmp_path / "none_left").exists()
 
-        control = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 4, max_seconds=trained),
-                          out_dir=tmp_path / "control", init_from=checkpoint)
+        reported = []  # the progress bar's (done, total): a total near the steps it reaches, not sft.steps
+        control = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 1000, max_seconds=trained),
+                          out_dir=tmp_path / "control", init_from=checkpoint,
+                          progress=lambda done, total: reported.append((done, total)))
         assert control.steps > STEPS
+        assert reported[-1] == (control.steps, control.steps)
+        assert all(total < STEPS + 1000 for _, total in reported)
         events = [json.loads(line) for line in (tmp_path / "control" / SFT_EVENTS_FILE).read_text().splitlines()]
         assert [e["step"] for e in events] == list(range(STEPS + 1, control.steps + 1))
         assert 0.0 < events[0]["wall_s"] < events[-1]["wall_s"] <= control.wall_s
         last = tmp_path / "control" / "checkpoints" / step_dir_name(control.steps)
         assert control.wall_s == _recorded_seconds(last)  # exactly: the seconds spent writing it are not training
+    finally:
+        ray.shutdown()
+
+
+def test_a_resumed_sft_trains_the_batches_the_uninterrupted_run_trains(tiny_model_dir, data_dir, tmp_path):
+    """The next batch is built while the learner steps; the one built for a step that never ran (the first run
+    ended at STEPS) must not shift the rows a resume trains next."""
+    import ray
+
+    def losses(out):
+        return [json.loads(line)["loss/sft_nll"] for line in (out / SFT_EVENTS_FILE).read_text().splitlines()]
+
+    try:
+        run_sft(_config(model=tiny_model_dir, data=data_dir, steps=2 * STEPS), out_dir=tmp_path / "whole")
+        run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS), out_dir=tmp_path / "halves")
+        run_sft(_config(model=tiny_model_dir, data=data_dir, steps=2 * STEPS), out_dir=tmp_path / "halves",
+                resume=True)
+        whole, halves = losses(tmp_path / "whole"), losses(tmp_path / "halves")
+        assert len(whole) == len(halves) == 2 * STEPS
+        assert halves == pytest.approx(whole, rel=1e-5)
     finally:
         ray.shutdown()
