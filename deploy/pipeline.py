@@ -44,7 +44,7 @@ def run_pipeline(config, *, resume: bool = False,
     """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
     ``<train.output_dir>/pipeline_summary.json``). ``progress(stage)`` gives a ``(done, total)`` callback."""
     from deploy.driver import OUTPUT_DIR_SETTING, Driver
-    from deploy.sft import run_sft
+    from deploy.sft import check_same_settings, run_sft, sft_settings
     from deploy.training_data import prepare_training_data
     from learner.checkpoint import refuse_earlier_run
     from models.config import resolve_model_path
@@ -75,6 +75,9 @@ def run_pipeline(config, *, resume: bool = False,
     rl_config = config
     if config.sft is not None:
         began = time.perf_counter()
+        # A resumed or finished SFT must be this config's (bench.learning --reuse copies another run's summary
+        # alone: that SFT is taken as asked). Checked here too so the message names this run's setting.
+        check_same_settings(sft_out, sft_settings(config, model_path=model_path), setting=OUTPUT_DIR_SETTING)
         if finished is None:
             result = run_sft(config, out_dir=sft_out, resume=resume,
                              progress=progress("sft") if progress else None)

@@ -41,6 +41,21 @@ SFT_SUMMARY_FILE = "sft_summary.json"
 SNAPSHOT_DIR = "snapshots"  # <out>/snapshots/step_N: the weights average_last averages (the last K are kept)
 AVERAGE_DIR = "average"  # <out>/average: their weight average, a plain model directory
 SFT_STEP_KEY = "sft_step"  # the SFT step a learner checkpoint was written at, in its extra_state
+SFT_SETTINGS_FILE = "sft_settings.json"  # what determines the run's weights (``sft_settings``)
+
+# Fields left out of ``sft_settings``. Those that do not change what an SFT trains, so a resume or a finished run's
+# reuse may differ in them: how long it runs (a resume may extend it; a finished run is matched on its steps), how
+# it reports, where it runs, and the data's and learner's fields for RL alone. And the learner fields SFT sets
+# from its own section (``sft_learner_config``), recorded there once; the tower's settings are recorded as applied.
+_LEFT_OUT = {
+    "sft": {"steps", "max_seconds", "checkpoint_every", "log_every", "num_cpus_per_rank", "freeze_vision",
+            "vision_lr_scale"},
+    "data": {"synth", "rl_mirror", "eval_splits", "max_bad_fraction"},
+    "learner": {"num_gpus_per_rank", "placement_strategy", "eps_low", "eps_high", "aggregation", "advantage_scale",
+                "advantage_eps", "temperature", "encode_images_once_per_group", "log_entropy",
+                "model_path", "global_batch_samples", "micro_batch_samples", "lr", "warmup_steps", "schedule",
+                "max_steps", "weight_decay", "kl_coef", "old_logprobs", "num_cpus_per_rank", "cpu_cores"},
+}
 
 
 class SFTConfig(BaseModel):
@@ -130,6 +145,43 @@ def sft_learner_config(learner, sft: SFTConfig, *, model_path: str):
         vision_lr_scale=sft.vision_lr_scale or learner.vision_lr_scale,
         cpu_cores=None,  # learner.cpu_cores keeps RL's learner off the rollout engines' cores; SFT runs alone
     ))
+
+
+def sft_settings(config, *, model_path: str) -> dict:
+    """What determines the weights an SFT of ``config`` trains from ``model_path``: the model, the training rows,
+    how they are prompted and turned into targets, and the optimiser; nested dicts of JSON values, paths resolved."""
+    learner = sft_learner_config(config.learner, config.sft, model_path=model_path)
+    data = config.data.model_dump(mode="json", exclude=_LEFT_OUT["data"])
+    data["path"] = str(Path(data["path"]).resolve())
+    return {"model": str(Path(model_path).resolve()), "data": data,
+            "rollout": config.rollout.model_dump(mode="json", include={"prompt", "env"}),
+            "sft": config.sft.model_dump(mode="json", exclude=_LEFT_OUT["sft"]),
+            "learner": learner.model_dump(mode="json", exclude=_LEFT_OUT["learner"])}
+
+
+def settings_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
+    """``"key.path: recorded -> current"`` for every leaf where two ``sft_settings`` differ (sorted)."""
+    differences = []
+    for key in sorted(set(recorded) | set(current)):
+        before, now = recorded.get(key), current.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            differences += settings_differences(before, now, f"{prefix}{key}.")
+        elif before != now:
+            differences.append(f"{prefix}{key}: {before!r} -> {now!r}")
+    return differences
+
+
+def check_same_settings(out_dir: Path, settings: dict, *, setting: str) -> None:
+    """Refuse to continue or reuse the SFT in ``out_dir`` when it was trained with other settings (``setting``:
+    what names that directory, for the message). Runs from before the settings were recorded are not checked."""
+    recorded_file = out_dir / SFT_SETTINGS_FILE
+    if not recorded_file.is_file():
+        return
+    differences = settings_differences(json.loads(recorded_file.read_text()), settings)
+    if differences:
+        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+        raise ValueError(f"{setting}: {out_dir} holds an SFT trained with other settings ({shown}); give this run "
+                         f"another {setting} or remove that directory")
 
 
 def row_order(rows: dict[str, dict], *, seed: int, easy_first: bool) -> Iterator[str]:
@@ -333,9 +385,13 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
             raise ValueError(f"sft.steps: {sft.steps}, but --init-from {init_from} is at step {from_step}, so there is "
                              "nothing to train (steps count from the first run's step 0: raise sft.steps, and bound the "
                              "time with sft.max_seconds)")
+    model_path = str(resolve_model_path(config.model))
+    settings = sft_settings(config, model_path=model_path)
+    if resume:
+        check_same_settings(out, settings, setting="--out")
     ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    model_path = str(resolve_model_path(config.model))
+    (out / SFT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
     data = prepare_training_data(config.data)
     processor = load_processor(model_path)
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think,
