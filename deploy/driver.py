@@ -47,6 +47,7 @@ from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
 from deploy.reward_pool import RewardPool
 from deploy.rollout_fleet import FleetWorker, RolloutFleet
+from deploy.run_record import RUN_CONFIG_FILE, check_rl_resume
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
@@ -79,7 +80,9 @@ class Driver:
         self.config = config
         self.resume = resume
         self.out = Path(config.train.output_dir)
-        if not resume:
+        if resume:  # before Ray or any actor starts
+            check_rl_resume(self.out, config.model_dump(mode="json"), setting=OUTPUT_DIR_SETTING)
+        else:
             refuse_earlier_run(self.out, setting=OUTPUT_DIR_SETTING)
         self.ledger = GroupLedger()
         self.metrics = RunMetrics()
@@ -104,6 +107,8 @@ class Driver:
 
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
+        # The whole resolved config, for the record and for a resume's check (a resume records its own).
+        (self.out / RUN_CONFIG_FILE).write_text(cfg.model_dump_json(indent=2))
         self.model_path = resolve_model_path(cfg.model)
         log.info("policy model: %s", self.model_path)
         self.limits = self._image_limits()

@@ -34,6 +34,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deploy.run_record import refuse_other_settings
+
 log = logging.getLogger(__name__)
 
 SFT_EVENTS_FILE = "sft_events.jsonl"  # one JSON object per SFT step
@@ -159,29 +161,13 @@ def sft_settings(config, *, model_path: str) -> dict:
             "learner": learner.model_dump(mode="json", exclude=_LEFT_OUT["learner"])}
 
 
-def settings_differences(recorded: dict, current: dict, prefix: str = "") -> list[str]:
-    """``"key.path: recorded -> current"`` for every leaf where two ``sft_settings`` differ (sorted)."""
-    differences = []
-    for key in sorted(set(recorded) | set(current)):
-        before, now = recorded.get(key), current.get(key)
-        if isinstance(before, dict) and isinstance(now, dict):
-            differences += settings_differences(before, now, f"{prefix}{key}.")
-        elif before != now:
-            differences.append(f"{prefix}{key}: {before!r} -> {now!r}")
-    return differences
-
-
 def check_same_settings(out_dir: Path, settings: dict, *, setting: str) -> None:
-    """Refuse to continue or reuse the SFT in ``out_dir`` when it was trained with other settings (``setting``:
+    """Refuse to continue or reuse the SFT in ``out_dir`` when it was trained with other ``settings`` (``setting``:
     what names that directory, for the message). Runs from before the settings were recorded are not checked."""
     recorded_file = out_dir / SFT_SETTINGS_FILE
-    if not recorded_file.is_file():
-        return
-    differences = settings_differences(json.loads(recorded_file.read_text()), settings)
-    if differences:
-        shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
-        raise ValueError(f"{setting}: {out_dir} holds an SFT trained with other settings ({shown}); give this run "
-                         f"another {setting} or remove that directory")
+    if recorded_file.is_file():
+        refuse_other_settings(json.loads(recorded_file.read_text()), settings, directory=out_dir, setting=setting,
+                              what="an SFT")
 
 
 def row_order(rows: dict[str, dict], *, seed: int, easy_first: bool) -> Iterator[str]:

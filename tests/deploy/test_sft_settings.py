@@ -9,8 +9,8 @@ import pytest
 
 import deploy.pipeline as pipeline
 from deploy.config import CONFIG_DIR, load_run_config
-from deploy.sft import (SFT_SETTINGS_FILE, SFT_SUMMARY_FILE, check_same_settings, run_sft, settings_differences,
-                        sft_settings)
+from deploy.run_record import settings_differences
+from deploy.sft import SFT_SETTINGS_FILE, SFT_SUMMARY_FILE, check_same_settings, run_sft, sft_settings
 
 MODEL = "/models/m"
 MAIN = CONFIG_DIR / "small-cpu.yaml"

@@ -11,7 +11,8 @@ Asserted: the partial directory is skipped (the resumed run restores step KILL_A
 complete step KILL_AFTER + 1 over it); the restored step, weights version, issue counter, curriculum
 (stage and plateau-detector state) and sampler position equal run A's checkpoint at that step; the
 resumed run's first step is KILL_AFTER + 1, and its prompt groups (ids "<row id>#<issue>") are
-exactly run A's step KILL_AFTER + 1 groups.
+exactly run A's step KILL_AFTER + 1 groups. Run B recorded its config, and a resume with another learning rate
+is refused.
 
 Why that comparison is exact: the prompt stream depends only on the sampler state and the curriculum
 stage, both checkpointed, as long as dynamic sampling is off (its refills depend on the rewards the
@@ -35,6 +36,7 @@ import pytest
 
 from deploy.config import load_run_config, shipped_configs
 from deploy.driver import EVENTS_FILE, Driver
+from deploy.run_record import RUN_CONFIG_FILE
 from learner.checkpoint import COMPLETE_MARKER, latest_complete, read_trainer_state, step_dir_name
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm, pytest.mark.slow]
@@ -150,6 +152,10 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     trained_before = _driver_state(killed_at)["wall_s"]
 
     config = load_run_config(TINY_CPU, _overrides(model=tiny_model_dir, data=data_dir, out=run_b))
+    # The run recorded the config it ran with; a resume that would train otherwise is refused before Ray starts.
+    assert json.loads((run_b / RUN_CONFIG_FILE).read_text()) == config.model_dump(mode="json")
+    with pytest.raises(ValueError, match=r"holds an RL run trained with other settings \(learner.lr: "):
+        Driver(config.model_copy(update={"learner": config.learner.model_copy(update={"lr": 0.5})}), resume=True)
     driver = Driver(config, resume=True)
     try:
         driver.setup()
