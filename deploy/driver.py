@@ -416,6 +416,9 @@ class Driver:
             self.ledger.drop(group.group_id, DROP_NO_SIGNAL)
             self.metrics.groups_dropped.labels(reason=DROP_NO_SIGNAL).inc()
         tokens = sum(sum(t.loss_mask) for g in batch for t in g.trajectories)
+        # Groups trained with no signal (all rewards equal: zero advantage, they only dilute the token mean): with
+        # dynamic sampling, those that filled the step when refills ran out.
+        no_signal = int((~signal_mask([[t.reward for t in g.trajectories] for g in batch])).sum()) if batch else 0
         self.metrics.trained_tokens.inc(tokens)
         self.metrics.trained_groups.inc(len(batch))
         self.metrics.learner_steps.inc()
@@ -425,7 +428,7 @@ class Driver:
         self.metrics.weight_version_lag.set(self.version - self.fleet.lowest_version())
         rewards = self._observe_rewards(batch + set_aside)
         event = {"step": self.step, "version": self.version, **rewards, "learner": stats,
-                 "trained_tokens": tokens, "zero_signal_set_aside": len(set_aside),
+                 "trained_tokens": tokens, "zero_signal_trained": no_signal, "zero_signal_set_aside": len(set_aside),
                  "group_ids": [g.group_id for g in batch],
                  "policy_versions": [g.policy_version for g in batch], "wall_s": self._elapsed()}
         events.write(json.dumps(event) + "\n")

@@ -10,7 +10,9 @@ example custom reward ``rewards.examples:brevity`` gives groups a signal so the 
 """
 
 import copy
+import json
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from actors.reward import RewardWorker, apply_rewards
 from curriculum.sampler import METRIC_FILTERED_PROMPTS
 from deploy.config import load_run_config, shipped_configs
-from deploy.driver import Driver
+from deploy.driver import EVENTS_FILE, Driver
 from deploy.ledger import DROP_NO_SIGNAL
 
 pytestmark = [pytest.mark.e2e, pytest.mark.vllm]
@@ -177,6 +179,9 @@ def test_a_step_without_signal_ends_once_the_generation_budget_is_spent(mode, ti
     assert summary.steps == steps
     totals = {t.reward for r in driver.records for g in r["groups"] for t in g.trajectories}
     assert totals == {0.0}  # every trained group is a zero-signal one
+    # and the events say so (each step's trained groups and those it set aside)
+    events = [json.loads(line) for line in (Path(config.train.output_dir) / EVENTS_FILE).read_text().splitlines()]
+    assert [e["zero_signal_trained"] for e in events] == [need] * steps
     assert summary.ledger["trained"] == steps * need
     no_signal = summary.ledger["dropped"].get("no_signal", 0)
     # Each step took at least the budget (need of them trained, the rest dropped); sync issues exactly it,
