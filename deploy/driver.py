@@ -418,7 +418,7 @@ class Driver:
         tokens = sum(sum(t.loss_mask) for g in batch for t in g.trajectories)
         # Groups trained with no signal (all rewards equal: zero advantage, they only dilute the token mean): with
         # dynamic sampling, those that filled the step when refills ran out.
-        no_signal = int((~signal_mask([[t.reward for t in g.trajectories] for g in batch])).sum()) if batch else 0
+        no_signal = int((~signal_mask([[t.reward for t in g.trajectories] for g in batch])).sum())
         self.metrics.trained_tokens.inc(tokens)
         self.metrics.trained_groups.inc(len(batch))
         self.metrics.learner_steps.inc()

@@ -79,14 +79,12 @@ def run_pipeline(config, *, resume: bool = False,
     rl_config = config
     if config.sft is not None:
         began = time.perf_counter()
-        # A resumed or finished SFT must be this config's (bench.learning --reuse copies another run's summary
-        # alone: that SFT is taken as asked). Checked here too so the message names this run's setting.
-        check_same_settings(sft_out, sft_settings(config, model_path=model_path), setting=OUTPUT_DIR_SETTING)
-        if finished is None:
-            result = run_sft(config, out_dir=sft_out, resume=resume,
+        if finished is None:  # (a resume checks the SFT's recorded settings)
+            result = run_sft(config, out_dir=sft_out, resume=resume, out_setting=OUTPUT_DIR_SETTING,
                              progress=progress("sft") if progress else None)
             checkpoint, model = result.checkpoint, result.model
-        else:
+        else:  # a finished SFT must be this config's too (bench.learning --reuse copies a summary alone: not checked)
+            check_same_settings(sft_out, sft_settings(config, model_path=model_path), setting=OUTPUT_DIR_SETTING)
             checkpoint, model = finished
             log.info("pipeline: SFT already finished (%s)", model)
         timed("sft", began, checkpoint=checkpoint, model=model)

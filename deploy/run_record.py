@@ -16,15 +16,19 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"  # <train.output_dir>/run_config.json: the RL run's resolved RunConfig
 
+# Learner fields that say where and how a learner runs, not what it trains: SFT's record and RL's leave them out.
+LEARNER_PLACEMENT = frozenset({"num_cpus_per_rank", "num_gpus_per_rank", "placement_strategy", "cpu_cores", "device",
+                               "log_entropy", "gradient_checkpointing"})
+
 # RunConfig fields an RL resume may change: how long it runs (a resume may extend it, with the decay's end), where
 # and on what it runs (`refocus scale` changes the rollout workers anyway), how it reports and is evaluated at the
 # end, and the SFT stage, which its own record covers. Every other field, new ones included, is compared.
-_RL_NOT_COMPARED: dict[str, set[str] | None] = {  # section → its fields left out (None: the whole section)
+# section → its fields left out (None: the whole section)
+_RL_NOT_COMPARED: dict[str, frozenset[str] | set[str] | None] = {
     "cluster": None, "metrics": None, "sft": None,
     "train": {"steps", "buffer_capacity", "verify_weight_sync", "checkpoint_every", "output_dir", "eval_at_end",
               "eval_limit", "eval_modes", "run_name"},
-    "learner": {"max_steps", "num_cpus_per_rank", "num_gpus_per_rank", "placement_strategy", "cpu_cores", "device",
-                "log_entropy", "gradient_checkpointing"},
+    "learner": {"max_steps"} | LEARNER_PLACEMENT,
     "rollout": {"engine"},
     "data": {"synth", "eval_splits", "max_bad_fraction"},
 }
@@ -38,8 +42,7 @@ def rl_settings(run_config: dict, *, model_from_sft: bool = False) -> dict:
         left_out = _RL_NOT_COMPARED.get(section, set())
         if left_out is None or (model_from_sft and section == "model"):
             continue
-        compared[section] = ({k: v for k, v in fields.items() if k not in left_out} if isinstance(fields, dict)
-                             else fields)
+        compared[section] = {k: v for k, v in fields.items() if k not in left_out}  # (sft, the one None, is left out)
     return compared
 
 

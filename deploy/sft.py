@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploy.run_record import refuse_other_settings
+from deploy.run_record import LEARNER_PLACEMENT, refuse_other_settings
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,11 @@ _LEFT_OUT = {
     "sft": {"steps", "max_seconds", "checkpoint_every", "log_every", "num_cpus_per_rank", "freeze_vision",
             "vision_lr_scale"},
     "data": {"synth", "rl_mirror", "eval_splits", "max_bad_fraction"},
-    "learner": {"num_gpus_per_rank", "placement_strategy", "eps_low", "eps_high", "aggregation", "advantage_scale",
-                "advantage_eps", "temperature", "encode_images_once_per_group", "log_entropy",
-                "model_path", "global_batch_samples", "micro_batch_samples", "lr", "warmup_steps", "schedule",
-                "max_steps", "weight_decay", "kl_coef", "old_logprobs", "num_cpus_per_rank", "cpu_cores"},
+    "learner": LEARNER_PLACEMENT | {
+        "eps_low", "eps_high", "aggregation", "advantage_scale", "advantage_eps", "temperature",  # RL's alone
+        "encode_images_once_per_group",
+        "model_path", "global_batch_samples", "micro_batch_samples", "lr", "warmup_steps", "schedule",  # SFT sets
+        "max_steps", "weight_decay", "kl_coef", "old_logprobs"},
 }
 
 
@@ -337,7 +338,7 @@ def expected_last_step(step: int, end_step: int, *, first_step: int, elapsed_s: 
 
 
 def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None, resume: bool = False,
-            progress: Callable[[int, int], None] | None = None) -> SFTSummary:
+            progress: Callable[[int, int], None] | None = None, out_setting: str = "--out") -> SFTSummary:
     """Supervised fine-tuning of ``config.model`` on ``config.data``'s training rows (``config.sft``).
 
     Writes ``<out_dir>/checkpoints/step_N`` (learner checkpoints, each also a model directory),
@@ -346,7 +347,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     (weights, optimiser, step) and write to ``out_dir`` (the SFT control), its run's snapshots up to that step
     counting as this run's earlier ones (the average spans the whole trajectory); ``resume``: continue from
     ``out_dir``'s last complete checkpoint; neither: a fresh run, which refuses an ``out_dir`` holding an earlier
-    run's checkpoints. Starts a local Ray when none is running.
+    run's checkpoints, and a resume refuses one trained with other settings (``out_setting``: what the errors
+    name ``out_dir`` by). Starts a local Ray when none is running.
     """
     import ray
 
@@ -364,7 +366,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         raise ValueError("sft: the config has no sft section")
     out = Path(out_dir)
     if not resume and init_from is None:  # a fresh run here would leave the earlier one's later checkpoints
-        refuse_earlier_run(out, setting="--out")
+        refuse_earlier_run(out, setting=out_setting)
     if init_from is not None:  # a continuation with no step left would write a copy of its start and call it done
         from_step = int(read_trainer_state(init_from)["extra_state"].get(SFT_STEP_KEY, 0))
         if from_step >= sft.steps:
@@ -374,7 +376,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     model_path = str(resolve_model_path(config.model))
     settings = sft_settings(config, model_path=model_path)
     if resume:
-        check_same_settings(out, settings, setting="--out")
+        check_same_settings(out, settings, setting=out_setting)
     ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     (out / SFT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2))

@@ -23,20 +23,18 @@ def _dump(*overrides):
 
 def test_rl_settings_keep_what_trains_and_leave_out_how_long_where_and_how_it_reports():
     base = rl_settings(_dump())
-    for override, key in [("learner.lr=0.001", "learner.lr"), ("train.seed=3", "train.seed"),
-                          ("rollout.sampling.temperature=1.0", "rollout.sampling.temperature"),
-                          ("learner.temperature=1.0", "learner.temperature"),
-                          ("rewards.iou.threshold=0.6", "rewards.iou.threshold"),
-                          ("data.train_limit=40", "data.train_limit"), ("model.path=/models/other", "model.path"),
-                          ("train.dynamic_sampling=false", "train.dynamic_sampling")]:
-        # (the two temperatures must agree: both change together)
-        changed = rl_settings(_dump(override, *(["rollout.sampling.temperature=1.0", "learner.temperature=1.0"]
-                                                if "temperature" in override else [])))
-        keys = [d.split(":")[0] for d in settings_differences(base, changed)]
-        assert key in keys, override
+    temperatures = ("learner.temperature=1.0", "rollout.sampling.temperature=1.0")  # they must agree
+    for overrides, keys in [(("learner.lr=0.001",), ["learner.lr"]), (("train.seed=3",), ["train.seed"]),
+                            (temperatures, ["learner.temperature", "rollout.sampling.temperature"]),
+                            (("rewards.iou.threshold=0.6",), ["rewards.iou.threshold"]),
+                            (("data.train_limit=40",), ["data.train_limit"]),
+                            (("model.path=/models/other",), ["model.path"]),
+                            (("train.dynamic_sampling=false",), ["train.dynamic_sampling"])]:
+        assert [d.split(":")[0] for d in settings_differences(base, rl_settings(_dump(*overrides)))] == keys, overrides
     for overrides in [("train.steps=300", "learner.max_steps=300"), ("cluster.rollout_workers=1",),
                       ("metrics.port=9999",), ("train.eval_limit=5",), ("train.checkpoint_every=7",),
-                      ("sft.steps=900",), ("learner.log_entropy=true",), ("train.run_name=x",)]:
+                      ("sft.steps=900",), ("learner.log_entropy=true",), ("train.run_name=x",),
+                      ("learner.device=cpu",)]:
         assert settings_differences(base, rl_settings(_dump(*overrides))) == [], overrides
     assert "model" not in rl_settings(_dump(), model_from_sft=True)
 

@@ -36,7 +36,8 @@ def test_what_trains_the_weights_differs_and_what_only_runs_or_reports_them_does
     # how long it runs, how it reports, and RL's own fields: a resume may extend a run; RL variants share an SFT
     for overrides in (["sft.steps=900"], ["sft.max_seconds=60"], ["sft.log_every=5"], ["learner.lr=0.0002"],
                       ["learner.eps_high=0.4"], ["data.rl_mirror=true"],
-                      ["learner.temperature=1.0", "rollout.sampling.temperature=1.0"]):
+                      ["learner.temperature=1.0", "rollout.sampling.temperature=1.0"],
+                      ["learner.gradient_checkpointing=true"], ["learner.device=cpu"]):  # and where and how it runs
         assert settings_differences(base, _settings(*overrides)) == [], overrides
     assert sft_settings(load_run_config(MAIN, []), model_path="/models/../models/m") == base  # paths resolved
 
