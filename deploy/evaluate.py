@@ -293,7 +293,7 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
     size = {"width": target.width, "height": target.height}
     category = None
     if target.present and target.category is not None:
-        category = category_reward(answer.category if answer else None, target_category=target.category,
+        category = category_reward(answer.stated_category if answer else None, target_category=target.category,
                                    synonyms=rewards.synonym_index)
     scores = detection_scores(len(boxes), answer.confidences if answer else None)
     hits = match_detections(boxes, target.boxes, scores=scores, **size)
@@ -305,7 +305,7 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
         iou=row_iou(boxes, target.boxes, **size) if target.present and target.boxes else None,
         detections=list(zip(scores, hits)), n_gt=len(target.boxes),
         tokens=sum(trajectory.loss_mask), zooms=len(trajectory.zoom_boxes),
-        key=answer_key(answer.present, answer.category, boxes) if answer else None,
+        key=answer_key(answer.present, answer.stated_category, boxes) if answer else None,
         boxes=boxes, present=answer.present if answer else None,
         category_text=answer.category if answer else None, text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS],
         target_present=target.present, zoom_boxes=[list(b) for b in trajectory.zoom_boxes])

@@ -26,6 +26,11 @@ def normalize_category(text: str) -> str:
     return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words)
 
 
+def names_a_category(text: str | None) -> bool:
+    """Whether ``text`` names a category at all ("", "none" and "null" name none)."""
+    return text is not None and normalize_category(text) not in _NO_CATEGORY
+
+
 def build_synonym_index(synonyms: Mapping[str, Sequence[str]]) -> dict[str, str]:
     """{canonical: [synonyms]} → {normalised synonym or canonical: normalised canonical}.
 

@@ -185,7 +185,7 @@ def score_parsed(
             for a, t in zip(answers, targets)
         ],
         CATEGORY: [
-            category_reward(a.category, target_category=t.category, synonyms=synonyms) if a is not None else 0.0
+            category_reward(a.stated_category, target_category=t.category, synonyms=synonyms) if a is not None else 0.0
             for a, t in zip(answers, targets)
         ],
         IOU: iou.tolist(),

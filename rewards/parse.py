@@ -40,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from rewards.category import names_a_category
 from rewards.types import Box
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,9 @@ class ParseFailure(str, Enum):
     # strict: '"present": false' with boxes listed. The boxes never count (``Answer.detections``); RL
     # learnt to add them to "none" answers, a free second guess while IoU was scored on them.
     ABSENT_WITH_BOXES = "absent_with_boxes"
+    # strict: '"present": false' naming a category. The category never counts (``Answer.stated_category``):
+    # scored, "none, but if anything a moth" earned the category reward on images with a moth.
+    ABSENT_WITH_CATEGORY = "absent_with_category"
     INTERNAL_ERROR = "internal_error"  # a bug in this parser (logged); the completion scores 0
     # Not the parser's: set by rewards.think when RewardConfig.think_rule says the think must agree.
     THINK_CONTRADICTS_ANSWER = "think_contradicts_answer"
@@ -83,6 +87,12 @@ class Answer:
         """The boxes the answer stands by: none when it says that no object is present, whatever it lists
         (what the IoU reward and the evaluation score)."""
         return [] if self.present is False else self.boxes
+
+    @property
+    def stated_category(self) -> str | None:
+        """The category the answer stands by: none when it says that no object is present, whatever it
+        names (what the category reward and the evaluation score)."""
+        return None if self.present is False else self.category
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,8 +272,8 @@ def _parse(text: object, *, lenient: bool, max_chars: int, max_boxes: int) -> Pa
     answer, repaired = _decode_answer(pieces.answer, max_boxes)
     if isinstance(answer, ParseFailure):
         return ParsedCompletion(None, answer, violation, repaired, think, focus, zoom, final_think)
-    if violation is None and answer.present is False and answer.boxes:
-        violation = ParseFailure.ABSENT_WITH_BOXES
+    if violation is None and answer.present is False and (answer.boxes or names_a_category(answer.category)):
+        violation = ParseFailure.ABSENT_WITH_BOXES if answer.boxes else ParseFailure.ABSENT_WITH_CATEGORY
         if not lenient:
             return _failed(violation, violation)
     return ParsedCompletion(answer, None, violation, repaired, think, focus, zoom, final_think)

@@ -110,6 +110,20 @@ def test_a_none_answer_scores_no_iou_whatever_boxes_it_lists(original_frame_conf
     assert table[M_FOUND] == 0.0 and table[M_MIOU_FOUND] is None
 
 
+def test_a_none_answer_names_no_category_whatever_it_writes(original_frame_config):
+    # "none, but if anything a moth": the category alone would be right; the verdict stands by none.
+    moth = Target(present=True, category="moth", boxes=[[10, 10, 50, 50]], width=100, height=100)
+    hedged = _score(original_frame_config, row_id="a", target=moth,
+                    answer={"present": False, "category": "moth"})
+    said = _score(original_frame_config, row_id="b", target=moth,
+                  answer={"present": True, "category": "moth", "boxes": [[10, 10, 50, 50]]})
+    assert hedged.category == 0.0 and said.category == 1.0 and not hedged.strict
+    assert aggregate([hedged, said])[M_CATEGORY] == pytest.approx(1 / 2)
+    # Naming a category beside "none" is not a different answer from "none" itself.
+    plain = _score(original_frame_config, row_id="a", target=moth, answer={"present": False})
+    assert hedged.key == plain.key
+
+
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
     target = Target(present=True, category="moth", boxes=[[0, 0, 10, 10]], width=20, height=20)
     right = {"present": True, "category": "moth", "boxes": [[0, 0, 10, 10]]}

@@ -179,3 +179,22 @@ def test_a_none_answer_cannot_collect_box_credit():
     assert result.components["iou"] == [pytest.approx(0.5), 0.0]
     assert result.components["format"] == [1.0, 0.0]
     assert result.totals == [pytest.approx(3.0), 0.0]
+
+
+def test_a_none_answer_cannot_collect_category_credit():
+    """The same hedge with the category: "none" naming "moth" scored the category reward on a moth image
+    (1 + 0 + 1 = 2 against the honest "none"'s 1 + 0 + 0), and on an empty image as much as the honest "none"
+    (1 + 3 with presence paid 3), so it never cost anything. Now it scores as the honest "none" does in the
+    lenient format and breaks the strict one; a "none" writing "category": "none" is no hedge."""
+    honest = '<think>none</think><answer>{"present": false}</answer>'
+    hedge = '<think>none</think><answer>{"present": false, "category": "moth"}</answer>'
+    says_none = '<think>none</think><answer>{"present": false, "category": "None"}</answer>'
+    empty = Target(present=False, category=None, boxes=[], width=100, height=100)
+    weights = {"format": 1.0, "presence": 3.0, "category": 1.0, "iou": 2.0}
+    lenient = RewardConfig(frame=ORIGINAL_FRAME, no_object_credit="presence", format_mode="lenient")
+    result = score_batch([honest, hedge, says_none] * 2, [TALL] * 3 + [empty] * 3, config=lenient, weights=weights)
+    assert result.components["category"] == [0.0] * 6
+    assert result.totals == [1.0, 1.0, 1.0, 4.0, 4.0, 4.0]
+    assert result.strict_violations == [None, "absent_with_category", None] * 2
+    strict = RewardConfig(frame=ORIGINAL_FRAME, no_object_credit="presence")
+    assert score_batch([hedge], [TALL], config=strict, weights=weights).totals == [0.0]

@@ -277,6 +277,21 @@ def test_an_absent_verdict_with_boxes_keeps_its_boxes_out_of_the_detections():
     assert boxes_only.strict and boxes_only.answer.detections == [[1.0, 2.0, 3.0, 4.0]]
 
 
+@pytest.mark.parametrize("category, violation", [
+    ('"moth"', F.ABSENT_WITH_CATEGORY), ('" Moths "', F.ABSENT_WITH_CATEGORY),
+    ('null', None), ('""', None), ('"none"', None), ('"NULL"', None),
+])
+def test_an_absent_verdict_naming_a_category_stands_by_none(category, violation):
+    text = f'<think>none</think><answer>{{"present": false, "category": {category}}}</answer>'
+    lenient = parse_completion(text, lenient=True)
+    assert lenient.strict_violation == violation
+    assert lenient.answer.present is False and lenient.answer.stated_category is None
+    strict = parse_completion(text, lenient=False)
+    assert (strict.failure, strict.answer is None) == (violation, violation is not None)
+    # A present verdict, or none at all, stands by its category.
+    assert parse_completion(GOOD).answer.stated_category == parse_completion(GOOD).answer.category is not None
+
+
 CUT = '<think>a</think><answer>{"present": true, "boxes": [{"bbox_2d": [1, 2, 3, 4]'
 
 
