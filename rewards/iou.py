@@ -4,10 +4,12 @@ All boxes here are in ORIGINAL image pixels (rewards.frames converts answers fir
 sanitised before any overlap is computed:
 - a box written with x2 < x1 (or y2 < y1) is reordered, i.e. read as the same rectangle;
 - boxes are clipped to the image [0, width] x [0, height];
-- a box of zero area (after clipping) overlaps nothing: IoU 0 with every box, itself included.
+- a box of zero area (after clipping) overlaps nothing: IoU 0 with every box, itself included, and
+  GIoU -1 (as far from any box as a box can be; its GIoU by the formula would be 0 wherever it lies inside
+  the other box, above every honest box of GIoU < 0: a point at the animal's centre would pay).
 
 Pair score: IoU in [0, 1], or with ``giou`` GIoU = IoU - (C - U) / C in [-1, 1] (C: area of the
-smallest enclosing box, U: union; a pair with C = 0 scores -1).
+smallest enclosing box, U: union; a pair with C = 0 or with a zero-area box scores -1).
 
 Matching (``IouConfig.mode``):
 - ``optimal``: the one-to-one assignment maximising the summed pair score
@@ -17,8 +19,10 @@ Matching (``IouConfig.mode``):
 
 IoU reward = (sum of matched pair scores + floor x unpaired) / max(#gt, #pred), where floor is the pair
 score's lowest value (IoU 0, GIoU -1) and unpaired = max(#gt, #pred) - #matched pairs: range [0, 1]
-([-1, 1] with giou). Extra predictions and missed objects both pull it toward the floor, so with GIoU too
-no junk box and no omitted box can raise it. No object expected and no box given: 1. Boxes expected but
+([-1, 1] with giou). Extra predictions and missed objects both pull it toward the floor, so with IoU no
+junk box and no omitted box can raise it. With GIoU a box of non-zero area given where an object is
+otherwise missed scores above the floor wherever it lies (GIoU's credit for a near miss), so there a guess
+pays a little; a zero-area one does not. No object expected and no box given: 1. Boxes expected but
 none given, or none expected but some given: the floor.
 
 A ground-truth box with a NaN coordinate (a corrupt row) pairs with nothing: its pair scores are the floor.
@@ -89,7 +93,7 @@ def _overlap(a: np.ndarray, b: np.ndarray, giou: bool) -> tuple[np.ndarray, np.n
     ch = np.maximum(a[..., 3], b[..., 3]) - np.minimum(a[..., 1], b[..., 1])
     enclosing = cw * ch
     safe = np.where(enclosing > 0.0, enclosing, 1.0)
-    score = np.where(enclosing > 0.0, iou - (enclosing - union) / safe, -1.0)
+    score = np.where((enclosing > 0.0) & ~degenerate, iou - (enclosing - union) / safe, -1.0)
     return score, iou
 
 

@@ -28,14 +28,16 @@ W = H = 100  # image size of every table row
         # x2 < x1 and y2 < y1: read as the same rectangle.
         ([10, 10, 0, 0], [0, 0, 10, 10], 1.0, 1.0),
         ([10, 0, 0, 10], [0, 0, 10, 10], 1.0, 1.0),
-        # Zero area (a line) overlaps nothing; its GIoU is -(C - U) / C with U = area of the other.
-        ([5, 5, 5, 10], [0, 0, 10, 10], 0.0, 0.0),
+        # Zero area (a line, a point) overlaps nothing and scores GIoU's floor: by the formula a point inside
+        # the box would score -(C - U) / C = 0, above the honest box of GIoU -0.079 above.
+        ([5, 5, 5, 10], [0, 0, 10, 10], 0.0, -1.0),
+        ([5, 5, 5, 5], [0, 0, 10, 10], 0.0, -1.0),
         ([5, 5, 5, 5], [5, 5, 5, 5], 0.0, -1.0),
         # Out of the 100x100 image: clipped before scoring.
         ([-10, -10, 10, 10], [0, 0, 10, 10], 1.0, 1.0),
         ([90, 90, 120, 120], [90, 90, 100, 100], 1.0, 1.0),
-        # Entirely outside: clipped to the degenerate [100, 100, 100, 100]; C = 10x10, U = 100.
-        ([110, 110, 120, 120], [90, 90, 100, 100], 0.0, 0.0),
+        # Entirely outside: clipped to the degenerate [100, 100, 100, 100], the floor.
+        ([110, 110, 120, 120], [90, 90, 100, 100], 0.0, -1.0),
     ],
 )
 def test_pair_scores(a, b, iou, giou):
@@ -142,7 +144,7 @@ def _ref_pair(a, b, giou):
     if not giou:
         return iou, iou
     c = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
-    return (iou - (c - union) / c if c > 0 else -1.0), iou
+    return (iou - (c - union) / c if c > 0 and area_a > 0 and area_b > 0 else -1.0), iou
 
 
 def _ref_sanitize(b):
