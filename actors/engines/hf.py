@@ -114,10 +114,14 @@ class HFEngine(RolloutEngine):
         per_call = max(1, self.config.max_batch_sequences // n)
         results: list[list[EngineSample]] = []
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        # A private RNG stream: seeding must not disturb (or depend on) the caller's torch RNG.
+        # A private RNG stream: seeding must not disturb (or depend on) the caller's torch RNG. Unseeded, the
+        # stream starts from fresh entropy: fork_rng puts the state back on exit, so without a reseed every
+        # unseeded call would draw the same numbers (a dynamic-sampling refill would return the same group).
         with torch.random.fork_rng(devices=devices):
             if seed is not None:
                 torch.manual_seed(seed)
+            else:
+                torch.seed()
             for start in range(0, len(requests), per_call):
                 chunk = slice(start, start + per_call)
                 results += self._generate_chunk(requests[chunk], limits=limits[chunk], n=n, temperature=temperature,

@@ -175,6 +175,8 @@ def test_seeded_sampling_is_reproducible_and_seeds_matter(engine, requests):
     # Samples of one call differ from each other (each sequence has its own random stream).
     flat = [t for samples in first for t in samples]
     assert len({tuple(t) for t in flat}) == len(flat)
+    # Unseeded calls draw afresh: a prompt asked again (a dynamic-sampling refill) gets new samples.
+    assert tokens(None) != tokens(None)
 
 
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
