@@ -360,6 +360,12 @@ class TrajectoryBuffer:
         with self._lock:
             return [entry.group_id for entry in self._held]
 
+    def seen_ids(self) -> list[str]:
+        """Ids of every group ever put, held or gone (after a restore: the previous buffer's too), sorted.
+        A producer that numbers its groups takes its next number past these: the buffer refuses an id twice."""
+        with self._lock:
+            return sorted(self._ids_seen)
+
     def take_dropped(self) -> list[tuple[str, str]]:
         """The (group id, reason) of every group dropped since the last call: the driver settles them."""
         with self._lock:

@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,56 @@ log = logging.getLogger(__name__)
 OUTPUT_DIR_SETTING = "train.output_dir"  # what an error about the run directory names
 EVENTS_FILE = "events.jsonl"  # one JSON object per learner step: rewards, stage, learner stats, timings
 SUMMARY_FILE = "summary.json"
+
+
+def next_issue_counter(checkpointed: int, buffer_ids: Iterable[str]) -> int:
+    """The issue counter a resumed run continues from: past the checkpoint's and past every group id the
+    restored buffer has seen ("<row id>#<issue>"). Groups put, and even handed to the learner, after the
+    checkpoint carry higher issues; the restored sampler draws their rows again, and the buffer refuses an
+    id it has seen (a crash during a step's learning would otherwise stop the resumed run at its first put)."""
+    return max([checkpointed, *(int(group_id.rsplit("#", 1)[1]) for group_id in buffer_ids)])
+
+
+def stage_reward_means(groups: Iterable[TrajectoryGroup]) -> dict[int, dict[str, float]]:
+    """{stage: {"total" and each reward component: mean over the samples of that stage's groups}}: a step's
+    groups may come from more than one stage (those generated before a transition)."""
+    per_stage: dict[int, dict[str, list[float]]] = {}
+    for g in groups:
+        columns = per_stage.setdefault(g.stage, {})
+        for t in g.trajectories:
+            columns.setdefault("total", []).append(t.reward)
+            for name, value in t.rewards.items():
+                columns.setdefault(name, []).append(value)
+    return {s: {name: sum(v) / len(v) for name, v in cols.items()} for s, cols in per_stage.items()}
+
+
+def reported_stage(means: dict[int, dict[str, float]], *, current: int) -> int:
+    """The stage whose rewards a step's event reports: the current one, or, when the step holds no group of it
+    (right after a transition, async groups generated before it still arrive), the latest stage it holds,
+    so that the event names the stage its rewards come from."""
+    return current if current in means else max(means)
+
+
+def trim_events(path: Path, *, last_step: int) -> None:
+    """Drop the events of steps after ``last_step`` (those a crash left after the checkpoint a run resumes
+    from: trained again, or never if the resumed run ends sooner). Other lines are kept as they are."""
+    if not path.exists():
+        return
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            step = json.loads(line).get("step")
+        except (json.JSONDecodeError, AttributeError):
+            step = None
+        if isinstance(step, int) and step > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("resume: dropped %d events of steps after %d from %s", dropped, last_step, path)
 
 
 @dataclass
@@ -447,15 +498,9 @@ class Driver:
         reward of a policy that masters its stage stays at that of the groups it still gets partly wrong, and the
         sampler's ``filter_solved`` never saw a solved group."""
         stage = self.curriculum.current_stage
-        per_stage: dict[int, dict[str, list[float]]] = {}
         for g in groups:
-            columns = per_stage.setdefault(g.stage, {})
-            for t in g.trajectories:
-                columns.setdefault("total", []).append(t.reward)
-                for name, value in t.rewards.items():
-                    columns.setdefault(name, []).append(value)
             self.sampler.record_outcome(g.prompt.prompt_id, [t.reward for t in g.trajectories], stage=g.stage)
-        means = {s: {name: sum(v) / len(v) for name, v in cols.items()} for s, cols in per_stage.items()}
+        means = stage_reward_means(groups)
         for s, values in means.items():
             for name, value in values.items():
                 self.metrics.reward_mean.labels(component=name, stage=str(s + 1)).set(value)
@@ -467,8 +512,8 @@ class Driver:
                      self.step, transition.reason, transition.evidence)
             self.metrics.curriculum_transitions.inc()
             self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
-        current = means.get(stage, next(iter(means.values())))
-        return {"stage": stage, "reward_total": current["total"], "rewards": current,
+        shown = reported_stage(means, current=stage)
+        return {"stage": shown, "reward_total": means[shown]["total"], "rewards": means[shown],
                 "transition": None if transition is None else transition.to_name}
 
     # ------------------------------------------------------------------ weights
@@ -507,13 +552,13 @@ class Driver:
         self.curriculum.load_state_dict(extra["curriculum"])
         self.sampler.load_state_dict(extra["sampler"])
         self._wall_offset = float(extra.get("wall_s", 0.0))  # checkpoints before it was recorded: 0
+        trim_events(self.out / EVENTS_FILE, last_step=self.step)
         # Groups the previous run had buffered (spilled to Parquet) are trained on like fresh ones.
         held = ray.get(self.buffer.held_ids.remote())
         for group_id in held:
             self.ledger.issue(group_id)
             self.ledger.generate(group_id)
-        # New group ids must not repeat restored ones (ids are "<row id>#<issue counter>").
-        self._issue_counter = max([self._issue_counter, *(int(g.rsplit("#", 1)[1]) for g in held)])
+        self._issue_counter = next_issue_counter(self._issue_counter, ray.get(self.buffer.seen_ids.remote()))
         self._sync_weights(version=self.version)
         log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
 
@@ -527,7 +572,9 @@ class Driver:
         if not self._started:
             self.setup()
         self.last_checkpoint = None
-        with (self.out / EVENTS_FILE).open("a") as events:
+        # A fresh run starts its own log: one in this directory is a crashed run's that left no checkpoint
+        # (refuse_earlier_run stops anything else), and its steps are trained anew. A resumed run appends.
+        with (self.out / EVENTS_FILE).open("a" if self.resume else "w") as events:
             if self.config.train.mode == "sync":
                 while self.step < self.config.train.steps:
                     batch = self._collect_batch()

@@ -265,6 +265,28 @@ def test_spill_restore_returns_each_group_exactly_once(tmp_path):
     assert not list(tmp_path.glob("groups-*"))  # every spill file's groups have left: files deleted
 
 
+def test_a_resumed_run_numbers_its_groups_past_every_id_the_restored_buffer_saw(tmp_path):
+    """A crash while the learner trains a step: its groups were handed out after the last checkpoint
+    (issue counter 2 there). The restored buffer refuses their ids again, and the resumed driver, whose
+    sampler draws the same rows, must number its groups past them, not past the held ones only."""
+    from deploy.driver import next_issue_counter
+
+    config = BufferConfig(capacity=16, spill_dir=str(tmp_path), spill_every_groups=1)
+    first = TrajectoryBuffer(config)
+    for gid in ["r0#1", "r1#2", "r2#3", "r3#4", "r4#5"]:
+        first.put(make_group(gid))
+    first.get(4, learner_version=0)  # r0..r3 go to the learner; the run dies before the next checkpoint
+    second = TrajectoryBuffer(config, resume=True)
+    assert second.held_ids() == ["r4#5"]
+    assert second.seen_ids() == ["r0#1", "r1#2", "r2#3", "r3#4", "r4#5"]
+    with pytest.raises(ValueError, match="already put"):
+        second.put(make_group("r2#3"))  # what a counter restored from the checkpoint alone would issue
+    counter = next_issue_counter(2, second.seen_ids())
+    assert counter == 5
+    second.put(make_group(f"r2#{counter + 1}"))
+    assert next_issue_counter(7, ["a#3", "b#x#4"]) == 7 and next_issue_counter(0, ["b#x#4"]) == 4
+
+
 def test_restore_keeps_fifo_order_across_files_and_groups_put_after(tmp_path):
     config = BufferConfig(capacity=16, spill_dir=str(tmp_path), spill_every_groups=2)
     first = TrajectoryBuffer(config)

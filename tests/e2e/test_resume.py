@@ -11,7 +11,8 @@ Asserted: the partial directory is skipped (the resumed run restores step KILL_A
 complete step KILL_AFTER + 1 over it); the restored step, weights version, issue counter, curriculum
 (stage and plateau-detector state) and sampler position equal run A's checkpoint at that step; the
 resumed run's first step is KILL_AFTER + 1, and its prompt groups (ids "<row id>#<issue>") are
-exactly run A's step KILL_AFTER + 1 groups. Run B recorded its config, and a resume with another learning rate
+exactly run A's step KILL_AFTER + 1 groups; the event a crash left of a step after the checkpoint is
+dropped, so the log holds each step once. Run B recorded its config, and a resume with another learning rate
 is refused.
 
 Why that comparison is exact: the prompt stream depends only on the sampler state and the curriculum
@@ -122,10 +123,14 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     import ray
 
     run_a, run_b = tmp_path / "a", tmp_path / "b"
+    # A crashed run that left no checkpoint leaves its log: a fresh run there starts its own.
+    run_a.mkdir()
+    (run_a / EVENTS_FILE).write_text(json.dumps({"step": STEPS + 1, "stage": 0, "reward_total": -1.0}) + "\n")
     done = subprocess.run(_train_command(_overrides(model=tiny_model_dir, data=data_dir, out=run_a)),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     a_events = {e["step"]: e for e in _events(run_a)}
+    assert sorted(a_events) == list(range(1, STEPS + 1))
     a_state = _extra_state(run_a / "checkpoints" / step_dir_name(KILL_AFTER))
 
     with (tmp_path / "b.log").open("w") as log_file:
@@ -148,7 +153,9 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     else:
         shutil.copytree(killed_at, partial, ignore=shutil.ignore_patterns(COMPLETE_MARKER))
     assert latest_complete(run_b / "checkpoints") == killed_at
-    events_before = len(_events(run_b))
+    # A crash after a step's event and before its checkpoint leaves that event behind; the resume drops it.
+    with (run_b / EVENTS_FILE).open("a") as f:
+        f.write(json.dumps({"step": KILL_AFTER + 1, "stage": 0, "reward_total": -1.0, "left_by": "crash"}) + "\n")
     trained_before = _driver_state(killed_at)["wall_s"]
 
     config = load_run_config(TINY_CPU, _overrides(model=tiny_model_dir, data=data_dir, out=run_b))
@@ -173,8 +180,10 @@ def test_killed_run_resumes_from_its_last_complete_checkpoint(tiny_model_dir, da
     assert a_state["step"] == a_state["version"] == KILL_AFTER
     assert json.loads(json.dumps(restored)) == a_state
     assert restored["curriculum"]["stage"] == 1  # the restored curriculum had advanced: a real comparison
-    resumed = _events(run_b)[events_before:]
-    assert [e["step"] for e in resumed] == list(range(KILL_AFTER + 1, STEPS + 1))
+    events = _events(run_b)
+    assert [e["step"] for e in events] == list(range(1, STEPS + 1))  # each step once, in order
+    resumed = events[KILL_AFTER:]
+    assert not any("left_by" in e for e in events)
     assert summary.steps == STEPS and summary.version == STEPS
     # Wall times count the seconds B trained before the kill too (the SFT control matches RL's whole time).
     assert trained_before > 1.0
