@@ -9,6 +9,7 @@ mappings are merged key by key over the base's, lists and scalars replace the ba
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TypeVar
 
@@ -22,36 +23,66 @@ class ConfigError(ValueError):
     """A configuration that fails validation; the message lists every bad field with its reason."""
 
 
-def apply_overrides(document: dict, overrides: list[str]) -> dict:
-    """Set ``a.b.c=value`` entries into a nested dict (a new one; the input is not modified)."""
+def apply_overrides(document: dict, overrides: list[str], *, defaults: dict | None = None) -> dict:
+    """Set ``a.b.c=value`` entries into a nested dict (a new one; the input is not modified).
+
+    ``defaults``: the model's default document. An index into a list the document leaves at its default
+    (``curriculum.stages.2.reward_weights.overlong=1`` with no ``stages`` written) starts from that default list.
+    """
     result = _deep_copy(document)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. learner.lr=1e-6")
-        value = yaml.safe_load(raw) if raw.strip() else None
-        node = result
+        value = _override_value(item, raw)
+        node, default = result, defaults
         parts = key.strip().split(".")
         for depth, part in enumerate(parts[:-1]):
-            node = _child(node, part, where=f"override {item!r}: {'.'.join(parts[: depth + 1])}")
+            where = f"override {item!r}: {'.'.join(parts[: depth + 1])}"
+            node, default = _child(node, part, default=default, next_part=parts[depth + 1], where=where)
         if isinstance(node, list):
-            _child(node, parts[-1], where=f"override {item!r}: {key.strip()}")  # checks the index
+            _child(node, parts[-1], default=None, next_part="", where=f"override {item!r}: {key.strip()}")
             node[int(parts[-1])] = value
         else:
             node[parts[-1]] = value
     return result
 
 
-def _child(node, part: str, *, where: str):
-    """Descend one level: a mapping key (created if missing) or an index into a list written in the file."""
+def _override_value(item: str, raw: str):
+    """The YAML value of an override. A comment is refused rather than dropped: ``train.output_dir=runs/a #2``
+    would otherwise set ``runs/a``."""
+    if not raw.strip():
+        return None
+    try:
+        node = yaml.compose(raw)
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); "
+                          f"quote it if it is a string") from None
+    if node is None or node.end_mark.index < len(raw.rstrip()):
+        raise ConfigError(f"override {item!r}: ' #' starts a YAML comment, which would be dropped; quote the "
+                          f"value if the '#' belongs to it")
+    return value
+
+
+def _child(node, part: str, *, default, next_part: str, where: str):
+    """Descend one level: (child, its default). A mapping key is created if missing (from ``default`` when
+    the next part indexes a list); an index must name an item of the list."""
+    default_child = None
     if isinstance(node, list):
         if not part.isdigit() or int(part) >= len(node):
             raise ConfigError(f"{where}: no item {part} in a list of {len(node)}")
-        return node[int(part)]
-    child = node.setdefault(part, {})
+        child = node[int(part)]
+        if isinstance(default, list) and int(part) < len(default):
+            default_child = default[int(part)]
+    else:
+        default_child = default.get(part) if isinstance(default, dict) else None
+        if part not in node and next_part.isdigit() and isinstance(default_child, list):
+            node[part] = _deep_copy(default_child)
+        child = node.setdefault(part, {})
     if not isinstance(child, (dict, list)):
         raise ConfigError(f"{where} is not a section")
-    return child
+    return child, default_child
 
 
 def _deep_copy(value):
@@ -128,8 +159,41 @@ def load_config(model: type[M], path: str | Path | None = None, overrides: list[
     if path is not None:
         source = str(path)
         document = _load_document(Path(path), seen=())
-    document = apply_overrides(document, overrides or [])
+    document = apply_overrides(document, overrides or [], defaults=_defaults(model))
     try:
-        return model.model_validate(document)
+        config = model.model_validate(document)
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, source=source)) from None
+    coerced = _numbers_read_as_bools(document, config)
+    if coerced:
+        raise ConfigError(f"invalid configuration ({source}):\n" + "\n".join(f"  {c}" for c in coerced))
+    return config
+
+
+def _defaults(model: type[M]) -> dict | None:
+    """The document of ``model``'s defaults (None when some field has none)."""
+    try:
+        return model.model_validate({}).model_dump(mode="json")
+    except ValidationError:
+        return None
+
+
+def _numbers_read_as_bools(document, value, path: str = "") -> list[str]:
+    """Fields where pydantic's lax mode turned a bool into a number or a number into a bool (``steps: true``
+    → 1, ``dynamic_sampling: 1`` → True): such a value is refused, not rewritten."""
+    problems = []
+    if isinstance(document, dict) and isinstance(value, BaseModel):
+        for key, item in document.items():
+            if isinstance(key, str) and key in type(value).model_fields:
+                problems += _numbers_read_as_bools(item, getattr(value, key), f"{path}{key}.")
+    elif isinstance(document, dict) and isinstance(value, dict):
+        for key, item in document.items():
+            if key in value:
+                problems += _numbers_read_as_bools(item, value[key], f"{path}{key}.")
+    elif isinstance(document, list) and isinstance(value, (list, tuple)) and len(document) == len(value):
+        for index, (item, validated) in enumerate(zip(document, value)):
+            problems += _numbers_read_as_bools(item, validated, f"{path}{index}.")
+    elif isinstance(document, bool) != isinstance(value, bool) and isinstance(value, (int, float)):
+        expected = "true or false" if isinstance(value, bool) else "a number"
+        problems.append(f"{path[:-1]}: expected {expected}, got {json.dumps(document)}")
+    return problems

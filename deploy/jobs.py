@@ -20,6 +20,7 @@ which matches the cluster's own rule.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import secrets
@@ -122,7 +123,7 @@ def new_submission_id() -> str:
 
 def job_overrides(*, run_name: str, overrides: list[str]) -> list[str]:
     """The job's ``--set`` items: its run name (= submission id), joining its cluster, then the user's."""
-    fixed = [f"train.run_name={run_name}"]
+    fixed = [f"train.run_name={json.dumps(run_name)}"]  # quoted: "20240501" or "null" stay names
     if not any(o.partition("=")[0].strip() == "cluster.address" for o in overrides):
         fixed.append("cluster.address=auto")  # a job's driver joins its cluster; it never starts a Ray
     return fixed + list(overrides)

@@ -99,6 +99,37 @@ def test_overrides_index_into_lists_written_in_the_file():
         load_run_config(tiny, ["curriculum.stages.9.advance.patience=4"])
 
 
+def test_overrides_index_into_lists_left_at_their_default():
+    # The paper-scale config writes no stages; its own comment suggests this override.
+    paper = [p for p in shipped_configs() if p.name == "qwen2.5-vl-7b-8gpu.yaml"][0]
+    config = load_run_config(paper, ["curriculum.stages.2.reward_weights.overlong=1"])
+    defaults = RunConfig().curriculum.stages
+    assert config.curriculum.stages[2].reward_weights == {**defaults[2].reward_weights, "overlong": 1.0}
+    assert config.curriculum.stages[:2] == defaults[:2]
+    with pytest.raises(ConfigError, match="no item 7 in a list of 3"):
+        load_run_config(paper, ["curriculum.stages.7.advance.patience=4"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.output_dir=runs/exp #2", "starts a YAML comment"),
+    ("train.output_dir=# all of it", "starts a YAML comment"),
+    ("train.eval_modes=[greedy", "not valid YAML"),
+    ("data.path=@x", "not valid YAML"),
+    ("train.eval_modes.0.mode=greedy", "train.eval_modes.0 is not a section"),
+    ("train.steps=true", "train.steps: expected a number, got true"),
+    ("train.dynamic_sampling=1", "train.dynamic_sampling: expected true or false, got 1"),
+    ("curriculum.stages.0.reward_weights.format=true", "curriculum.stages.0.reward_weights.format: expected a number"),
+])
+def test_an_override_is_refused_rather_than_read_otherwise(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_run_config(None, [override])
+
+
+def test_a_quoted_override_keeps_its_hash_and_numbers_stay_numbers():
+    config = load_run_config(None, ['train.output_dir="runs/exp #2"', "learner.lr=1", "data.path=a#b"])
+    assert config.train.output_dir == "runs/exp #2" and config.learner.lr == 1.0 and config.data.path == "a#b"
+
+
 def test_invalid_yaml_file_names_the_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner:\n  eps_low: 0.5\n  eps_high: 0.1\n")

@@ -58,6 +58,14 @@ def token_env(monkeypatch, tmp_path):
     loader.reset_cache()  # later tests in this process must see the real environment's token
 
 
+def test_a_run_name_yaml_would_read_as_a_number_stays_a_name():
+    from deploy.config import load_run_config
+
+    for name in ("20240501", "null", "on", "1e3"):
+        sets = jobs.job_overrides(run_name=name, overrides=[])
+        assert load_run_config(None, sets).train.run_name == name
+
+
 def test_token_lookup_follows_rays_order(token_env, monkeypatch, tmp_path):
     def rays_choice():
         token_env.reset_cache()
@@ -87,14 +95,14 @@ def test_token_path_that_names_no_file_is_an_error(token_env, monkeypatch, tmp_p
 
 def test_job_command_names_the_run_and_joins_its_cluster():
     sets = jobs.job_overrides(run_name="r-1", overrides=["train.steps=2", "learner.lr=1e-6"])
-    assert sets == ["train.run_name=r-1", "cluster.address=auto", "train.steps=2", "learner.lr=1e-6"]
+    assert sets == ['train.run_name="r-1"', "cluster.address=auto", "train.steps=2", "learner.lr=1e-6"]
     command = jobs.entrypoint("deploy/configs/tiny-cpu.yaml", overrides=sets)
-    assert shlex.split(command) == ["refocus", "train", "deploy/configs/tiny-cpu.yaml", "--set", "train.run_name=r-1",
+    assert shlex.split(command) == ["refocus", "train", "deploy/configs/tiny-cpu.yaml", "--set", 'train.run_name="r-1"',
                                     "--set", "cluster.address=auto", "--set", "train.steps=2",
                                     "--set", "learner.lr=1e-6"]
     # An address the user chose is kept, not replaced.
     assert jobs.job_overrides(run_name="r", overrides=["cluster.address=10.0.0.1:6379"]) == [
-        "train.run_name=r", "cluster.address=10.0.0.1:6379"]
+        'train.run_name="r"', "cluster.address=10.0.0.1:6379"]
     assert jobs.new_submission_id() != jobs.new_submission_id()
 
 
