@@ -67,6 +67,14 @@ class PlateauConfig(BaseModel):
             raise ValueError(
                 f"max_steps ({self.max_steps}) must be >= min_steps ({self.min_steps})"
             )
+        # The improvement exists from step 2w, so the earliest plateau is step 2w + patience - 1 (plateau.py).
+        earliest = max(self.min_steps, 2 * self.window + self.patience - 1)
+        if self.min_steps < self.max_steps < earliest:
+            raise ValueError(
+                f"max_steps ({self.max_steps}): the plateau rule can end the stage at step {earliest} at the "
+                f"earliest (2 x window + patience - 1), so it never would; raise max_steps, shorten window or "
+                f"patience, or set min_steps = max_steps for a stage of fixed length"
+            )
         return self
 
 

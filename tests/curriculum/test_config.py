@@ -32,6 +32,12 @@ def test_default_stages_follow_the_paper():
     assert config.start_stage == 0
 
 
+def test_a_plateau_rule_that_can_fire_or_a_fixed_length_is_accepted():
+    PlateauConfig(window=2, patience=1, min_steps=2, max_steps=4)  # the plateau at step 4 at the earliest
+    PlateauConfig(window=2, patience=1, min_steps=3, max_steps=3)  # a stage of fixed length
+    PlateauConfig(window=50, patience=20, min_steps=100, max_steps=119)
+
+
 def test_config_round_trips_through_plain_data():
     config = CurriculumConfig(start_stage=1, sampler=SamplerConfig(seed=3, filter_solved=True))
     assert CurriculumConfig.model_validate(config.model_dump()) == config
@@ -71,6 +77,9 @@ def test_the_rewards_packages_custom_component_can_be_weighted():
         (PlateauConfig, {"patience": 0}, "patience"),
         (PlateauConfig, {"min_steps": -1}, "min_steps"),
         (PlateauConfig, {"min_steps": 500, "max_steps": 499}, "max_steps"),
+        # window 2, patience 1: the earliest plateau is step 4, so a stage of at most 3 steps never sees one.
+        (PlateauConfig, {"window": 2, "patience": 1, "min_steps": 2, "max_steps": 3}, "at step 4 at the earliest"),
+        (PlateauConfig, {"window": 50, "patience": 20, "min_steps": 100, "max_steps": 118}, "at step 119"),
         (PlateauConfig, {"patiense": 3}, "patiense"),
         (SamplerConfig, {"seed": -1}, "seed"),
         (SamplerConfig, {"history": 0}, "history"),
