@@ -147,6 +147,12 @@ def cmd_eval(args) -> int:
     config = load_run_config(args.config or DEFAULT_CONFIG, args.set)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit: must be >= 1, got {args.limit}")
+    if args.run_dir is not None:  # before minutes of evaluation, not when the report is written
+        from deploy.driver import EVENTS_FILE
+
+        if not (Path(args.run_dir) / EVENTS_FILE).is_file():
+            raise FileNotFoundError(f"--run-dir: no {EVENTS_FILE} in {args.run_dir} (an RL run's directory: "
+                                    f"its curves come from the rewards of its steps)")
     # CHECKPOINT is a local model directory (e.g. <run>/checkpoints/step_N) or builtin:tiny / builtin:small.
     model_path = resolve_model_path(ModelConfig(path=args.checkpoint, cache_dir=config.model.cache_dir,
                                                 seed=config.model.seed))
