@@ -65,9 +65,9 @@ class ClusterConfig(BaseModel):
     min_rollout_workers: int = Field(1, ge=1, le=1024, description="`refocus scale` lower bound")
     max_rollout_workers: int = Field(64, ge=1, le=1024, description="`refocus scale` upper bound")
     reward_workers: int = Field(1, ge=1, le=1024, description="reward worker actors")
-    rollout_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each rollout worker")
-    rollout_gpus: float = Field(0.0, ge=0, description="GPUs reserved by each rollout worker")
-    reward_cpus: float = Field(0.25, gt=0, description="CPUs reserved by each reward worker")
+    rollout_cpus: float = Field(0.5, gt=0, le=1024, description="CPUs reserved by each rollout worker")
+    rollout_gpus: float = Field(0.0, ge=0, le=64, description="GPUs reserved by each rollout worker")
+    reward_cpus: float = Field(0.25, gt=0, le=1024, description="CPUs reserved by each reward worker")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts of a dead rollout/reward worker")
 
     @model_validator(mode="after")
@@ -183,6 +183,22 @@ class RunConfig(BaseModel):
                 f"learner.max_steps ({self.learner.max_steps}) must equal train.steps ({self.train.steps}) "
                 f"when learner.schedule is {self.learner.schedule!r}: the decay ends at max_steps"
             )
+        cluster = self.cluster
+        if cluster.address is None and cluster.num_cpus is not None:
+            # A local Ray of num_cpus CPUs: an actor that does not fit waits for them forever (the learner's
+            # placement group stays pending), so the run would hang instead of failing.
+            learner = self.learner.world_size * self.learner.num_cpus_per_rank
+            rl = learner + cluster.rollout_workers * cluster.rollout_cpus + cluster.reward_workers * cluster.reward_cpus
+            if rl > cluster.num_cpus:
+                raise ValueError(
+                    f"cluster.num_cpus ({cluster.num_cpus}) cannot hold RL's actors: {rl:g} CPUs (learner "
+                    f"{self.learner.world_size} x {self.learner.num_cpus_per_rank:g}, rollout "
+                    f"{cluster.rollout_workers} x {cluster.rollout_cpus:g}, reward {cluster.reward_workers} x "
+                    f"{cluster.reward_cpus:g})")
+            sft_rank = self.sft.num_cpus_per_rank if self.sft is not None else None
+            if sft_rank is not None and self.learner.world_size * sft_rank > cluster.num_cpus:
+                raise ValueError(f"sft.num_cpus_per_rank ({sft_rank:g}) x learner.world_size "
+                                 f"({self.learner.world_size}) exceeds cluster.num_cpus ({cluster.num_cpus})")
         if self.train.prompts_per_step % self.cluster.rollout_workers:
             raise ValueError(
                 f"train.prompts_per_step ({self.train.prompts_per_step}) must divide evenly across "

@@ -130,6 +130,22 @@ def test_a_quoted_override_keeps_its_hash_and_numbers_stay_numbers():
     assert config.train.output_dir == "runs/exp #2" and config.learner.lr == 1.0 and config.data.path == "a#b"
 
 
+@pytest.mark.parametrize("overrides, message", [
+    # small-cpu's RL: learner 1 + rollout 1 x 0.5 + reward 1 x 0.25 = 1.75 CPUs; its SFT rank takes 2.
+    (["cluster.num_cpus=1"], r"cluster.num_cpus \(1\) cannot hold RL's actors: 1.75 CPUs"),
+    (["sft.num_cpus_per_rank=3"], r"sft.num_cpus_per_rank \(3\) x learner.world_size \(1\) exceeds"),
+    (["cluster.rollout_cpus=.inf"], "cluster.rollout_cpus"),
+    (["learner.num_cpus_per_rank=.nan"], "learner.num_cpus_per_rank"),
+])
+def test_a_local_ray_that_cannot_hold_the_actors_fails_at_load(overrides, message):
+    small = [p for p in shipped_configs() if p.name == "small-cpu.yaml"][0]
+    load_run_config(small)  # as shipped it fits its 2 CPUs
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(small, overrides)
+    # On a cluster Ray decides where actors fit: not checked.
+    load_run_config(small, ["cluster.address=auto", "cluster.num_cpus=1"])
+
+
 def test_invalid_yaml_file_names_the_file_and_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("learner:\n  eps_low: 0.5\n  eps_high: 0.1\n")

@@ -39,7 +39,7 @@ def test_sft_config_checks_batch_geometry():
         SFTConfig(batch_samples=10, micro_batch_samples=4)
     with pytest.raises(ValueError, match="sft.batch_samples"):
         load_run_config(TINY_CPU, ["sft.batch_samples=6", "sft.micro_batch_samples=3", "learner.world_size=4",
-                                   "learner.micro_batch_samples=4"])
+                                   "learner.micro_batch_samples=4", "cluster.num_cpus=null"])
 
 
 def test_sft_learner_takes_sfts_batch_optimiser_and_cpus():
