@@ -157,4 +157,8 @@ class RolloutConfig(BaseModel):
         if self.env.max_completion_tokens >= self.engine.max_model_len:
             raise ValueError(f"env.max_completion_tokens ({self.env.max_completion_tokens}) must be < "
                              f"engine.max_model_len ({self.engine.max_model_len}); the prompt needs room too")
+        if self.engine.backend == "hf" and self.sampling.n > self.engine.max_batch_sequences:
+            # A prompt's n samples are generated in one call, so a smaller bound could not hold.
+            raise ValueError(f"engine.max_batch_sequences ({self.engine.max_batch_sequences}) must be >= "
+                             f"sampling.n ({self.sampling.n}): one prompt's samples are generated together")
         return self

@@ -183,6 +183,9 @@ class RunConfig(BaseModel):
                 f"learner.max_steps ({self.learner.max_steps}) must equal train.steps ({self.train.steps}) "
                 f"when learner.schedule is {self.learner.schedule!r}: the decay ends at max_steps"
             )
+        if self.train.verify_weight_sync and self.rollout.engine.backend == "vllm" and not self.rollout.engine.track_checksum:
+            raise ValueError("train.verify_weight_sync compares vLLM's checksum of the weights it loaded: it needs "
+                             "rollout.engine.track_checksum=true")
         cluster = self.cluster
         if cluster.address is None and cluster.num_cpus is not None:
             # A local Ray of num_cpus CPUs: an actor that does not fit waits for them forever (the learner's

@@ -149,6 +149,10 @@ class WeightsChecksum:
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         self._digests[name] = h.hexdigest()
 
+    def update(self, later: WeightsChecksum) -> None:
+        """Take in the weights ``later`` hashed, replacing those of the same names (a partial reload)."""
+        self._digests.update(later._digests)
+
     def hexdigest(self) -> str:
         total = hashlib.sha256()
         for name in sorted(self._digests):

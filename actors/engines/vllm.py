@@ -32,7 +32,6 @@ from actors.engines.base import (
     check_generate_args,
     collapse_image_pads,
     eos_token_ids,
-    state_dict_checksum,
     ties_word_embeddings,
 )
 
@@ -115,7 +114,8 @@ class VLLMEngine(RolloutEngine):
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.dtype = getattr(torch, config.dtype)
         self._version = 0
-        self._checksum: str | None = None  # of the last loaded weights; None = the checkpoint's (computed on demand)
+        # Hashes of the weights loaded so far, by name; None = the checkpoint's (computed on demand), "" = not tracked.
+        self._checksum: WeightsChecksum | str | None = None
         log.info("vllm engine: %s (%s, tp=%d)", self.model_path, config.dtype, config.tensor_parallel_size)
 
     @property
@@ -185,9 +185,18 @@ class VLLMEngine(RolloutEngine):
         self._llm.llm_engine.reset_encoder_cache()
         self._llm.reset_prefix_cache()
         self._version = version
-        self._checksum = checksum.hexdigest() if checksum is not None else ""
+        if checksum is None:
+            self._checksum = ""
+        elif isinstance(self._checksum, WeightsChecksum):
+            self._checksum.update(checksum)  # a partial set replaces only what it names
+        else:
+            # The first load, the checkpoint's weights not hashed. Were it partial, the checksum lacks the
+            # weights it left, so it differs from the learner's: a sync check fails rather than passes.
+            self._checksum = checksum
 
     def weights_checksum(self) -> str:
+        """The hash of the weights streamed into vLLM's loader (the checkpoint's before any load): it proves
+        what arrived, under HF names, not how vLLM's loader placed them (its fused tensors have other names)."""
         if self._checksum == "":
             raise RuntimeError("weights_checksum: engine.track_checksum is off")
         if self._checksum is None:
@@ -196,9 +205,11 @@ class VLLMEngine(RolloutEngine):
             from transformers import AutoModelForImageTextToText
 
             model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
-            self._checksum = state_dict_checksum(model.state_dict().items(), tie_word_embeddings=self.tied)
+            self._checksum = WeightsChecksum(tie_word_embeddings=self.tied)
+            for name, tensor in model.state_dict().items():
+                self._checksum.add(name, tensor)
             del model
-        return self._checksum
+        return self._checksum.hexdigest()
 
     def close(self) -> None:
         import gc
