@@ -6,9 +6,9 @@ it directly. Through Ray, call ``score_request`` with a ``ScoreRequest`` (built 
 cost per completion is ~15 microseconds. Requests and results cross the actor boundary by column
 (an Arrow string array, numpy arrays): a few buffers to copy instead of ~10k Python objects to pickle.
 
-Boxes of a trajectory's final answer are read in the configured frame of the FULL image
-(``RewardConfig.frame``); zoom crops do not change the frame of the answer. Pass explicit
-``FrameSpec``s to ``score`` (or ``ScoreRequest.from_rows``) where that is not so.
+Boxes of a final answer are read in the frame its caller gives per completion; None is the configured frame
+of the FULL image (``RewardConfig.frame``). After a zoom the answer is in the last crop's frame (the
+environment tells the model so): the driver passes ``actors.env.answer_frame`` of each trajectory.
 """
 
 from __future__ import annotations
@@ -334,15 +334,17 @@ class RewardWorker:
             return RewardColumns.of(batch)
 
     def score_groups(
-        self, groups: Sequence[TrajectoryGroup], *, stage_weights: Mapping[int, Mapping[str, float]]
+        self, groups: Sequence[TrajectoryGroup], *, stage_weights: Mapping[int, Mapping[str, float]],
+        frames: Sequence[FrameSpec | None] | None = None,
     ) -> RewardBatch:
         """Rewards of every trajectory, group after group, each group weighted by the curriculum stage
         it was issued under; ``apply_rewards(groups, result)`` writes them into the trajectories.
+        ``frames``: per trajectory, the frame of its final answer (None: the config's; see the module).
 
         Through Ray this ships whole groups (images, token ids): send ``requests_for_groups``'
         requests to ``score_request`` instead and ``merge_batches`` the results (see its docstring).
         """
-        parts = requests_for_groups(groups, stage_weights=stage_weights)
+        parts = requests_for_groups(groups, stage_weights=stage_weights, frames=frames)
         scored = [(rows, self.score_request(request)) for rows, request in parts]
         return merge_batches(scored, total=sum(len(g.trajectories) for g in groups))
 

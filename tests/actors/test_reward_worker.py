@@ -144,6 +144,24 @@ def test_score_groups_uses_each_groups_stage_weights():
         worker.score_groups([_group("c", 7, [GOOD], MOTH)], stage_weights=stage_weights)
 
 
+def test_score_groups_reads_a_zoomed_answer_in_its_crops_frame():
+    """After a zoom onto [50, 50, 100, 100] of the 100x100 image the model answers in the crop's pixels (the
+    environment says so): its box [0, 0, 50, 50] in the crop is the animal at [50, 50, 100, 100]."""
+    from actors.env import ImageLimits, answer_frame
+
+    animal = Target(present=True, category="moth", boxes=[[50, 50, 100, 100]], width=100, height=100)
+    text = '<think>a</think><answer>{"present": true, "category": "moth", "boxes": [[0, 0, 50, 50]]}</answer>'
+    group = _group("z", 0, [text], animal)
+    group.trajectories[0].zoom_boxes = [[50.0, 50.0, 100.0, 100.0]]
+    limits = ImageLimits(factor=28, min_pixels=28 * 28, max_pixels=112 * 112)
+    frame = answer_frame(kind="original", width=100, height=100, zoom_boxes=group.trajectories[0].zoom_boxes,
+                         limits=limits, zoom_pixels=112 * 112)
+    worker = RewardWorker(CONFIG)
+    weights = {0: {"iou": 1.0}}
+    assert worker.score_groups([group], stage_weights=weights, frames=[frame]).totals == [pytest.approx(1.0)]
+    assert worker.score_groups([group], stage_weights=weights).totals == [0.0]  # read in the full image: no overlap
+
+
 def test_requests_for_groups_carry_only_what_scoring_needs():
     groups = [_group("a", 2, [GOOD, NONE], MOTH), _group("b", 1, [DETECT], CRABS), _group("c", 2, [""], EMPTY)]
     stage_weights = {1: {"iou": 1.0}, 2: {"format": 1.0}}
