@@ -10,8 +10,11 @@ rates are left to PromQL (``rate(refocus_generated_tokens_total[1m])``).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from actors.buffer import STAT_PUT_TIMEOUTS, STAT_PUT_WAIT_S, STAT_SPILL_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,19 @@ ROLLOUT_WORKERS = "refocus_rollout_workers"
 ZOOM_TURNS = "refocus_zoom_turns"
 WORKER_RESTARTS = "refocus_worker_restarts_total"
 BAD_ROWS = "refocus_bad_rows_total"
+TRAJECTORIES_FINISHED = "refocus_trajectories_finished_total"
+STRICT_VIOLATIONS = "refocus_strict_violations_total"
+BUFFER_PUT_WAIT_SECONDS = "refocus_buffer_put_wait_seconds_total"
+BUFFER_PUT_TIMEOUTS = "refocus_buffer_put_timeouts_total"
+BUFFER_SPILL_FAILURES = "refocus_buffer_spill_failures_total"
 
 # Every series a job exports (the Grafana dashboard test checks the dashboard against this).
 EXPORTED = (
     GENERATED_TOKENS, GENERATED_TRAJECTORIES, GENERATED_GROUPS, TRAINED_TOKENS, TRAINED_GROUPS,
     LEARNER_STEPS, LEARNER_STEP_SECONDS, WEIGHT_SYNC_SECONDS, WEIGHT_VERSION, WEIGHT_VERSION_LAG,
     BUFFER_DEPTH, GROUP_STALENESS, GROUPS_DROPPED, REWARD_MEAN, CURRICULUM_STAGE, CURRICULUM_TRANSITIONS,
-    PARSE_FAILURES, ROLLOUT_WORKERS, ZOOM_TURNS, WORKER_RESTARTS, BAD_ROWS,
+    PARSE_FAILURES, ROLLOUT_WORKERS, ZOOM_TURNS, WORKER_RESTARTS, BAD_ROWS, TRAJECTORIES_FINISHED,
+    STRICT_VIOLATIONS, BUFFER_PUT_WAIT_SECONDS, BUFFER_PUT_TIMEOUTS, BUFFER_SPILL_FAILURES,
 )
 
 
@@ -108,6 +117,25 @@ class RunMetrics:
         self.bad_rows = Counter(
             _counter_name(BAD_ROWS), "Data set rows skipped or clamped, by reason", ["reason"], registry=r
         )
+        self.trajectories_finished = Counter(
+            _counter_name(TRAJECTORIES_FINISHED), "Trajectories by how they ended: stop, length (token budget), "
+            "turns (zoom turns spent), bad_zoom (a malformed zoom request)", ["reason"], registry=r
+        )
+        self.strict_violations = Counter(
+            _counter_name(STRICT_VIOLATIONS), "Completions that break the strict grammar, by violation (scored 0 "
+            "in the strict format; in the lenient one their answer still counts)", ["reason"], registry=r
+        )
+        # The buffer counts these itself; the driver adds what changed since it last asked (BufferCounters).
+        self.buffer_put_wait_seconds = Counter(
+            _counter_name(BUFFER_PUT_WAIT_SECONDS), "Seconds rollout workers spent blocked on a full buffer "
+            "(backpressure: the learner is the bottleneck)", registry=r
+        )
+        self.buffer_put_timeouts = Counter(
+            _counter_name(BUFFER_PUT_TIMEOUTS), "Groups refused after waiting for buffer space", registry=r
+        )
+        self.buffer_spill_failures = Counter(
+            _counter_name(BUFFER_SPILL_FAILURES), "Buffer spill files that could not be written", registry=r
+        )
 
     def serve(self, *, host: str, port: int) -> int:
         """Serve ``/metrics`` on host:port (port 0 = a free one); returns the bound port."""
@@ -122,3 +150,21 @@ class RunMetrics:
         if server is not None:
             server.shutdown()
             server.server_close()
+
+
+class BufferCounters:
+    """Adds to the run's buffer counters what the buffer's own cumulative counts (``TrajectoryBuffer.stats``)
+    gained since the last update: Prometheus counters only go up, and the buffer keeps totals."""
+
+    def __init__(self, metrics: RunMetrics) -> None:
+        self._counters = {STAT_PUT_WAIT_S: metrics.buffer_put_wait_seconds,
+                          STAT_PUT_TIMEOUTS: metrics.buffer_put_timeouts,
+                          STAT_SPILL_FAILURES: metrics.buffer_spill_failures}
+        self._last = dict.fromkeys(self._counters, 0.0)
+
+    def update(self, stats: Mapping[str, float]) -> None:
+        for key, counter in self._counters.items():
+            value = float(stats.get(key, 0.0))
+            if value > self._last[key]:
+                counter.inc(value - self._last[key])
+            self._last[key] = value

@@ -33,6 +33,7 @@ from actors.types import PromptGroup, Trajectory, TrajectoryGroup
 log = logging.getLogger(__name__)
 
 FINISH_TURNS = "turns"  # the last allowed turn asked for another zoom
+FINISH_BAD_ZOOM = "bad_zoom"  # a malformed zoom request ended the sample (its box unreadable or empty)
 
 # Counters of stats() (cumulative over the worker's life).
 STAT_GROUPS = "rollout/groups"
@@ -239,7 +240,7 @@ class RolloutWorker:
             return False
         if outcome == BAD_ZOOM:
             self._stats[STAT_BAD_ZOOMS] += 1
-            sample.finish_reason = FINISH_STOP
+            sample.finish_reason = FINISH_BAD_ZOOM
             return False
         if sample.turns >= self.config.env.max_turns:
             sample.finish_reason = FINISH_TURNS

@@ -37,9 +37,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.buffer import BufferConfig, TrajectoryBuffer
+from actors.buffer import STAT_DEPTH, BufferConfig, TrajectoryBuffer
 from actors.env import ImageLimits, answer_frame
-from actors.metrics import RunMetrics
+from actors.metrics import BufferCounters, RunMetrics
 from actors.types import PromptGroup, TrajectoryGroup
 from curriculum.manager import CurriculumManager
 from curriculum.sampler import PromptSampler
@@ -137,6 +137,7 @@ class Driver:
             refuse_earlier_run(self.out, setting=OUTPUT_DIR_SETTING)
         self.ledger = GroupLedger()
         self.metrics = RunMetrics()
+        self._buffer_counters = BufferCounters(self.metrics)
         self.metrics_port: int | None = None
         self.step = 0
         self.version = 0
@@ -263,7 +264,9 @@ class Driver:
         """Groups in the buffer (also what the buffer-depth gauge shows)."""
         import ray
 
-        depth = ray.get(self.buffer.__len__.remote())
+        stats = ray.get(self.buffer.stats.remote())
+        self._buffer_counters.update(stats)
+        depth = int(stats[STAT_DEPTH])
         self.metrics.buffer_depth.set(depth)
         return depth
 
@@ -362,6 +365,7 @@ class Driver:
             self.metrics.generated_groups.inc()
             for t in group.trajectories:
                 self.metrics.zoom_turns.observe(1 + len(t.zoom_images))
+                self.metrics.trajectories_finished.labels(reason=t.finish_reason).inc()
         if groups:
             self._score(groups)
 

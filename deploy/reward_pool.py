@@ -116,6 +116,9 @@ class RewardPool:
         for failure in batch.failures:
             if failure is not None:
                 self.metrics.parse_failures.labels(reason=failure).inc()
+        for violation in batch.strict_violations:
+            if violation is not None:
+                self.metrics.strict_violations.labels(reason=violation).inc()
         return scoring.groups
 
     def _recover(self, index: int) -> None:

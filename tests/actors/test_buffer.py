@@ -243,6 +243,27 @@ def test_stale_groups_do_not_hold_capacity_against_a_put():
     assert buffer.accounting().dropped == {DROP_STALE: 1}
 
 
+def test_the_buffers_own_counts_reach_the_runs_prometheus_counters():
+    """BufferCounters adds what the buffer's cumulative counts gained since the last update, once."""
+    from actors.metrics import BufferCounters, RunMetrics
+
+    metrics = RunMetrics()
+    counters = BufferCounters(metrics)
+    buffer = TrajectoryBuffer(BufferConfig(capacity=1, put_timeout_s=0.05))
+    buffer.put(make_group("a"))
+    with pytest.raises(TimeoutError):
+        buffer.put(make_group("b"))  # full: waits 0.05 s, then is refused
+
+    def value(name):
+        return metrics.registry.get_sample_value(name) or 0.0
+
+    counters.update(buffer.stats())
+    waited = value("refocus_buffer_put_wait_seconds_total")
+    assert waited >= 0.05 and value("refocus_buffer_put_timeouts_total") == 1.0
+    counters.update(buffer.stats())  # nothing new: nothing added
+    assert value("refocus_buffer_put_wait_seconds_total") == waited and value("refocus_buffer_put_timeouts_total") == 1
+
+
 # ---- spill and restore -----------------------------------------------------------------------------
 def test_spill_restore_returns_each_group_exactly_once(tmp_path):
     config = BufferConfig(capacity=16, max_staleness=1, spill_dir=str(tmp_path))

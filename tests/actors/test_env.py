@@ -36,6 +36,7 @@ from actors.env import (
     zoom_size,
 )
 from actors.rollout import (
+    FINISH_BAD_ZOOM,
     FINISH_TURNS,
     STAT_BAD_ZOOMS,
     STAT_ENV_TOKENS,
@@ -357,7 +358,7 @@ def test_zoom_on_the_last_turn_ends_with_turns(tiny_model_dir, processor):
 def test_a_malformed_zoom_ends_the_sample_and_is_counted(tiny_model_dir, processor):
     worker = _worker(tiny_model_dir, processor, lambda turn, j: "<think>x</think><zoom>[1, 2]</zoom>", n=1)
     [trajectory] = worker.generate_groups([_prompt()])[0].trajectories
-    assert trajectory.finish_reason == FINISH_STOP and trajectory.zoom_boxes == []
+    assert trajectory.finish_reason == FINISH_BAD_ZOOM and trajectory.zoom_boxes == []
     assert worker.stats()[STAT_BAD_ZOOMS] == 1 and len(worker.engine.requests) == 1
 
 

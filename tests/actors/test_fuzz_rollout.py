@@ -31,7 +31,7 @@ from actors.config import RolloutConfig
 from actors.engines.base import FINISH_LENGTH, FINISH_STOP, EngineSample, RolloutEngine, truncate_at_stop
 from actors.env import BAD_ZOOM, NO_ZOOM, ZOOM, ImageLimits, answer_frame, parse_zoom
 from actors.reward import RewardWorker, apply_rewards, merge_batches, requests_for_groups
-from actors.rollout import FINISH_TURNS, STAT_BAD_PROMPTS, RolloutWorker
+from actors.rollout import FINISH_BAD_ZOOM, FINISH_TURNS, STAT_BAD_PROMPTS, RolloutWorker
 from actors.types import PromptGroup, Target
 from rewards.components import RANGES
 from rewards.config import RewardConfig
@@ -204,7 +204,7 @@ def test_adversarial_completions_through_the_zoom_environment_and_rewards(worker
             assert len(t.completion_ids) == len(t.loss_mask) == len(t.behaviour_logprobs) <= MAX_COMPLETION
             assert len(t.prompt_ids) + len(t.completion_ids) <= MAX_MODEL_LEN
             assert len(t.zoom_images) == len(t.zoom_boxes) <= MAX_TURNS - 1
-            assert t.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_TURNS)
+            assert t.finish_reason in (FINISH_STOP, FINISH_LENGTH, FINISH_TURNS, FINISH_BAD_ZOOM)
             event(f"zooms served: {len(t.zoom_boxes)}; finish: {t.finish_reason}")
             for x1, y1, x2, y2 in t.zoom_boxes:  # crops lie inside the original image
                 assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
