@@ -47,7 +47,8 @@ class DataConfig(BaseModel):
         False, description="RL: show every other prompt group mirrored left-right (image and boxes), views of "
         "the labelled images that SFT, which does not mirror, never saw")
     eval_splits: list[str] = Field(
-        default_factory=lambda: ["test_easy", "test_hard"], description="splits evaluated at the end"
+        default_factory=lambda: ["test_easy", "test_hard"], min_length=1,
+        description="splits evaluated at the end (train.eval_at_end=false evaluates none)"
     )
     max_bad_fraction: float = Field(
         0.5, ge=0.0, le=1.0, description="fail fast when more than this share of rows is unusable"

@@ -15,15 +15,26 @@ _NON_WORD_RE = re.compile(r"[\W_]+")
 _NO_CATEGORY = frozenset({"", "none", "null"})
 
 
-@lru_cache(maxsize=65_536)
+# Names longer than this are normalised without the cache: a model's runaway "category" (up to the parser's
+# max_chars) would otherwise keep up to 65,536 of them alive per reward worker.
+_CACHED_NAME_CHARS = 64
+
+
 def normalize_category(text: str) -> str:
     """Lower case, punctuation/underscores → spaces, whitespace collapsed, plural 's' dropped per word.
 
     The plural rule only strips one trailing 's' from words longer than 3 letters not ending in "ss",
     applied to both sides alike, so "Moths" == "moth" and "grass" stays "grass".
     """
+    return _normalize_cached(text) if len(text) <= _CACHED_NAME_CHARS else _normalize(text)
+
+
+def _normalize(text: str) -> str:
     words = _NON_WORD_RE.sub(" ", text.lower()).split()
     return " ".join(w[:-1] if len(w) > 3 and w.endswith("s") and not w.endswith("ss") else w for w in words)
+
+
+_normalize_cached = lru_cache(maxsize=65_536)(_normalize)
 
 
 def names_a_category(text: str | None) -> bool:

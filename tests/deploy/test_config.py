@@ -53,6 +53,7 @@ INVALID = [
     (["learner.global_batch_samples=12"], "learner.global_batch_samples"),
     (["cluster.rollout_workers=3"], "cluster.rollout_workers"),
     (["learner.world_size=3"], "world_size"),
+    (["data.eval_splits=[]"], "data.eval_splits"),
     (["train.verify_weight_sync=true", "rollout.engine.backend=vllm", "rollout.engine.track_checksum=false"],
      "rollout.engine.track_checksum=true"),
     (["rollout.engine.backend=hf", "rollout.engine.max_batch_sequences=2"], "engine.max_batch_sequences (2) must be >="),

@@ -67,6 +67,17 @@ def test_synonym_listed_twice_is_rejected():
         build_synonym_index({"moth": ["miller"], "butterfly": ["Moths"]})
 
 
+def test_a_runaway_category_is_normalised_without_being_cached():
+    from rewards.category import _normalize_cached
+
+    before = _normalize_cached.cache_info().currsize
+    runaway = "Moths " * 5000  # a model looping inside its "category" string
+    assert normalize_category(runaway) == " ".join(["moth"] * 5000)
+    assert _normalize_cached.cache_info().currsize == before
+    normalize_category("a name not seen before in this process")
+    assert _normalize_cached.cache_info().currsize == before + 1
+
+
 def test_normalize_category():
     assert normalize_category("  The   Stick-Insects! ") == "the stick insect"
 
