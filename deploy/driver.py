@@ -549,6 +549,7 @@ class Driver:
         path = latest_complete(self.out / CHECKPOINTS_DIR)
         if path is None:
             log.info("resume: no complete checkpoint under %s; starting fresh", self.out / CHECKPOINTS_DIR)
+            trim_events(self.out / EVENTS_FILE, last_step=0)  # what a crashed run logged is trained anew
             return
         extra = self.learner.load_checkpoint(path)
         self.step, self.version = extra["step"], extra["version"]
