@@ -208,7 +208,8 @@ class RolloutFleet:
 
     def verify(self, version: int) -> dict:
         """Compare every worker's weight checksum with the current buckets'; records and returns the
-        comparison, and raises if any worker differs."""
+        comparison, and raises if any worker differs. A worker Ray restarted since the sync holds its initial
+        weights: it is served the current ones and asked again (a restart must not end the run)."""
         import ray
 
         import torch
@@ -220,7 +221,17 @@ class RolloutFleet:
         # a bfloat16 engine holds it, or every verification on a GPU would differ.
         engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
         learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied(), dtype=engine_dtype)
-        worker_sums = ray.get([w.handle.weights_checksum.remote() for w in workers])
+        refs = [w.handle.weights_checksum.remote() for w in workers]
+        worker_sums = []
+        for worker, ref in zip(workers, refs):
+            try:
+                checksum = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                checksum = None  # died since the sync
+            if checksum != learner_sum and self.recover(worker):
+                self.send_current([worker])
+                checksum = ray.get(worker.handle.weights_checksum.remote())
+            worker_sums.append(checksum)
         record = {"version": version, "learner": learner_sum,
                   "workers": dict(zip((w.name for w in workers), worker_sums))}
         self.checksums.append(record)

@@ -137,6 +137,21 @@ def test_verify_compares_the_learners_weights_as_a_bfloat16_engine_holds_them(ra
     fleet.kill()
 
 
+def test_verify_serves_a_worker_restarted_since_the_sync_and_asks_again(ray_cluster, tiny_model_dir):
+    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path=tiny_model_dir, metrics=RunMetrics())
+    actor = ray.remote(HeldWeights).options(num_cpus=0, max_restarts=1)
+    fleet.workers = [FleetWorker(name=f"held-{i}", handle=actor.remote(torch.float32)) for i in range(2)]
+    fleet.await_started()
+    exported = [("w", torch.tensor([1.0, 2.0]))]
+    fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=exported)])
+    os.kill(fleet.workers[1].pid, signal.SIGKILL)  # dies after the sync, before the check
+    record = fleet.verify(1)
+    assert set(record["workers"].values()) == {record["learner"]}
+    assert fleet.workers[1].version == 1
+    assert fleet.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "rollout"}) == 1
+    fleet.kill()
+
+
 class SlowReceiver(HeldWeights):
     """Takes three seconds over each weights bucket, so that a sync is still going when the fleet is rescaled."""
 
