@@ -10,8 +10,8 @@ over their last checkpoints instead of at their last one:
                  (``sft.average_last``), else its last checkpoint
     sft_control  the control's checkpoints at their training wall time; with ``--reuse`` the earlier run's control
                  is the first point and this run's checkpoints continue it (its wall time added)
-    rl           RL's checkpoints at their step's wall time (``events.jsonl``; RL's start-up is not counted, while
-                 the control was given RL's whole stage time)
+    rl           RL's checkpoints at their step's wall time (``events.jsonl``: training time, start-up not counted,
+                 as the control's clock and the RL seconds the control is given)
 
 Any other run directory with checkpoints (``refocus train`` without SFT, ``refocus sft --out DIR``) gives one
 series, ``run``, and no margin: how one run's checkpoints scatter, and what their average is worth.

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -137,6 +138,13 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
     if earlier is not None:
         reused_control = earlier_control(earlier)
         take_earlier_sft(earlier, out, steps=config.sft.steps)
+    if (out / CONTROL_DIR / CONTROL_SUMMARY_FILE).is_file():
+        # This --out's own control, from an earlier call of the bench: taken or continued as a reused one is.
+        reused_control = earlier_control(out)
+    elif (out / CONTROL_DIR).exists():
+        # A control that did not finish: training a new one beside its checkpoints would mix the two.
+        log.warning("removing %s: an SFT control that did not finish", out / CONTROL_DIR)
+        shutil.rmtree(out / CONTROL_DIR)
     pipeline = run_pipeline(config, resume=True)
     rl_seconds = pipeline["stages"]["rl"]["wall_s"]
     sft_checkpoint, sft_model = pipeline["sft_checkpoint"], pipeline["sft_model"]

@@ -35,7 +35,8 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
     """Draw ``rows`` (data set rows) into a PNG grid at ``out_path``; returns the sheet's (width, height).
 
     Each image is scaled to fit a ``tile`` x ``tile`` square; its label line reads
-    "category difficulty" (or "absent"), and "pred: category" when a prediction is given.
+    "category difficulty" ("present" for an object without a category, "absent" for none), and
+    "pred: category" alike when a prediction is given.
     An undecodable image is drawn as an empty tile labelled so, never an error.
     """
     if columns < 1 or tile < 16:
@@ -49,7 +50,7 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
     for index, row in enumerate(rows):
         left, top = (index % columns) * tile, (index // columns) * cell_height
         scale = _paste(sheet, row, left=left, top=top, tile=tile)
-        label = f"{row.get('category') or 'absent'} {row.get('difficulty', '')}".strip()
+        label = f"{_verdict(row)} {row.get('difficulty', '')}".strip()
         if scale is None:
             label = "undecodable image"
         else:
@@ -60,7 +61,7 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
             if predicted is None:
                 text = "pred: none"
             else:
-                text = f"pred: {predicted.get('category') or 'absent'}"
+                text = f"pred: {_verdict(predicted)}"
                 if scale is not None:
                     _boxes(draw, predicted.get("zoom_boxes") or [], left=left, top=top, scale=scale,
                            colour=ZOOM_COLOUR)
@@ -68,6 +69,12 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
             draw.text((left + 2, top + tile + LINE_HEIGHT), text, fill=PRED_COLOUR, font=font)
     sheet.save(os.fspath(out_path), format="PNG", compress_level=6)
     return width, height
+
+
+def _verdict(answer: Mapping[str, Any]) -> str:
+    """What a row or a prediction says: its category, else whether an object is there (CAMO-style imports and
+    answers name no category)."""
+    return answer.get("category") or ("present" if answer.get("present") else "absent")
 
 
 def _paste(sheet: Image.Image, row: Mapping[str, Any], *, left: int, top: int, tile: int) -> float | None:
@@ -92,5 +99,7 @@ def _boxes(draw: ImageDraw.ImageDraw, boxes: Sequence[Sequence[float]], *, left:
         except (TypeError, ValueError):
             continue  # a malformed predicted box is skipped, not drawn
         if all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1:
-            # Box edges are pixel edges: the last covered pixel ends at x2, so draw up to x2 - 1.
-            draw.rectangle((left + x1, top + y1, left + x2 - 1, top + y2 - 1), outline=colour, width=1)
+            # Box edges are pixel edges: the last covered pixel ends at x2, so draw up to x2 - 1 (at least one
+            # pixel: a box thinner than a pixel at this scale is still drawn).
+            draw.rectangle((left + x1, top + y1, left + max(x1, x2 - 1), top + max(y1, y2 - 1)), outline=colour,
+                           width=1)

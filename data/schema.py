@@ -159,6 +159,13 @@ def validate_row(row: Any, *, decode_image: bool = True) -> list[str]:
     return problems
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float (10**400)
+        return False
+
+
 def _box_problems(boxes: list[Any], *, width: int, height: int) -> list[str]:
     problems = []
     for i, box in enumerate(boxes):
@@ -168,7 +175,7 @@ def _box_problems(boxes: list[Any], *, width: int, height: int) -> list[str]:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
             problems.append(f"boxes[{i}]: expected 4 numbers")
             continue
-        if not all(math.isfinite(v) for v in box):
+        if not all(_finite(v) for v in box):
             problems.append(f"boxes[{i}]: non-finite coordinate")
             continue
         x1, y1, x2, y2 = clamp_box(list(box), width=width, height=height)

@@ -48,6 +48,8 @@ __all__ = ["CATEGORIES", "SplitSpec", "SynthConfig", "SynthReport", "Sample", "g
 
 log = logging.getLogger(__name__)
 
+SYNTH_CONFIG_FILE = "synth_config.json"  # the SynthConfig a directory's set was generated with
+
 PNG_COMPRESS_LEVEL = 1  # fixed (byte-identical files per seed); level 1: noisy images barely shrink further
 CONTACT_SHEET_COLUMNS = 8
 _REFERENCE_SIZE = 112.0  # edge blur and shadow offsets are specified at this image size
@@ -275,6 +277,7 @@ def write_dataset(config: SynthConfig, *, out_dir: str | os.PathLike[str],
         write_rows(tracked(split_index, spec.name), files[spec.name])
     sheet = out / "contact_sheet.png"
     draw_contact_sheet(sheet_rows, out_path=sheet, columns=CONTACT_SHEET_COLUMNS)
+    (out / SYNTH_CONFIG_FILE).write_text(config.model_dump_json(indent=2))
     report = SynthReport(out_dir=out, files=files, counts=counts, contact_sheet=sheet,
                          seconds=time.perf_counter() - start, per_split_absent=dict(absent))
     log.info("synthesized %d images into %s in %.1f s: %s", config.n, out, report.seconds, counts)

@@ -90,10 +90,29 @@ def prepare_training_data(config) -> TrainingData:
 
         log.info("generating the synthetic data set in %s (%d images)", config.path, config.synth_n)
         synthesize(out_dir=config.path, seed=config.synth_seed, n=config.synth_n)
+    else:
+        warn_if_another_synthetic_set(config)
     data = load_training_data(split_file, max_bad_fraction=config.max_bad_fraction, limit=config.train_limit,
                               difficulty=config.train_difficulty)
     data.mirror = config.rl_mirror
     return data
+
+
+def warn_if_another_synthetic_set(config) -> None:
+    """A set already in ``data.path`` is used as it is; say so when it was generated with another seed or size
+    than ``data.synth_seed`` / ``data.synth_n`` ask (they apply only to a set that is missing)."""
+    import json
+
+    from data.synth import SYNTH_CONFIG_FILE
+
+    record = Path(config.path) / SYNTH_CONFIG_FILE
+    if not config.synth or not record.is_file():
+        return
+    made = json.loads(record.read_text())
+    if (made.get("seed"), made.get("n")) != (config.synth_seed, config.synth_n):
+        log.warning("data.path %s holds a synthetic set of seed %s and %s images, not data.synth_seed=%d and "
+                    "data.synth_n=%d: it is used as it is (set another data.path for a new set)", config.path,
+                    made.get("seed"), made.get("n"), config.synth_seed, config.synth_n)
 
 
 def load_training_data(path: str | Path, *, max_bad_fraction: float, limit: int | None = None,

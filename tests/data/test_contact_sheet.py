@@ -47,3 +47,19 @@ def test_undecodable_images_are_drawn_as_labelled_empty_tiles(tmp_path):
     assert size == (256, 64 + LINE_HEIGHT)
     with Image.open(tmp_path / "s.png") as sheet:
         assert sheet.convert("RGB").getpixel((10, 10)) == BACKGROUND
+
+
+def test_labels_say_present_without_a_category_and_thin_boxes_are_drawn(tmp_path):
+    """A CAMO-style row (an object, no category) and an answer naming none read "present", not "absent"; a box
+    thinner than a pixel at the tile's scale (0.5 px of a 56 px image in a 16 px tile) is drawn, not an error."""
+    from data.contact_sheet import _verdict
+
+    row = {**_row("a", [[10, 10, 10.5, 40]]), "category": None, "present": True}
+    assert _verdict(row) == "present" and _verdict({"present": False, "category": None}) == "absent"
+    assert _verdict({"present": True, "category": "moth"}) == "moth"
+    predictions = {"a": {"present": True, "category": None, "boxes": [[30, 30, 30.1, 30.2]]}}
+    size = draw_contact_sheet([row], out_path=tmp_path / "s.png", columns=1, tile=16, predictions=predictions)
+    with Image.open(tmp_path / "s.png") as sheet:
+        assert sheet.size == size
+        column = [sheet.convert("RGB").getpixel((2, y)) for y in range(16)]
+        assert GT_COLOUR in column  # the thin ground-truth box at x = 10 * 16 / 56 = 2.9

@@ -73,6 +73,7 @@ def test_boxes_overhanging_the_image_are_clamped_not_rejected():
         ({"boxes": [[30.0, 5.0, 10.0, 20.0]]}, "boxes[0]: smaller than"),  # inverted
         ({"boxes": [[50.0, 5.0, 60.0, 20.0]]}, "boxes[0]: smaller than"),  # entirely right of the image
         ({"boxes": [[1.0, 2.0, math.nan, 9.0]]}, "boxes[0]: non-finite"),
+        ({"boxes": [[1, 2, 10**400, 9]]}, "boxes[0]: non-finite"),  # an int no float holds: reported, not raised
         ({"boxes": [[1.0, 2.0, 3.0]]}, "boxes[0]: expected 4 numbers"),
         ({"boxes": [[1.0, 2.0, "3", 9.0]]}, "boxes[0]: expected 4 numbers"),
         ({"image": b"\x89PNG\r\n\x1a\n broken"}, "image: cannot be decoded"),

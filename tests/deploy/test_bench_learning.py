@@ -127,6 +127,43 @@ def test_run_setting_reuses_or_continues_the_earlier_control(tmp_path, monkeypat
         assert result["wall_s"]["sft_control"] == 1595.0 and result["wall_s"]["sft_control_steps"] == 808
 
 
+def test_a_second_call_on_the_same_out_takes_its_own_control_or_trains_anew_where_it_did_not_finish(
+        tmp_path, monkeypatch):
+    # Mocked as above: the pipeline, SFT and evaluation.
+    import bench.learning as bench_learning
+    import deploy.pipeline
+    import deploy.sft
+    from deploy.config import CONFIG_DIR, load_run_config
+    from deploy.sft import SFTSummary
+
+    out = tmp_path / "full"
+    trained = []
+    monkeypatch.setattr(deploy.pipeline, "run_pipeline", lambda config, resume: {
+        "stages": {"rl": {"wall_s": 350.0}}, "sft_checkpoint": "sft/step_500", "sft_model": "sft/average",
+        "eval_json": "rl.json"})
+    monkeypatch.setattr(deploy.pipeline, "evaluate_and_report", lambda config, *, model_path, **_: (
+        None, type("Files", (), {"eval_json": f"{model_path}.json"})))
+    monkeypatch.setattr(bench_learning, "summarise", lambda path: path)
+    monkeypatch.setattr(bench_learning, "baseline", lambda path: None)
+
+    def run_sft(config, *, out_dir, init_from):
+        assert not out_dir.exists() or not list(out_dir.iterdir()), "a new control beside an old one's files"
+        trained.append(init_from)
+        return SFTSummary(steps=718, checkpoint="ctl/step_718", model="ctl/average", wall_s=351.0, nll=0.3,
+                          rows=2000, events_path="", averaged_steps=[718])
+
+    monkeypatch.setattr(deploy.sft, "run_sft", run_sft)
+    config = load_run_config(CONFIG_DIR / "small-cpu.yaml")
+    # A first call whose control stopped part way: its files are removed, the control trained anew.
+    (out / "sft_control" / "checkpoints" / "step_725").mkdir(parents=True)
+    first = bench_learning.run_setting(config, out=out)
+    assert trained == ["sft/step_500"] and first["wall_s"]["sft_control"] == 351.0
+    # A second call: the control this --out finished covers RL's 350 s, so it is taken, not trained again.
+    second = bench_learning.run_setting(config, out=out)
+    assert trained == ["sft/step_500"] and second["wall_s"]["sft_control"] == 351.0
+    assert second["wall_s"]["sft_control_steps"] == 718
+
+
 def test_a_reused_run_without_a_control_summary_is_refused(tmp_path):
     # Runs from before control_summary.json: a control that continued a reused one has a summary counting only
     # its continuation, so its wall time is unknown.

@@ -85,3 +85,20 @@ def test_rl_mirror_flips_odd_issues_image_and_boxes_alike(tmp_path):
 def test_mirrored_leaves_undecodable_bytes_to_the_rollout():
     junk = b"\x89PNG-truncated"
     assert mirrored(junk, [[1.0, 2.0, 3.0, 4.0]], width=10) == (junk, [[1.0, 2.0, 3.0, 4.0]])
+
+
+def test_a_synthetic_set_made_with_another_seed_is_used_as_it_is_and_said_so(tmp_path, caplog):
+    from data.synth import SYNTH_CONFIG_FILE, synthesize
+    from deploy.config import DataConfig
+    from deploy.training_data import prepare_training_data
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    assert '"seed": 0' in (tmp_path / SYNTH_CONFIG_FILE).read_text()
+    made = (tmp_path / "train.parquet").read_bytes()
+    with caplog.at_level("WARNING"):
+        data = prepare_training_data(DataConfig(path=str(tmp_path), synth_seed=0, synth_n=20))
+    assert "holds a synthetic set" not in caplog.text and len(data.rows) == 16
+    with caplog.at_level("WARNING"):
+        prepare_training_data(DataConfig(path=str(tmp_path), synth_seed=1, synth_n=20))
+    assert "holds a synthetic set of seed 0 and 20 images, not data.synth_seed=1" in caplog.text
+    assert (tmp_path / "train.parquet").read_bytes() == made  # not regenerated

@@ -11,6 +11,7 @@ example custom reward ``rewards.examples:brevity`` gives groups a signal so the 
 
 import copy
 import json
+import time
 import urllib.request
 from pathlib import Path
 
@@ -45,6 +46,11 @@ class RecordingDriver(Driver):
         super().__init__(*args, **kwargs)
         self.records = []
         self.scrapes = []
+        self.started_at = None  # when set-up (Ray, engines, learner) was done
+
+    def setup(self):
+        super().setup()
+        self.started_at = time.perf_counter()
 
     def _learn(self, batch):
         learner_batch = self.learner.collate(batch)
@@ -78,6 +84,7 @@ def _run(mode, *, tiny_model_dir, data_dir, tmp_path, steps=STEPS, signal=True, 
     driver = RecordingDriver(config)
     try:
         summary = driver.run()
+        driver.ended_at = time.perf_counter()
         final_scrape = _scrape(driver.metrics_port)
     finally:
         driver.shutdown()
@@ -91,6 +98,9 @@ def test_whole_system_trains_and_accounts_for_every_group(mode, tiny_model_dir, 
                                                  tmp_path=tmp_path)
     max_staleness = config.train.max_staleness if mode == "async" else 0
     assert summary.steps == STEPS and summary.version == STEPS
+    # The run's clock counts training only: set-up is not in it (the SFT control is given these seconds).
+    events = [json.loads(line) for line in Path(summary.events_path).read_text().splitlines()]
+    assert events[-1]["wall_s"] <= summary.wall_s <= driver.ended_at - driver.started_at
 
     # Versions: every trained group within max_staleness of the learner that trained on it.
     for record in driver.records:
