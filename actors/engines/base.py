@@ -149,6 +149,14 @@ class WeightsChecksum:
         h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         self._digests[name] = h.hexdigest()
 
+    @classmethod
+    def of(cls, named_tensors: Iterable[tuple[str, Any]], *, tie_word_embeddings: bool, dtype=None) -> WeightsChecksum:
+        """The hashes of ``named_tensors`` (see ``state_dict_checksum``)."""
+        checksum = cls(tie_word_embeddings=tie_word_embeddings, dtype=dtype)
+        for name, value in named_tensors:
+            checksum.add(name, value)
+        return checksum
+
     def update(self, later: WeightsChecksum) -> None:
         """Take in the weights ``later`` hashed, replacing those of the same names (a partial reload)."""
         self._digests.update(later._digests)
@@ -167,10 +175,7 @@ def state_dict_checksum(named_tensors: Iterable[tuple[str, Any]], *, tie_word_em
     given (so a float32 source can be compared with a bfloat16 engine). With tied embeddings ``lm_head.weight`` is
     an alias of the embedding and is skipped, so a state dict and ``named_parameters()`` hash alike.
     """
-    checksum = WeightsChecksum(tie_word_embeddings=tie_word_embeddings, dtype=dtype)
-    for name, value in named_tensors:
-        checksum.add(name, value)
-    return checksum.hexdigest()
+    return WeightsChecksum.of(named_tensors, tie_word_embeddings=tie_word_embeddings, dtype=dtype).hexdigest()
 
 
 def ties_word_embeddings(hf_config) -> bool:

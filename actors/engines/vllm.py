@@ -114,8 +114,8 @@ class VLLMEngine(RolloutEngine):
         self.eos_ids = eos_token_ids(self.model_path, self.tokenizer)
         self.dtype = getattr(torch, config.dtype)
         self._version = 0
-        # Hashes of the weights loaded so far, by name; None = the checkpoint's (computed on demand), "" = not tracked.
-        self._checksum: WeightsChecksum | str | None = None
+        # Hashes of the weights loaded so far, by name; None: the checkpoint's, computed when first asked.
+        self._checksum: WeightsChecksum | None = None
         log.info("vllm engine: %s (%s, tp=%d)", self.model_path, config.dtype, config.tensor_parallel_size)
 
     @property
@@ -185,11 +185,9 @@ class VLLMEngine(RolloutEngine):
         self._llm.llm_engine.reset_encoder_cache()
         self._llm.reset_prefix_cache()
         self._version = version
-        if checksum is None:
-            self._checksum = ""
-        elif isinstance(self._checksum, WeightsChecksum):
+        if checksum is not None and self._checksum is not None:
             self._checksum.update(checksum)  # a partial set replaces only what it names
-        else:
+        elif checksum is not None:
             # The first load, the checkpoint's weights not hashed. Were it partial, the checksum lacks the
             # weights it left, so it differs from the learner's: a sync check fails rather than passes.
             self._checksum = checksum
@@ -197,7 +195,7 @@ class VLLMEngine(RolloutEngine):
     def weights_checksum(self) -> str:
         """The hash of the weights streamed into vLLM's loader (the checkpoint's before any load): it proves
         what arrived, under HF names, not how vLLM's loader placed them (its fused tensors have other names)."""
-        if self._checksum == "":
+        if not self.config.track_checksum:
             raise RuntimeError("weights_checksum: engine.track_checksum is off")
         if self._checksum is None:
             # Weights straight from the checkpoint: read them as transformers names them (its loader
@@ -205,9 +203,7 @@ class VLLMEngine(RolloutEngine):
             from transformers import AutoModelForImageTextToText
 
             model = AutoModelForImageTextToText.from_pretrained(self.model_path, dtype=self.dtype)
-            self._checksum = WeightsChecksum(tie_word_embeddings=self.tied)
-            for name, tensor in model.state_dict().items():
-                self._checksum.add(name, tensor)
+            self._checksum = WeightsChecksum.of(model.state_dict().items(), tie_word_embeddings=self.tied)
             del model
         return self._checksum.hexdigest()
 
