@@ -37,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from actors.buffer import STAT_DEPTH, BufferConfig, TrajectoryBuffer
+from actors.buffer import BufferConfig, TrajectoryBuffer
 from actors.env import ImageLimits, answer_frame
 from actors.metrics import BufferCounters, RunMetrics
 from actors.types import PromptGroup, TrajectoryGroup
@@ -264,11 +264,16 @@ class Driver:
         """Groups in the buffer (also what the buffer-depth gauge shows)."""
         import ray
 
-        stats = ray.get(self.buffer.stats.remote())
-        self._buffer_counters.update(stats)
-        depth = int(stats[STAT_DEPTH])
+        depth = ray.get(self.buffer.__len__.remote())
         self.metrics.buffer_depth.set(depth)
         return depth
+
+    def _observe_buffer(self) -> None:
+        """The buffer's own counts (backpressure, refused puts, spill failures) into the run's counters. Not on
+        the loop's every pass, as ``_buffered``: with the control poll (at most twice a second) and at the end."""
+        import ray
+
+        self._buffer_counters.update(ray.get(self.buffer.stats.remote()))
 
     def _dispatch(self, prompts: list[PromptGroup], workers: list[FleetWorker]) -> None:
         """One chunk of ``prompts`` to each of ``workers`` (in order)."""
@@ -306,6 +311,7 @@ class Driver:
             return
         self._last_poll = time.monotonic()
         self._buffered()  # the buffer-depth gauge, whatever the loop asks the buffer
+        self._observe_buffer()
         status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
                   "rollout_workers": len(self.fleet.active()), "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
@@ -595,6 +601,7 @@ class Driver:
             self.last_checkpoint = self._checkpoint()
         wall_s = self._elapsed()
         self._drain()
+        self._observe_buffer()
         summary = RunSummary(steps=self.step, version=self.version, stage=self.curriculum.current_stage,
                              ledger=self.ledger.summary(), events_path=str(self.out / EVENTS_FILE),
                              checkpoint=self.last_checkpoint, metrics_port=self.metrics_port, wall_s=wall_s)
