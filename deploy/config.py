@@ -184,7 +184,8 @@ class RunConfig(BaseModel):
                 f"learner.max_steps ({self.learner.max_steps}) must equal train.steps ({self.train.steps}) "
                 f"when learner.schedule is {self.learner.schedule!r}: the decay ends at max_steps"
             )
-        if self.train.verify_weight_sync and self.rollout.engine.backend == "vllm" and not self.rollout.engine.track_checksum:
+        engine = self.rollout.engine
+        if self.train.verify_weight_sync and engine.backend == "vllm" and not engine.track_checksum:
             raise ValueError("train.verify_weight_sync compares vLLM's checksum of the weights it loaded: it needs "
                              "rollout.engine.track_checksum=true")
         cluster = self.cluster

@@ -99,8 +99,9 @@ class SFTConfig(BaseModel):
         "average_every steps and at the last step, as the run's model (0: the last step's weights)")
     average_every: int = Field(25, ge=1, description="steps between the snapshots average_last averages")
     num_cpus_per_rank: float | None = Field(
-        None, gt=0.0, le=1024, description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); "
-        "nothing else runs beside SFT, and torch takes as many threads as the rank reserves")
+        None, gt=0.0, le=1024,
+        description="CPUs each learner rank reserves during SFT (None: learner.num_cpus_per_rank); nothing else "
+        "runs beside SFT, and torch takes as many threads as the rank reserves")
     freeze_vision: bool | None = Field(
         None, description="keep the vision tower fixed during SFT (None: learner.freeze_vision, as RL)")
     vision_lr_scale: float | None = Field(

@@ -8,6 +8,7 @@ mostly bad fails fast with the counts, before any actor starts.
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -101,8 +102,6 @@ def prepare_training_data(config) -> TrainingData:
 def warn_if_another_synthetic_set(config) -> None:
     """A set already in ``data.path`` is used as it is; say so when it was generated with another seed or size
     than ``data.synth_seed`` / ``data.synth_n`` ask (they apply only to a set that is missing)."""
-    import json
-
     from data.synth import SYNTH_CONFIG_FILE
 
     record = Path(config.path) / SYNTH_CONFIG_FILE

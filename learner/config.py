@@ -42,8 +42,10 @@ class LearnerConfig(BaseModel):
     world_size: int = Field(default=1, ge=1, le=4096, description="number of learner ranks (data parallel)")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: CUDA when torch sees a GPU, else CPU (gloo)")
-    num_cpus_per_rank: float = Field(default=1.0, gt=0.0, le=1024, description="CPUs Ray reserves for each learner actor")
-    num_gpus_per_rank: float = Field(default=0.0, ge=0.0, le=64, description="GPUs Ray reserves for each learner actor")
+    num_cpus_per_rank: float = Field(default=1.0, gt=0.0, le=1024,
+                                     description="CPUs Ray reserves for each learner actor")
+    num_gpus_per_rank: float = Field(default=0.0, ge=0.0, le=64,
+                                     description="GPUs Ray reserves for each learner actor")
     placement_strategy: Literal["STRICT_PACK", "PACK"] = Field(
         default="STRICT_PACK",
         description="Ray placement strategy of the ranks: STRICT_PACK puts them all on one node (rendezvous on "

@@ -153,7 +153,7 @@ def test_whole_system_trains_and_accounts_for_every_group(mode, tiny_model_dir, 
     assert final_scrape["refocus_rollout_workers"] == 2
     # Every trajectory generated ended one way; the buffer's own counts reach the job's series too.
     assert final_scrape["refocus_trajectories_finished_total"] == final_scrape["refocus_generated_trajectories_total"]
-    assert final_scrape["refocus_buffer_put_wait_seconds_total"] >= 0.0
+    assert "refocus_buffer_put_wait_seconds_total" in final_scrape
     assert final_scrape["refocus_buffer_put_timeouts_total"] == final_scrape["refocus_buffer_spill_failures_total"] == 0
     if mode == "async":  # generation runs ahead of the learner: the buffer holds the next step's groups
         assert max(s["refocus_buffer_depth_groups"] for s in driver.scrapes) > 0

@@ -288,8 +288,12 @@ def test_an_absent_verdict_naming_a_category_stands_by_none(category, violation)
     assert lenient.answer.present is False and lenient.answer.stated_category is None
     strict = parse_completion(text, lenient=False)
     assert (strict.failure, strict.answer is None) == (violation, violation is not None)
-    # A present verdict, or none at all, stands by its category.
-    assert parse_completion(GOOD).answer.stated_category == parse_completion(GOOD).answer.category is not None
+
+
+def test_a_present_verdict_or_none_at_all_stands_by_its_category():
+    assert parse_completion(GOOD).answer.stated_category == "moth"
+    unstated = parse_completion('<think>a</think><answer>{"category": "moth"}</answer>')
+    assert unstated.answer.present is None and unstated.answer.stated_category == "moth"
 
 
 CUT = '<think>a</think><answer>{"present": true, "boxes": [{"bbox_2d": [1, 2, 3, 4]'
