@@ -28,6 +28,7 @@ from actors.config import QWEN_CELL, EnvConfig
 from actors.types import PromptGroup
 from data.prompts import PromptConfig, build_messages, frame_size
 from rewards.frames import INPUT, MAX_ASPECT, FrameSpec, smart_resize, to_original
+from rewards.parse import box_from_text
 
 ZOOM_STOP = "</zoom>"  # stop string that ends a turn which requests a zoom
 
@@ -36,8 +37,7 @@ NO_ZOOM = "no_zoom"  # the turn does not end in a zoom request: the episode is o
 ZOOM = "zoom"  # a well-formed request
 BAD_ZOOM = "bad_zoom"  # ends in <zoom>…</zoom> but the box is not four finite numbers with x1 <= x2, y1 <= y2
 
-_NUMBER = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_ZOOM_RE = re.compile(r"<zoom>\s*\[" + ",".join([_NUMBER] * 4) + r"\]\s*</zoom>\s*$")
+_ZOOM_RE = re.compile(r"<zoom>((?:(?!<zoom>).)*)</zoom>\s*$", re.DOTALL)  # the turn's last zoom, at its end
 _ZOOM_END_RE = re.compile(r"</zoom>\s*$")
 
 IMAGE_PAD = "<|image_pad|>"
@@ -73,15 +73,20 @@ class ImageLimits:
 
 
 def parse_zoom(text: str) -> tuple[str, list[float] | None]:
-    """(outcome, box) of a model turn: ZOOM with the box as written, BAD_ZOOM or NO_ZOOM with None."""
+    """(outcome, box) of a model turn: ZOOM with the box as written, BAD_ZOOM or NO_ZOOM with None.
+
+    The box is read as the rewards read zoom boxes (``rewards.parse.box_from_text``), so a request served
+    here never counts as malformed there. A turn that closes an ``<answer>`` before its zoom has answered:
+    its zoom is BAD_ZOOM, not served, so the answer stays in the frame it was written in (``answer_frame``
+    reads the final answer in the last served crop's frame)."""
     if not _ZOOM_END_RE.search(text):
         return NO_ZOOM, None
     match = _ZOOM_RE.search(text)
-    if match is None:
+    if match is None or "</answer>" in text[:match.start()]:
         return BAD_ZOOM, None
-    box = [float(v) for v in match.groups()]
-    # 309 digits in a row read as inf, which no crop can be cut at
-    if not all(math.isfinite(v) for v in box) or box[2] < box[0] or box[3] < box[1]:
+    box = box_from_text(match.group(1))
+    # 309 digits in a row read as inf, which no crop can be cut at (box_from_text refuses it)
+    if box is None or box[2] < box[0] or box[3] < box[1]:
         return BAD_ZOOM, None
     return ZOOM, box
 
@@ -283,6 +288,9 @@ class ZoomEnv:
         if config.zoom_pixels > self.limits.max_pixels:
             raise ValueError(f"env.zoom_pixels ({config.zoom_pixels}) exceeds the processor's max_pixels "
                              f"({self.limits.max_pixels}): the processor would shrink every crop again")
+        if config.zoom_pixels < self.limits.min_pixels:
+            raise ValueError(f"env.zoom_pixels ({config.zoom_pixels}) is below the processor's min_pixels "
+                             f"({self.limits.min_pixels}): every crop would be shown larger than the budget")
         if self.limits.factor != QWEN_CELL:
             raise ValueError(f"processor cell is {self.limits.factor} px, Qwen2.5-VL's is {QWEN_CELL}")
         self._turn_end_ids, self._user_head, self._user_tail = self._turn_texts()

@@ -56,7 +56,7 @@ class Trajectory:
     completion_text: str  # decoded model text of every model turn, joined (for rewards and logs)
     zoom_images: list[bytes] = field(default_factory=list)  # encoded crops shown back, in order
     zoom_boxes: list[list[float]] = field(default_factory=list)  # each crop's box, original pixels
-    finish_reason: str = "stop"  # stop / length / turns
+    finish_reason: str = "stop"  # stop / length / turns / bad_zoom (actors.rollout FINISH_*)
     rewards: dict[str, float] = field(default_factory=dict)  # per component, filled by reward workers
     reward: float = 0.0  # weighted total
     parse_failure: str | None = None

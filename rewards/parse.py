@@ -290,7 +290,7 @@ def _side_boxes(raw_boxes: list[str], max_boxes: int) -> tuple[list[Box], bool]:
     boxes: list[Box] = []
     ok = len(raw_boxes) <= max_boxes
     for raw in raw_boxes[:max_boxes]:
-        box = _box_from_text(raw)
+        box = box_from_text(raw)
         if box is None:
             ok = False
         else:
@@ -298,7 +298,9 @@ def _side_boxes(raw_boxes: list[str], max_boxes: int) -> tuple[list[Box], bool]:
     return boxes, ok
 
 
-def _box_from_text(raw: str) -> Box | None:
+def box_from_text(raw: str) -> Box | None:
+    """The box of a <focus>/<zoom> tag's text (JSON ``[x1, y1, x2, y2]`` or ``[[x1, y1, x2, y2]]``), or None.
+    The zoom environment reads a request through this too, so what it serves is what the rewards accept."""
     try:
         value = json.loads(raw)
     except Exception:  # noqa: BLE001 - malformed box text is an expected model output

@@ -66,6 +66,12 @@ WIDTH, HEIGHT = 200, 100
     ("<think>a</think><zoom>[1, 2, 3]</zoom>", (BAD_ZOOM, None)),
     ("<think>a</think><zoom>[5, 2, 3, 4]</zoom>", (BAD_ZOOM, None)),  # x2 < x1
     ("<think>a</think><zoom>[a, b, c, d]</zoom>", (BAD_ZOOM, None)),
+    ("<think>a</think><zoom>[05, 10, 60, 70]</zoom>", (BAD_ZOOM, None)),  # not JSON: the rewards refuse it too
+    ("<think>a</think><zoom>[[1, 2, 3, 4]]</zoom>", (ZOOM, [1.0, 2.0, 3.0, 4.0])),  # as the rewards read it
+    ("<think>a</think><zoom>[1, 2, 3, 4]</zoom><zoom>[5, 6, 7, 8]</zoom>", (ZOOM, [5.0, 6.0, 7.0, 8.0])),
+    # A turn that answered: its zoom is not served, so the answer keeps the frame it was written in.
+    ('<think>a</think><answer>{"present": false}</answer><think>b</think><zoom>[1, 2, 3, 4]</zoom>',
+     (BAD_ZOOM, None)),
     ("<think>a</think><zoom>[1, 2, 3, 4]</zoom> and more", (NO_ZOOM, None)),  # not the end of the turn
     ('<think>a</think><answer>{"present": false}</answer>', (NO_ZOOM, None)),
     ("", (NO_ZOOM, None)),
@@ -210,9 +216,11 @@ def test_env_step_inserts_the_turn_end_only_when_the_model_did_not_write_it(proc
     assert episode.zoom_boxes == [(100, 25, 150, 75)] and episode.frame == plain.frame
 
 
-def test_zoom_budget_above_the_processor_limit_is_rejected(processor):
-    with pytest.raises(ValueError, match="env.zoom_pixels"):
-        ZoomEnv(config=EnvConfig(max_turns=2, zoom_pixels=448 * 448), prompt=PromptConfig(allow_zoom=True),
+@pytest.mark.parametrize(("pixels", "limit"), [(448 * 448, "max_pixels"), (28 * 28, "min_pixels")])
+def test_zoom_budget_outside_the_processor_limits_is_rejected(processor, pixels, limit):
+    # The tiny processor keeps images between 56 x 56 and 224 x 224 pixels.
+    with pytest.raises(ValueError, match=f"env.zoom_pixels .*{limit}"):
+        ZoomEnv(config=EnvConfig(max_turns=2, zoom_pixels=pixels), prompt=PromptConfig(allow_zoom=True),
                 processor=processor)
 
 
@@ -360,6 +368,23 @@ def test_a_malformed_zoom_ends_the_sample_and_is_counted(tiny_model_dir, process
     [trajectory] = worker.generate_groups([_prompt()])[0].trajectories
     assert trajectory.finish_reason == FINISH_BAD_ZOOM and trajectory.zoom_boxes == []
     assert worker.stats()[STAT_BAD_ZOOMS] == 1 and len(worker.engine.requests) == 1
+
+
+@pytest.mark.parametrize("box", ["[05, 10, 60, 70]", "[1e1, 2, 30, 40]", "[[10, 20, 30, 40]]", "[10, 20, 30]"])
+def test_the_environment_serves_a_zoom_exactly_when_the_rewards_read_its_box(box):
+    text = f"<think>a</think><zoom>{box}</zoom>"
+    served = parse_zoom(text)[0] == ZOOM
+    strict = parse_completion(text + '<think>b</think><answer>{"present": false}</answer>', lenient=False)
+    assert served == (strict.strict_violation is None)
+
+
+def test_an_answer_before_a_zoom_ends_the_sample_in_the_answers_frame(tiny_model_dir, processor):
+    # Served, the zoom would have put the answer (about the whole image) in the crop's frame.
+    turn = ANSWER_TURN.rstrip() + ZOOM_TURN
+    worker = _worker(tiny_model_dir, processor, lambda turn_index, j: turn, n=1)
+    [trajectory] = worker.generate_groups([_prompt()])[0].trajectories
+    assert trajectory.finish_reason == FINISH_BAD_ZOOM and trajectory.zoom_boxes == []
+    assert len(worker.engine.requests) == 1
 
 
 def test_a_zoom_that_does_not_fit_the_completion_budget_ends_with_length(tiny_model_dir, processor):
