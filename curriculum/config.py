@@ -49,7 +49,8 @@ class PlateauConfig(BaseModel):
         ge=0.0,
         le=1e6,
         allow_inf_nan=False,
-        description="Smallest gain of the smoothed reward over its best value a window ago that counts.",
+        description="A gain of the smoothed reward over its best value a window ago counts only above this "
+        "(0: any rise counts; a flat reward never does).",
     )
     patience: int = Field(
         20, ge=1, le=100_000, description="Consecutive steps without such a gain before advancing."
@@ -137,20 +138,14 @@ class SamplerConfig(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of every random choice the sampler makes.")
     filter_solved: bool = Field(
         False,
-        description="Pass over prompts whose recent groups were all solved or all unsolved.",
-    )
-    solve_threshold: float = Field(
-        0.5,
-        ge=-1e6,
-        le=1e6,
-        allow_inf_nan=False,
-        description="A sample counts as solved when its total reward is >= this (reward units).",
+        description="Pass over prompts whose recent groups carried no signal: every sample of each earned the "
+        "same reward (all solved, or all failed), the groups dynamic sampling sets aside.",
     )
     history: int = Field(
         2,
         ge=1,
         le=1000,
-        description="Recent groups of a prompt that must all agree (all/none solved) to filter it.",
+        description="Recent groups of a prompt that must all have carried no signal to filter it.",
     )
     max_skips: int = Field(
         3,

@@ -7,7 +7,7 @@ The rule, exactly (t counts the rewards fed in this stage from 1; w = window):
                            a = 2 / (w + 1)                                      defined for t >= w
     baseline   b_t  = max{ s_u : w <= u <= t - w }  (best smoothed value >= w steps ago; t >= 2w)
     improvement i_t = s_t - b_t
-    streak     k_t  = number of consecutive steps up to t with i_t < delta (any i_t >= delta resets it)
+    streak     k_t  = number of consecutive steps up to t with i_t <= delta (any i_t > delta resets it)
 
     advance "plateau"   at the first t with k_t >= patience and t >= min_steps
     advance "max_steps" at t = max_steps when no plateau was found first (a safety stop)
@@ -84,7 +84,7 @@ class PlateauDetector:
 
     @property
     def streak(self) -> int:
-        """Consecutive steps with improvement < delta."""
+        """Consecutive steps with improvement <= delta."""
         return self._streak
 
     def update(self, reward: float) -> str | None:
@@ -123,7 +123,8 @@ class PlateauDetector:
             return
         assert self._smoothed is not None
         self._improvement = self._smoothed - self._best[1]
-        if self._improvement < self.config.delta:
+        # <=: with delta 0 a flat stage (improvement exactly 0) must still plateau.
+        if self._improvement <= self.config.delta:
             self._streak += 1
             if self._streak_max_improvement is None or self._improvement > self._streak_max_improvement:
                 self._streak_max_improvement = self._improvement

@@ -10,13 +10,15 @@ How a prompt is drawn in stage s:
 The data position is the RNG state plus (epoch, cursor) per pool; state_dict() records it, so a
 resumed run draws the same next prompts as an uninterrupted one.
 
-Filtering (config.filter_solved): GRPO learns nothing from a group whose samples all succeed or all
-fail. record_outcome() keeps each prompt's solve fraction for its last `history` groups; a prompt whose
-kept groups were ALL fully solved, or ALL fully unsolved, is passed over when its turn comes. So that
-nothing starves (the policy changes, and a hard prompt may become learnable), a prompt is passed over
-at most `max_skips` times in a row; then it is issued again with its history cleared. Solve fractions
-depend on the stage's reward, so the histories are cleared whenever the stage changes, and outcomes
-reported for another stage are ignored (counted).
+Filtering (config.filter_solved): GRPO learns nothing from a group whose samples all earn the same reward
+(all solved, or all failed: every advantage is 0). record_outcome() keeps the reward spread (max - min) of
+each prompt's last `history` groups; a prompt whose kept groups ALL had none is passed over when its turn
+comes. That is the test dynamic sampling makes (``learner.advantages.signal_mask``), whatever the stage's
+reward scale: a group rewarded [1, 2, 1, 2] carries a signal even if every sample got the format right. So
+that nothing starves (the policy changes, and a hard prompt may become learnable), a prompt is passed over
+at most `max_skips` times in a row; then it is issued again with its history cleared. Spreads depend on the
+stage's reward, so the histories are cleared whenever the stage changes, and outcomes reported for another
+stage are ignored (counted).
 
 The sampler sees only small metadata records (id, task, difficulty); the caller maps ids to rows.
 """
@@ -126,7 +128,7 @@ class PromptSampler:
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
         if stage != self._filter_stage:
-            # Solve fractions were measured under another stage's reward; they say nothing now.
+            # Spreads were measured under another stage's reward; they say nothing now.
             self._filter_stage = stage
             self._outcomes.clear()
             self._skips.clear()
@@ -177,10 +179,10 @@ class PromptSampler:
     def _is_filtered(self, prompt_id: str) -> bool:
         if not self.config.filter_solved:
             return False
-        fractions = self._outcomes.get(prompt_id)
-        if fractions is None or len(fractions) < self.config.history:
+        spreads = self._outcomes.get(prompt_id)
+        if spreads is None or len(spreads) < self.config.history:
             return False
-        return all(f == 1.0 for f in fractions) or all(f == 0.0 for f in fractions)
+        return all(spread == 0.0 for spread in spreads)
 
     def record_outcome(self, prompt_id: str, rewards_of_group: Sequence[float], *, stage: int) -> None:
         """Record the total rewards of one group of `prompt_id`, sampled under stage `stage`.
@@ -203,8 +205,8 @@ class PromptSampler:
         ):
             self._ignored_outcomes += 1
             return
-        fraction = float(np.mean(rewards >= self.config.solve_threshold))
-        self._outcomes.setdefault(prompt_id, deque(maxlen=self.config.history)).append(fraction)
+        spread = float(rewards.max() - rewards.min())
+        self._outcomes.setdefault(prompt_id, deque(maxlen=self.config.history)).append(spread)
 
     def metrics(self) -> dict[str, float]:
         filtered = sum(1 for prompt_id in self._outcomes if self._is_filtered(prompt_id))
@@ -233,7 +235,7 @@ class PromptSampler:
             "rng": self._rng.bit_generator.state,
             "positions": {key: list(position) for key, position in self._positions.items()},
             "filter_stage": self._filter_stage,
-            "outcomes": {prompt_id: list(fractions) for prompt_id, fractions in self._outcomes.items()},
+            "outcomes": {prompt_id: list(spreads) for prompt_id, spreads in self._outcomes.items()},
             "skips": dict(self._skips),
             "drawn": self._drawn,
             "skipped": self._skipped,
@@ -263,8 +265,8 @@ class PromptSampler:
         self._orders = {}
         self._filter_stage = state["filter_stage"]
         self._outcomes = {
-            prompt_id: deque((float(f) for f in fractions), maxlen=self.config.history)
-            for prompt_id, fractions in state["outcomes"].items()
+            prompt_id: deque((float(spread) for spread in spreads), maxlen=self.config.history)
+            for prompt_id, spreads in state["outcomes"].items()
         }
         self._skips = {prompt_id: int(n) for prompt_id, n in state["skips"].items()}
         self._drawn = int(state["drawn"])

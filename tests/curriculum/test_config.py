@@ -84,7 +84,7 @@ def test_the_rewards_packages_custom_component_can_be_weighted():
         (SamplerConfig, {"seed": -1}, "seed"),
         (SamplerConfig, {"history": 0}, "history"),
         (SamplerConfig, {"max_skips": 0}, "max_skips"),
-        (SamplerConfig, {"solve_threshold": float("nan")}, "solve_threshold"),
+        (SamplerConfig, {"solve_threshold": 0.5}, "solve_threshold"),  # gone: the filter needs no threshold
         (CurriculumConfig, {"start_stage": 3}, "start_stage"),
         (CurriculumConfig, {"start_stage": -1}, "start_stage"),
         (CurriculumConfig, {"stages": []}, "stages"),

@@ -35,7 +35,7 @@ def reference_first_plateau(trace: np.ndarray, cfg: PlateauConfig) -> int | None
     streak = 0
     for t in range(2 * w, len(trace) + 1):
         improvement = smoothed[t - w] - best_so_far[t - 2 * w]  # baseline: best s_u, u <= t - w
-        streak = streak + 1 if improvement < cfg.delta else 0
+        streak = streak + 1 if improvement <= cfg.delta else 0
         if streak >= cfg.patience and t >= cfg.min_steps:
             return t
     return None
@@ -62,6 +62,15 @@ def test_clean_rise_then_flat_advances_at_hand_computed_step():
     assert evidence["streak_max_improvement"] == pytest.approx(0.006)
     assert [r["improvement"] for r in evidence["recent"][-4:]] == pytest.approx([0.012, 0.006, 0.002, 0.0])
     assert json.loads(json.dumps(evidence)) == evidence
+
+
+def test_delta_zero_still_ends_a_flat_stage():
+    # A saturated stage feeds the same reward every step: i_t = 0 from t = 2w on. delta 0 means "any rise
+    # counts", not "the stage never plateaus": the streak starts at t = 2w = 8 and reaches patience 3 at t = 10.
+    cfg = PlateauConfig(window=4, delta=0.0, patience=3, min_steps=0, max_steps=100)
+    assert first_decision(PlateauDetector(cfg), [1.0] * 100) == (10, REASON_PLATEAU)
+    # ... while a rise, however small, resets the streak.
+    assert first_decision(PlateauDetector(cfg), [1e-6 * t for t in range(1, 101)]) == (100, REASON_MAX_STEPS)
 
 
 @pytest.mark.parametrize(

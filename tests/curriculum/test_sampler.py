@@ -79,11 +79,11 @@ def test_same_seed_same_draws_other_seed_other_draws():
 
 
 def test_resume_from_state_dict_draws_the_same_next_prompts():
-    config = SamplerConfig(seed=11, filter_solved=True, history=1, max_skips=2, solve_threshold=0.5)
+    config = SamplerConfig(seed=11, filter_solved=True, history=1, max_skips=2)
     stages = [stage(easy=0.5), stage("later", easy=0.2)]
 
     def play(sampler: PromptSampler, start: int, stop: int) -> list[str]:
-        """Deterministic run: every 3rd prompt drawn gets an all-solved group, which the filter uses."""
+        """Deterministic run: every 3rd prompt drawn gets a group without signal, which the filter uses."""
         ids = []
         for round_index in range(start, stop):
             current = 0 if round_index < 6 else 1
@@ -126,7 +126,7 @@ def four_prompt_sampler(**config) -> PromptSampler:
     return PromptSampler(
         prompts=rows,
         stages=[stage(easy=1.0), stage("next", easy=1.0)],
-        config=SamplerConfig(filter_solved=True, solve_threshold=0.5, **config),
+        config=SamplerConfig(filter_solved=True, **config),
     )
 
 
@@ -134,10 +134,10 @@ def test_filter_skips_all_solved_and_none_solved_then_releases_them():
     sampler = four_prompt_sampler(history=2, max_skips=3)
     assert sorted(sampler.draw(stage=0, count=4)) == ["a", "b", "c", "d"]  # epoch 0
     for _ in range(2):
-        sampler.record_outcome("a", [1.0, 0.9, 0.5, 1.0], stage=0)  # all solved (>= 0.5)
-        sampler.record_outcome("b", [0.0, 0.1, 0.0, 0.49], stage=0)  # none solved
-        sampler.record_outcome("c", [1.0, 0.0, 1.0, 0.0], stage=0)  # mixed: signal
-    sampler.record_outcome("d", [1.0, 1.0, 1.0, 1.0], stage=0)  # solved once: history not full yet
+        sampler.record_outcome("a", [3.0, 3.0, 3.0, 3.0], stage=0)  # all solved: no signal
+        sampler.record_outcome("b", [0.0, 0.0, 0.0, 0.0], stage=0)  # all failed: no signal
+        sampler.record_outcome("c", [1.0, 2.0, 1.0, 2.0], stage=0)  # every format right, yet a signal
+    sampler.record_outcome("d", [1.0, 1.0, 1.0, 1.0], stage=0)  # no signal once: history not full yet
     assert sampler.metrics()[METRIC_FILTERED_PROMPTS] == 2
 
     # Epochs 1-3 yield only c and d: a and b are passed over each time their turn comes.
