@@ -66,14 +66,15 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, max_steps: int, mi
     """Multiplier of the peak lr for optimiser step ``step`` (0-based: the first update uses step 0).
 
     Warm-up: (step + 1) / warmup_steps for step < warmup_steps, so the first update already moves.
-    Then, with progress p = (step - warmup_steps) / (max_steps - warmup_steps) clipped to [0, 1]:
+    Then, with progress p = (step - warmup_steps) / (max_steps - 1 - warmup_steps) clipped to [0, 1]:
     constant 1; linear 1 - (1 - m) p; cosine m + (1 - m) (1 + cos(pi p)) / 2, where m = min_lr_ratio.
+    The last update of a run of max_steps updates (step max_steps - 1) is the one at p = 1, so it uses m.
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
-    span = max(1, max_steps - warmup_steps)
+    span = max(1, max_steps - 1 - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     if schedule == "linear":
         return 1.0 - (1.0 - min_lr_ratio) * progress

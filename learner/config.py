@@ -61,9 +61,12 @@ class LearnerConfig(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0.0, le=1.0, description="AdamW decoupled weight decay")
     warmup_steps: int = Field(default=0, ge=0, description="optimiser steps of linear warm-up from lr/warmup to lr")
     schedule: Literal["constant", "cosine", "linear"] = Field(
-        default="constant", description="lr after warm-up: constant, or decay to min_lr_ratio*lr at max_steps")
+        default="constant",
+        description="lr after warm-up: constant, or a decay that reaches min_lr_ratio*lr at the last update (step "
+        "max_steps - 1)")
     max_steps: int = Field(default=1000, ge=1, description="optimiser steps of the run (end of the decay)")
-    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0, description="final lr of cosine/linear as a fraction of lr")
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0,
+                                description="lr of the last update under cosine/linear, as a fraction of lr")
     grad_clip: float = Field(default=1.0, ge=0.0, description="max global gradient L2 norm; 0 disables clipping")
 
     eps_low: float = Field(default=0.2, ge=0.0, lt=1.0, description="lower clip: ratio >= 1 - eps_low")

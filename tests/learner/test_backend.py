@@ -130,20 +130,20 @@ def test_deepspeed_config_geometry(model_dir):
     (3, "constant", 1.0),  # last warm-up step reaches the peak
     (10, "constant", 1.0),
     (4, "linear", 1.0),  # decay starts after warm-up: p = 0
-    (9, "linear", 0.55),  # p = (9 - 4) / (14 - 4) = 0.5 -> 1 - 0.9 * 0.5
-    (14, "linear", 0.1),  # p = 1 -> min_lr_ratio
+    (9, "linear", 0.55),  # p = (9 - 4) / (15 - 1 - 4) = 0.5 -> 1 - 0.9 * 0.5
+    (14, "linear", 0.1),  # the last of 15 updates: p = 1 -> min_lr_ratio
     (9, "cosine", 0.55),  # 0.1 + 0.9 * (1 + cos(pi/2)) / 2
-    (14, "cosine", 0.1),
+    (14, "cosine", 0.1),  # the last update runs at the floor
     (20, "cosine", 0.1),  # past max_steps it stays at the floor
 ])
 def test_lr_factor_hand_computed(step, schedule, expected):
-    got = lr_factor(step, schedule=schedule, warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    got = lr_factor(step, schedule=schedule, warmup_steps=4, max_steps=15, min_lr_ratio=0.1)
     assert got == pytest.approx(expected)
 
 
 def test_lr_factor_cosine_quarter():
-    # p = 0.25: 0.5 * (1 + cos(pi/4)) = 0.853553...
-    assert lr_factor(25, schedule="cosine", warmup_steps=0, max_steps=100, min_lr_ratio=0.0) == pytest.approx(
+    # p = 25 / (101 - 1) = 0.25: 0.5 * (1 + cos(pi/4)) = 0.853553...
+    assert lr_factor(25, schedule="cosine", warmup_steps=0, max_steps=101, min_lr_ratio=0.0) == pytest.approx(
         0.5 * (1 + math.cos(math.pi / 4)))
 
 
