@@ -56,12 +56,19 @@ PLOT_FILE = "curve.png"
 
 def step_walls(events_path: str | Path, *, offset: float = 0.0) -> dict[int, float]:
     """step → training wall seconds (+ ``offset``) from a JSON-lines file of {"step", "wall_s"} events (RL's
-    events.jsonl, SFT's sft_events.jsonl); a step logged twice (a resumed run) keeps its last time."""
-    walls = {}
+    events.jsonl, SFT's sft_events.jsonl); a step logged twice (a resumed run) keeps its last time. Lines that
+    are not such an event (one a killed run cut mid-write) are skipped and counted, as the report skips them."""
+    walls, bad = {}, 0
     for line in Path(events_path).read_text().splitlines():
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             event = json.loads(line)
             walls[int(event["step"])] = offset + float(event["wall_s"])
+        except (json.JSONDecodeError, TypeError, KeyError, ValueError):
+            bad += 1
+    if bad:
+        log.warning("checkpoint curve: skipped %d unreadable lines of %s", bad, events_path)
     return walls
 
 
@@ -124,8 +131,13 @@ def late_summary(points: list[dict], *, last: int) -> dict:
     window = late_window(points, last=last)
     out: dict = {"points": len(window), "steps": [p["step"] for p in window]}
     for name in LATE_FIELDS:
-        values = [p["hard"][name] for p in window]
-        out[f"hard_{name}"] = {"mean": round(sum(values) / len(values), 4), "min": min(values), "max": max(values)}
+        # None where a checkpoint has no such figure (mIoU found of one that boxed no animal): left out, counted.
+        values = [p["hard"][name] for p in window if p["hard"][name] is not None]
+        entry = ({"mean": round(sum(values) / len(values), 4), "min": min(values), "max": max(values)} if values
+                 else {"mean": None, "min": None, "max": None})
+        if len(values) < len(window):
+            entry["missing"] = len(window) - len(values)
+        out[f"hard_{name}"] = entry
     out["easy_miou_mean"] = round(sum(p["easy"]["miou"] for p in window) / len(window), 4)
     return out
 

@@ -11,6 +11,7 @@ import io
 import math
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
@@ -49,12 +50,12 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
     cell_height = height // max(1, -(-len(rows) // columns))
     for index, row in enumerate(rows):
         left, top = (index % columns) * tile, (index // columns) * cell_height
-        scale = _paste(sheet, row, left=left, top=top, tile=tile)
+        placed = _paste(sheet, row, left=left, top=top, tile=tile)
         label = f"{_verdict(row)} {row.get('difficulty', '')}".strip()
-        if scale is None:
+        if placed is None:
             label = "undecodable image"
         else:
-            _boxes(draw, row.get("boxes") or [], left=left, top=top, scale=scale, colour=GT_COLOUR)
+            _boxes(draw, row.get("boxes") or [], left=left, top=top, placed=placed, colour=GT_COLOUR)
         draw.text((left + 2, top + tile), label, fill=GT_COLOUR, font=font)
         if with_predictions:
             predicted = predictions.get(str(row.get("id")))
@@ -62,23 +63,35 @@ def draw_contact_sheet(rows: Sequence[Mapping[str, Any]], *, out_path: str | os.
                 text = "pred: none"
             else:
                 text = f"pred: {_verdict(predicted)}"
-                if scale is not None:
-                    _boxes(draw, predicted.get("zoom_boxes") or [], left=left, top=top, scale=scale,
+                if placed is not None:
+                    _boxes(draw, predicted.get("zoom_boxes") or [], left=left, top=top, placed=placed,
                            colour=ZOOM_COLOUR)
-                    _boxes(draw, predicted.get("boxes") or [], left=left, top=top, scale=scale, colour=PRED_COLOUR)
+                    _boxes(draw, predicted.get("boxes") or [], left=left, top=top, placed=placed,
+                           colour=PRED_COLOUR)
             draw.text((left + 2, top + tile + LINE_HEIGHT), text, fill=PRED_COLOUR, font=font)
     sheet.save(os.fspath(out_path), format="PNG", compress_level=6)
     return width, height
 
 
 def _verdict(answer: Mapping[str, Any]) -> str:
-    """What a row or a prediction says: its category, else whether an object is there (CAMO-style imports and
-    answers name no category)."""
+    """What a row or a prediction says: "absent" for no object, else its category, else "present" (CAMO-style
+    imports and answers name no category)."""
+    if answer.get("present") is False:
+        return "absent"
     return answer.get("category") or ("present" if answer.get("present") else "absent")
 
 
-def _paste(sheet: Image.Image, row: Mapping[str, Any], *, left: int, top: int, tile: int) -> float | None:
-    """Paste the row's image scaled into its tile; returns the scale factor, None if undecodable."""
+@dataclass(frozen=True)
+class _Placement:
+    """How an image lies in its tile: scaled by ``scale`` to width x height pixels."""
+
+    scale: float
+    width: int
+    height: int
+
+
+def _paste(sheet: Image.Image, row: Mapping[str, Any], *, left: int, top: int, tile: int) -> _Placement | None:
+    """Paste the row's image scaled into its tile; returns where it lies, None if undecodable."""
     try:
         with Image.open(io.BytesIO(row["image"])) as image:
             image = image.convert("RGB")
@@ -88,17 +101,24 @@ def _paste(sheet: Image.Image, row: Mapping[str, Any], *, left: int, top: int, t
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     sheet.paste(image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR),
                 (left, top))
-    return scale
+    return _Placement(scale=scale, width=size[0], height=size[1])
 
 
-def _boxes(draw: ImageDraw.ImageDraw, boxes: Sequence[Sequence[float]], *, left: int, top: int, scale: float,
-           colour: tuple[int, int, int]) -> None:
+
+def _boxes(draw: ImageDraw.ImageDraw, boxes: Sequence[Sequence[float]], *, left: int, top: int,
+           placed: _Placement, colour: tuple[int, int, int]) -> None:
+    """Draw boxes (original pixels) as scoring reads them: corners in either order, clipped to the image, so a
+    box scored by its reordered corners is drawn, and none reaches into a neighbouring tile."""
     for box in boxes:
         try:
-            x1, y1, x2, y2 = (float(v) * scale for v in box)
+            x1, y1, x2, y2 = (float(v) * placed.scale for v in box)
         except (TypeError, ValueError):
             continue  # a malformed predicted box is skipped, not drawn
-        if all(math.isfinite(v) for v in (x1, y1, x2, y2)) and x2 > x1 and y2 > y1:
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+            continue
+        x1, x2 = (min(max(v, 0.0), placed.width) for v in sorted((x1, x2)))
+        y1, y2 = (min(max(v, 0.0), placed.height) for v in sorted((y1, y2)))
+        if x2 > x1 and y2 > y1:
             # Box edges are pixel edges: the last covered pixel ends at x2, so draw up to x2 - 1 (at least one
             # pixel: a box thinner than a pixel at this scale is still drawn).
             draw.rectangle((left + x1, top + y1, left + max(x1, x2 - 1), top + max(y1, y2 - 1)), outline=colour,

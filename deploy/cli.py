@@ -352,9 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="evaluate a checkpoint on test splits; writes eval.json, report.md and PNGs",
-        description="Greedy and sampled rollouts over every row of each split (engine, prompts and zoom "
-        "environment from the run config): format, presence, category, mIoU, AP@0.5, tokens, zooms, the best "
-        "fixed-box baseline and the number of distinct answers.",
+        description="Rollouts over every row of each split in the modes of train.eval_modes (greedy, sampled; "
+        "engine, prompts and zoom environment from the run config): format, presence, category, mIoU, AP@0.5, "
+        "tokens, zooms, the best fixed-box baseline and the number of distinct answers.",
     )
     p.add_argument("checkpoint", help="model directory (e.g. RUN/checkpoints/step_N) or builtin:tiny")
     p.add_argument("--data", required=True, help="directory of <split>.parquet files")

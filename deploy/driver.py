@@ -48,7 +48,7 @@ from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
 from deploy.reward_pool import RewardPool
 from deploy.rollout_fleet import FleetWorker, RolloutFleet
-from deploy.run_record import RUN_CONFIG_FILE, check_rl_resume
+from deploy.run_record import RUN_CONFIG_FILE, check_rl_resume, trim_events
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
@@ -88,28 +88,6 @@ def reported_stage(means: dict[int, dict[str, float]], *, current: int) -> int:
     (right after a transition, async groups generated before it still arrive), the latest stage it holds,
     so that the event names the stage its rewards come from."""
     return current if current in means else max(means)
-
-
-def trim_events(path: Path, *, last_step: int) -> None:
-    """Drop the events of steps after ``last_step`` (those a crash left after the checkpoint a run resumes
-    from: trained again, or never if the resumed run ends sooner). Other lines are kept as they are."""
-    if not path.exists():
-        return
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            step = json.loads(line).get("step")
-        except (json.JSONDecodeError, AttributeError):
-            step = None
-        if isinstance(step, int) and step > last_step:
-            dropped += 1
-        else:
-            kept.append(line)
-    if dropped:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
-        log.info("resume: dropped %d events of steps after %d from %s", dropped, last_step, path)
 
 
 @dataclass

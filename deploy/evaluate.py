@@ -271,7 +271,7 @@ class SampleScore:
     key: str | None  # normalised answer, None without an answer
     boxes: list[Box] = field(default_factory=list)
     present: bool | None = None
-    category_text: str | None = None
+    stated_category: str | None = None  # Answer.stated_category: none for a "none" that names one
     text: str = ""  # the completion, cut to EXAMPLE_TEXT_CHARS
     target_present: bool | None = None  # the row's truth
     zoom_boxes: list[Box] = field(default_factory=list)  # the regions the sample zoomed into, original pixels
@@ -307,7 +307,8 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
         tokens=sum(trajectory.loss_mask), zooms=len(trajectory.zoom_boxes),
         key=answer_key(answer.present, answer.stated_category, boxes) if answer else None,
         boxes=boxes, present=answer.present if answer else None,
-        category_text=answer.category if answer else None, text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS],
+        stated_category=answer.stated_category if answer else None,
+        text=trajectory.completion_text[:EXAMPLE_TEXT_CHARS],
         target_present=target.present, zoom_boxes=[list(b) for b in trajectory.zoom_boxes])
 
 
@@ -483,7 +484,7 @@ def _examples(samples: Sequence[SampleScore], rows: Sequence[dict], *, limit: in
         s = first.get(row["id"])
         if s is None:
             continue
-        out.append({"id": s.row_id, "answered": s.answered, "present": s.present, "category": s.category_text,
+        out.append({"id": s.row_id, "answered": s.answered, "present": s.present, "category": s.stated_category,
                     "boxes": [[round(v, 1) for v in b] for b in s.boxes], "iou": s.iou, "strict": s.strict,
                     "text": s.text, "zoom_boxes": s.zoom_boxes})
     return out

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.contact_sheet import draw_contact_sheet
-from data.schema import iter_rows
 from rewards.components import COMPONENTS
 from deploy.evaluate import (
     ALL_TASKS,
@@ -40,6 +39,7 @@ from deploy.evaluate import (
     M_ROWS,
     M_TOKENS,
     M_ZOOMS,
+    load_split,
 )
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,12 @@ DEFINITIONS = """\
   mode mIoU = found × mIoU found, so a model that boxes better and one that says "none" less often can be told
   apart (sampled: each run's product, averaged, so only approximately).
 - **AP@0.5**: all predicted boxes ranked by confidence (else by their order in the answer), greedy matching at
-  IoU ≥ 0.5, all-point interpolated AP, equal scores entering together.
+  IoU ≥ 0.5, all-point interpolated AP, equal scores entering together. Answers that state no confidences (the
+  SFT grammar has none) tie on every first box, so AP@0.5 is then precision × recall at the model's own
+  operating point, not a ranking measure.
+- **presence AUC**: the ROC AUC of each row's share of samples answering "present". Greedy (one sample per row)
+  that is the balanced accuracy of the verdict (mean recall on rows with and without an object; 0.5 for a
+  constant answer), not how well the model could rank rows under another threshold.
 - **distinct answers**: different normalised answers (presence, category, boxes to whole pixels) among the
   extracted ones. One answer for many rows means the model ignores the image.
 - **tokens**: model-generated completion tokens per sample; **zooms**: zoom turns per sample.
@@ -197,7 +202,9 @@ def _example_sheets(result: dict, out_dir: Path) -> dict[str, Path]:
         path = data_dir / f"{split}.parquet"
         if not examples or not path.is_file():
             continue
-        rows = [row for row in iter_rows(path) if row.get("id") in examples]
+        # The rows as the evaluation read them (valid, first of a duplicated id, boxes clamped), in its order.
+        valid = load_split(path, limit=None).rows
+        rows = [valid[i] for i in examples if i in valid]
         # Rows without an extracted answer get no prediction: the sheet labels them "pred: none".
         predictions = {i: e for i, e in examples.items() if e["answered"]}
         sheets[split] = out_dir / f"examples_{split}.png"

@@ -83,3 +83,33 @@ def check_rl_resume(out_dir: Path, config_dump: dict, *, setting: str, model_fro
         return  # the Driver checks again with the model, and logs the changes then
     for change in settings_differences(recorded, config_dump):
         log.info("resume with a changed setting: %s", change)
+
+
+def trim_events(path: Path, *, last_step: int) -> None:
+    """Make a run's JSON-lines step log (RL's events.jsonl, SFT's sft_events.jsonl) fit a run that continues after
+    ``last_step``: drop the events of later steps (those a crash left after the checkpoint it resumes from:
+    trained again, or never if the resumed run ends sooner), and a last line a crash cut mid-write (no newline),
+    onto which the next event would otherwise be appended and lost with it. Other lines are kept as they are."""
+    if not path.exists():
+        return
+    kept, dropped, mended = [], 0, False
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            event = json.loads(line)
+            step = event.get("step")
+        except (json.JSONDecodeError, AttributeError):
+            event, step = None, None
+        if isinstance(step, int) and step > last_step:
+            dropped += 1
+        elif line.endswith("\n"):
+            kept.append(line)
+        elif event is None:
+            dropped += 1  # the last line, cut mid-write
+        else:
+            kept.append(line + "\n")  # the last line, whole but for its newline
+            mended = True
+    if dropped or mended:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
+        log.info("resume: dropped %d lines (events of steps after %d, or cut) from %s", dropped, last_step, path)

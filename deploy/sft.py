@@ -34,7 +34,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deploy.run_record import LEARNER_PLACEMENT, refuse_other_settings
+from deploy.run_record import LEARNER_PLACEMENT, refuse_other_settings, trim_events
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +400,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         # run's); a run started from another run's checkpoint (the SFT control) counts from 0.
         seconds_before = float(extra.get("wall_s", 0.0)) if init_from is None else 0.0
         log.info("SFT continues from %s at step %d (%.0f s trained before)", start_from, step, seconds_before)
+    trim_events(out / SFT_EVENTS_FILE, last_step=step)  # steps trained again, or a line a crash cut
     snapshots = WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last) if sft.average_last else None
     if snapshots is not None:
         snapshots.discard_after(step)

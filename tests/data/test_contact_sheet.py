@@ -57,9 +57,26 @@ def test_labels_say_present_without_a_category_and_thin_boxes_are_drawn(tmp_path
     row = {**_row("a", [[10, 10, 10.5, 40]]), "category": None, "present": True}
     assert _verdict(row) == "present" and _verdict({"present": False, "category": None}) == "absent"
     assert _verdict({"present": True, "category": "moth"}) == "moth"
+    assert _verdict({"present": False, "category": "moth"}) == "absent"  # as the evaluation scores it
     predictions = {"a": {"present": True, "category": None, "boxes": [[30, 30, 30.1, 30.2]]}}
     size = draw_contact_sheet([row], out_path=tmp_path / "s.png", columns=1, tile=16, predictions=predictions)
     with Image.open(tmp_path / "s.png") as sheet:
         assert sheet.size == size
         column = [sheet.convert("RGB").getpixel((2, y)) for y in range(16)]
         assert GT_COLOUR in column  # the thin ground-truth box at x = 10 * 16 / 56 = 2.9
+
+
+def test_predicted_boxes_are_drawn_as_scored_reordered_and_clipped_to_their_image(tmp_path):
+    """Scoring reorders a box's corners and clips it to the image: a box written right-to-left is drawn, and one
+    reaching past the image's left edge stops there instead of running into the neighbouring tile."""
+    rows = [_row("a", []), _row("b", [])]
+    predictions = {"a": {"present": True, "category": "moth", "boxes": [[40, 40, 10, 10]]},
+                   "b": {"present": True, "category": "moth", "boxes": [[-30, 10, 20, 20]]}}
+    draw_contact_sheet(rows, out_path=tmp_path / "s.png", columns=2, tile=112, predictions=predictions)
+    with Image.open(tmp_path / "s.png") as sheet:
+        pixels = sheet.convert("RGB").load()
+    # Scale 2: "a" is the box (20, 20)-(79, 79) of tile 0.
+    assert pixels[20, 50] == PRED_COLOUR and pixels[79, 50] == PRED_COLOUR
+    # "b" is clipped to x >= 0 of tile 1 (left 112): its left edge at x = 112, nothing of it in tile 0.
+    assert pixels[112, 30] == PRED_COLOUR
+    assert all(pixels[x, y] != PRED_COLOUR for x in range(81, 112) for y in range(112))

@@ -36,6 +36,12 @@ def test_step_walls_adds_the_offset_and_a_resumed_step_keeps_its_last_time(tmp_p
     assert step_walls(events, offset=100.0) == {1: 104.0, 2: 111.5}
 
 
+def test_step_walls_skips_a_line_a_killed_run_cut(tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"step": 1, "wall_s": 4.0}\n{"step": 2, "wa\n{"step": 3, "wall_s": 12.0}\n["a list"]\n')
+    assert step_walls(events) == {1: 4.0, 3: 12.0}
+
+
 def test_series_of_a_run_that_trained_its_own_sft_and_control(tmp_path):
     setting = tmp_path / "full"
     sft = checkpoint(setting / "sft", 500)
@@ -111,6 +117,18 @@ def test_late_summary_takes_the_last_points_by_wall_time():
     assert late["hard_miou"] == {"mean": pytest.approx(0.44), "min": 0.42, "max": 0.46}  # (0.42 + 0.44 + 0.46) / 3
     assert late["easy_miou_mean"] == pytest.approx(0.6)
     assert late_summary(points, last=10)["points"] == 4
+
+
+def test_late_summary_leaves_out_a_checkpoint_without_a_figure_and_counts_it():
+    # A checkpoint that boxed no hard animal has no mIoU over found animals (eval.json: null).
+    points = [point(25, 100.0, 0.40), point(50, 200.0, 0.0, found=1.0), point(75, 300.0, 0.44)]
+    points[1]["hard"]["miou_found"] = None
+    late = late_summary(points, last=3)
+    assert late["hard_miou_found"] == {"mean": 0.4667, "min": 0.40 / 0.9,  # (0.444 + 0.489) / 2, rounded
+                                       "max": 0.44 / 0.9, "missing": 1}
+    assert "missing" not in late["hard_miou"]
+    points[0]["hard"]["miou_found"] = points[2]["hard"]["miou_found"] = None
+    assert late_summary(points, last=3)["hard_miou_found"] == {"mean": None, "min": None, "max": None, "missing": 3}
 
 
 def test_late_margin_is_over_the_better_of_sft_and_the_control():

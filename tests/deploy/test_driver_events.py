@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 
 from actors.types import PromptGroup, Target, Trajectory, TrajectoryGroup
-from deploy.driver import reported_stage, stage_reward_means, trim_events
+from deploy.driver import reported_stage, stage_reward_means
+from deploy.report import read_events
+from deploy.run_record import trim_events
 
 
 def _group(stage: int, rewards: list[dict[str, float]]) -> TrajectoryGroup:
@@ -46,3 +48,22 @@ def test_a_resume_drops_the_events_of_steps_after_its_checkpoint(tmp_path):
     assert path.read_text() == kept
     trim_events(tmp_path / "absent.jsonl", last_step=0)  # a run without a log yet
     assert not (tmp_path / "absent.jsonl").exists()
+
+
+def test_a_line_a_crash_cut_is_dropped_so_the_next_event_is_not_lost(tmp_path):
+    path = tmp_path / "events.jsonl"
+    whole = [json.dumps({"step": s, "stage": 0, "reward_total": 1.0}) for s in (1, 2)]
+    path.write_text("\n".join(whole) + "\n" + '{"step": 3, "sta')
+    trim_events(path, last_step=2)
+    assert path.read_text() == "\n".join(whole) + "\n"
+    with path.open("a") as f:  # the resumed run logs step 3 again
+        f.write(json.dumps({"step": 3, "stage": 0, "reward_total": 2.0}) + "\n")
+    assert [e["step"] for e in read_events(path)[0]] == [1, 2, 3]
+
+
+def test_a_whole_last_event_without_its_newline_is_kept_and_ended(tmp_path):
+    path = tmp_path / "events.jsonl"
+    first, second = (json.dumps({"step": s, "stage": 0, "reward_total": 1.0}) for s in (1, 2))
+    path.write_text(first + "\n" + second)
+    trim_events(path, last_step=2)
+    assert path.read_text() == first + "\n" + second + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -122,6 +123,8 @@ def test_a_none_answer_names_no_category_whatever_it_writes(original_frame_confi
     # Naming a category beside "none" is not a different answer from "none" itself.
     plain = _score(original_frame_config, row_id="a", target=moth, answer={"present": False})
     assert hedged.key == plain.key
+    # ... nor does the report's example sheet label it "moth".
+    assert hedged.stated_category is None and said.stated_category == "moth"
 
 
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
@@ -337,3 +340,32 @@ def test_report_draws_predicted_boxes_in_magenta(eval_run):
     # 112 px images in 224 px tiles: the box's left edge is at x = 20, from y = 20 to 99.
     assert sheet.getpixel((20, 60)) == (255, 0, 255)
     assert sheet.getpixel((224 + 20, 60)) != (255, 0, 255)  # the second example has no answer
+
+
+def test_the_example_sheet_draws_the_rows_the_evaluation_read(tmp_path):
+    """A second row under an example's id (refused as a duplicate by the loader, counted in bad_rows) gets no
+    tile of its own: the sheet draws the rows the evaluation scored, once each, in the examples' order."""
+    from PIL import Image
+
+    from data.contact_sheet import BACKGROUND, GT_COLOUR
+    from data.schema import read_rows, write_rows
+    from data.synth import synthesize
+    from deploy.report import _example_sheets
+
+    synthesize(out_dir=tmp_path / "synth", seed=5, n=20)
+    rows = read_rows(tmp_path / "synth" / "test_easy.parquet")[:2]
+    duplicate = {**rows[0], "image": rows[1]["image"]}  # the same id, another image
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    write_rows([rows[0], duplicate, rows[1]], data_dir / "test_easy.parquet")
+    examples = [{"id": r["id"], "answered": False} for r in (rows[1], rows[0])]
+    result = {"data_dir": str(data_dir), "splits": {"test_easy": {"examples": examples}}}
+    (tmp_path / "out").mkdir()
+    sheets = _example_sheets(result, tmp_path / "out")
+    with Image.open(sheets["test_easy"]) as sheet:
+        sheet = sheet.convert("RGB")
+    assert sheet.getpixel((2 * 224 + 10, 10)) == BACKGROUND  # two tiles, not three
+    with Image.open(io.BytesIO(rows[1]["image"])) as first_example:  # drawn first, as the examples list it
+        expected = first_example.convert("RGB").resize((224, 224), Image.Resampling.NEAREST)
+    tile = sheet.crop((0, 0, 224, 224)).getdata()
+    assert all(got in (want, GT_COLOUR) for got, want in zip(tile, expected.getdata()))  # boxes drawn over it
