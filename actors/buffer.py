@@ -424,8 +424,9 @@ class TrajectoryBuffer:
         files = sorted(spill_dir.glob(f"{SPILL_PREFIX}*{SPILL_SUFFIX}"))
         log_path = spill_dir / CONSUMED_LOG
         if not resume and (files or log_path.exists()):
-            raise ValueError(f"spill_dir {spill_dir} holds a previous buffer's groups: resume it "
-                             f"(TrajectoryBuffer(config, resume=True)) or use an empty directory")
+            raise ValueError(f"spill_dir {spill_dir} holds a previous buffer's groups: resume that run (refocus "
+                             f"train --resume; TrajectoryBuffer(config, resume=True)) or start in an empty "
+                             f"directory (another train.output_dir)")
         if resume:
             self._load_spill(files, log_path)
         self._log = open(log_path, "a", encoding="utf-8")

@@ -71,7 +71,8 @@ class WeightSyncConfig(BaseModel):
         default="object_store", description="object_store: one ray.put per bucket; broadcast: a gloo/NCCL group")
     bucket_bytes: int = Field(
         default=256 * 2**20, ge=1, le=2**36,
-        description="target bytes per bucket: bounds the sender's extra memory to one bucket")
+        description="target bytes per bucket, the unit of one transfer (the rollout fleet keeps every bucket of "
+        "the current weights for workers that start later: one copy of the model in the driver)")
     backend: Literal["auto", "gloo", "nccl"] = Field(
         default="auto", description="broadcast backend; auto: nccl where CUDA is available, else gloo")
     host: str | None = Field(

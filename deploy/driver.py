@@ -532,24 +532,28 @@ class Driver:
 
         path = latest_complete(self.out / CHECKPOINTS_DIR)
         if path is None:
-            log.info("resume: no complete checkpoint under %s; starting fresh", self.out / CHECKPOINTS_DIR)
+            # A run that crashed before its first checkpoint: the initial weights, its groups still buffered.
+            log.info("resume: no complete checkpoint under %s; starting from the initial weights",
+                     self.out / CHECKPOINTS_DIR)
             trim_events(self.out / EVENTS_FILE, last_step=0)  # what a crashed run logged is trained anew
-            return
-        extra = self.learner.load_checkpoint(path)
-        self.step, self.version = extra["step"], extra["version"]
-        self._issue_counter = extra["issue_counter"]
-        self.curriculum.load_state_dict(extra["curriculum"])
-        self.sampler.load_state_dict(extra["sampler"])
-        self._wall_offset = float(extra.get("wall_s", 0.0))  # checkpoints before it was recorded: 0
-        trim_events(self.out / EVENTS_FILE, last_step=self.step)
-        # Groups the previous run had buffered (spilled to Parquet) are trained on like fresh ones.
+        else:
+            extra = self.learner.load_checkpoint(path)
+            self.step, self.version = extra["step"], extra["version"]
+            self._issue_counter = extra["issue_counter"]
+            self.curriculum.load_state_dict(extra["curriculum"])
+            self.sampler.load_state_dict(extra["sampler"])
+            self._wall_offset = float(extra.get("wall_s", 0.0))  # checkpoints before it was recorded: 0
+            trim_events(self.out / EVENTS_FILE, last_step=self.step)
+        # Groups the previous run had buffered (spilled to Parquet) are trained on like fresh ones, with or without
+        # a checkpoint: the buffer restored them either way, and refuses their ids (and those it handed out) again.
         held = ray.get(self.buffer.held_ids.remote())
         for group_id in held:
             self.ledger.issue(group_id)
             self.ledger.generate(group_id)
         self._issue_counter = next_issue_counter(self._issue_counter, ray.get(self.buffer.seen_ids.remote()))
-        self._sync_weights(version=self.version)
-        log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
+        if path is not None:
+            self._sync_weights(version=self.version)
+            log.info("resumed from %s at step %d (stage %d)", path, self.step, self.curriculum.current_stage + 1)
 
     # ------------------------------------------------------------------ the loop
     def _elapsed(self) -> float:

@@ -200,7 +200,8 @@ class LearnerGroup:
         """Stream the full weights from rank 0, bucket by bucket, while every rank takes part in the gathers.
 
         Each rank runs the export as a Ray streaming generator; rank 0's buckets are fetched as they
-        are produced, so the driver holds one bucket at a time.
+        are produced, so this stream holds one bucket at a time. A caller that keeps them holds the whole
+        model: ``RolloutFleet.sync`` does, to serve workers that start or restart later.
         """
         import ray
 

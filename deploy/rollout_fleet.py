@@ -180,6 +180,9 @@ class RolloutFleet:
         deliver them to every worker."""
         with self._lock:
             self._buckets = list(buckets)
+            for worker in self.workers:
+                if worker.pid is None:  # scaled up before any weights were sent: learn its process now, as a
+                    worker.pid = await_ready(worker.handle)  # restart of it would otherwise be counted later
             self.send_current(list(self.workers))
 
     def send_current(self, workers: list[FleetWorker]) -> None:
@@ -214,24 +217,26 @@ class RolloutFleet:
 
         import torch
 
-        with self._lock:  # the weights and workers of one sync, not of one half-replaced by another
+        # The lock is held throughout, as by a sync: the weights and workers of one sync, not of one half-replaced
+        # by another, and no worker stopped by `refocus scale` (async mode: the main thread) while it is asked.
+        with self._lock:
             buckets, workers = list(self._buckets), list(self.workers)
-        named = [(name, t) for b in buckets for name, t in b.tensors]
-        # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
-        # a bfloat16 engine holds it, or every verification on a GPU would differ.
-        engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
-        learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied(), dtype=engine_dtype)
-        refs = [w.handle.weights_checksum.remote() for w in workers]
-        worker_sums = []
-        for worker, ref in zip(workers, refs):
-            try:
-                checksum = ray.get(ref)
-            except ray.exceptions.RayActorError:
-                checksum = None  # died since the sync
-            if checksum != learner_sum and self.recover(worker):
-                self.send_current([worker])
-                checksum = ray.get(worker.handle.weights_checksum.remote())
-            worker_sums.append(checksum)
+            named = [(name, t) for b in buckets for name, t in b.tensors]
+            # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
+            # a bfloat16 engine holds it, or every verification on a GPU would differ.
+            engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
+            learner_sum = state_dict_checksum(named, tie_word_embeddings=self._tied(), dtype=engine_dtype)
+            refs = [w.handle.weights_checksum.remote() for w in workers]
+            worker_sums = []
+            for worker, ref in zip(workers, refs):
+                try:
+                    checksum = ray.get(ref)
+                except ray.exceptions.RayActorError:
+                    checksum = None  # died since the sync
+                if checksum != learner_sum and self.recover(worker):
+                    self.send_current([worker])
+                    checksum = ray.get(worker.handle.weights_checksum.remote())
+                worker_sums.append(checksum)
         record = {"version": version, "learner": learner_sum,
                   "workers": dict(zip((w.name for w in workers), worker_sums))}
         self.checksums.append(record)

@@ -447,6 +447,36 @@ def test_buffer_actor_with_two_producers_and_one_consumer_accounts_for_every_gro
         ray.shutdown()
 
 
+def test_a_resume_without_a_checkpoint_trains_the_restored_groups_and_numbers_past_them(tmp_path):
+    """A run that crashed before its first checkpoint (checkpoint_every 0: any crash before the end) left groups
+    in its spill directory. ``--resume`` restores them; the driver must enter them in its ledger and issue ids past
+    every one the buffer saw, checkpoint or not: before, it did neither, so the resumed run's first put was refused
+    as a duplicate and the restored groups reached the learner unknown to the ledger (the real buffer actor and
+    ``Driver._restore``; the driver is built bare, as a whole one starts engines and a learner)."""
+    ray = pytest.importorskip("ray")
+    from deploy.driver import Driver
+    from deploy.ledger import GroupLedger
+
+    config = BufferConfig(capacity=8, spill_dir=str(tmp_path / "buffer"), spill_every_groups=1)
+    crashed = TrajectoryBuffer(config)
+    for gid in ["r0#1", "r1#2", "r2#3"]:
+        crashed.put(make_group(gid))
+    crashed.get(1, learner_version=0)  # r0#1 went to the learner; the run died in that step
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        driver = object.__new__(Driver)
+        driver.out, driver.ledger, driver._issue_counter = tmp_path, GroupLedger(), 0
+        driver.buffer = ray.remote(num_cpus=0)(TrajectoryBuffer).remote(config, resume=True)
+        driver._restore()
+        assert driver._issue_counter == 3
+        for group in ray.get(driver.buffer.get.remote(2, learner_version=0, timeout_s=0)):
+            driver.ledger.train(group.group_id)  # known to the ledger: issued and generated
+        ray.get(driver.buffer.put.remote(make_group(f"r0#{driver._issue_counter + 1}")))  # the next issue
+        assert driver.ledger.trained == {"r1#2", "r2#3"}
+    finally:
+        ray.shutdown()
+
+
 def test_take_dropped_names_each_stale_group_once():
     from actors.buffer import BufferConfig, TrajectoryBuffer
 

@@ -190,3 +190,62 @@ def test_scaling_down_during_a_weight_sync_waits_for_it(ray_cluster, tiny_model_
     thread.join(60)
     assert errors == [] and [w.name for w in fleet.workers] == ["slow-0"] and fleet.workers[0].version == 1
     fleet.kill()
+
+
+def test_a_worker_scaled_up_before_any_weights_is_known_by_its_process_at_the_first_sync(ray_cluster,
+                                                                                       tiny_model_dir):
+    """`refocus scale` before the first sync starts a worker the fleet has no process id of (it learns ids
+    when a worker must be served weights). Unknown, a later recovery took its process for a restarted one and
+    counted a restart that never happened."""
+    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path=tiny_model_dir, metrics=RunMetrics())
+    actor = ray.remote(HeldWeights).options(num_cpus=0)
+    fleet.workers = [FleetWorker(name="held-0", handle=actor.remote(torch.float32))]
+    fleet.await_started()
+    fleet.workers.append(FleetWorker(name="held-1", handle=actor.remote(torch.float32)))  # as start() leaves it
+    fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=[("w", torch.ones(2))])])
+    late = fleet.workers[1]
+    assert late.pid == await_ready(late.handle) and late.version == 1
+    assert fleet.recover(late) is False
+    assert fleet.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "rollout"}) in (None, 0.0)
+    fleet.kill()
+
+
+class SlowChecksum(HeldWeights):
+    """Takes three seconds to hash its weights, so that a verification is still asking when the fleet is rescaled."""
+
+    def weights_checksum(self) -> str:
+        time.sleep(3.0)
+        return super().weights_checksum()
+
+
+def test_scaling_down_during_a_verification_waits_for_it(ray_cluster, tiny_model_dir):
+    """Async mode: the learner thread verifies a sync while the main thread applies `refocus scale`. A worker
+    stopped while it was asked for its checksum ended the run (ActorDiedError); they take turns, as with a sync."""
+    import threading
+
+    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path=tiny_model_dir, metrics=RunMetrics())
+    actor = ray.remote(SlowChecksum).options(num_cpus=0)
+    fleet.workers = [FleetWorker(name=f"slow-{i}", handle=actor.remote(torch.float32)) for i in range(2)]
+    fleet.await_started()
+    fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=[("w", torch.ones(2))])])
+    outcome: list = []
+
+    def learner_thread() -> None:
+        try:
+            outcome.append(fleet.verify(1))
+        except BaseException as error:  # surfaced by the assertion below
+            outcome.append(error)
+
+    thread = threading.Thread(target=learner_thread)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while fleet._lock.acquire(blocking=False):  # until the verification holds the fleet
+        fleet._lock.release()
+        assert time.monotonic() < deadline, "the verification never started"
+        time.sleep(0.01)
+    fleet.rescale(1)
+    thread.join(60)
+    [record] = outcome
+    assert isinstance(record, dict) and set(record["workers"]) == {"slow-0", "slow-1"}
+    assert [w.name for w in fleet.workers] == ["slow-0"]
+    fleet.kill()
