@@ -134,8 +134,12 @@ def zoom_region(boxes: Sequence[Sequence[float]], *, width: int, height: int, co
     region_h = max(side, min(math.ceil(y2 - _SNAP) - math.floor(y1 + _SNAP), height))
     left = (x1 + x2 - region_w) / 2 + offset[0] * max(region_w - (x2 - x1), 0) / 2
     top = (y1 + y2 - region_h) / 2 + offset[1] * max(region_h - (y2 - y1), 0) / 2
-    left = min(max(round(left), 0), width - region_w)
-    top = min(max(round(top), 0), height - region_h)
+    # Rounded to whole pixels, but never past the union's edges (an offset of +-1 puts the region flush with
+    # them, where rounding could cut half a pixel); then inside the image, which holds the union too.
+    left = min(max(round(left), math.ceil(x2 - _SNAP) - region_w), math.floor(x1 + _SNAP))
+    top = min(max(round(top), math.ceil(y2 - _SNAP) - region_h), math.floor(y1 + _SNAP))
+    left = min(max(left, 0), width - region_w)
+    top = min(max(top, 0), height - region_h)
     return left, top, left + region_w, top + region_h
 
 

@@ -55,7 +55,7 @@ from scipy.ndimage import find_objects, label
 
 from data.difficulty import camouflage_stats
 from data.prompts import question_for
-from data.schema import MIN_BOX_SIDE, ProgressFn, clamp_box, write_rows
+from data.schema import MIN_BOX_SIDE, ProgressFn, clamp_box, names_something, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ def import_coco(*, annotations_json: str | os.PathLike[str], images_dir: str | o
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise DatasetImportError(
             f"annotations_json: cannot read a COCO file at {annotations_json}: {error}") from error
-    categories = {key: name for key, name in named.items() if name}  # a blank name cannot be asked about
+    # A name without a letter or digit ("", "?!") cannot be asked about, and validate_row would refuse its rows.
+    categories = {key: name for key, name in named.items() if names_something(name)}
     by_image: dict[Any, list[dict]] = defaultdict(list)
     for annotation in annotations:
         if isinstance(annotation, dict) and isinstance(annotation.get("image_id", []), Hashable):
@@ -318,14 +319,28 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
 
 
 def _load_image(path: Path) -> tuple[Image.Image, bytes, str] | None:
-    """(RGB image, original bytes, format) or None if the file does not decode completely."""
+    """(RGB image, original bytes, format) or None if the file does not decode completely. The format is ""
+    for an image whose bytes must not be stored as they are (``_as_rgb``)."""
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as image:
-            fmt = image.format or ""
-            return image.convert("RGB"), data, fmt
+            rgb, rescaled = _as_rgb(image)
+            return rgb, data, "" if rescaled else (image.format or "")
     except _DECODE_ERRORS:
         return None
+
+
+def _as_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
+    """(the image in RGB, whether its values were rescaled). PIL converts 16-bit grayscale (modes I;16*, and I
+    holding values past 255) to RGB by clipping at 255, which turns a medical or thermal camouflage image nearly
+    white; such values are scaled to 8 bits instead, and the image must then be stored re-encoded, since every
+    reader of the stored bytes (rollout, SFT, evaluation) converts them as PIL does."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
+            eight = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(eight).convert("RGB"), True
+    return image.convert("RGB"), False
 
 
 def _load_mask(path: Path, *, threshold: int) -> np.ndarray | None:

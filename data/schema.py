@@ -34,6 +34,11 @@ MIN_BOX_SIDE = 1.0  # pixels; smaller boxes cannot be drawn, cropped or matched 
 # punctuation (" ?! ") as naming nothing, so a present object would reward answers naming no category.
 _NAMES_SOMETHING = re.compile(r"[^\W_]")
 
+
+def names_something(category: str) -> bool:
+    """Whether ``category`` can be a row's category: it holds a letter or digit (``validate_row``'s rule)."""
+    return bool(_NAMES_SOMETHING.search(category))
+
 ROW_SCHEMA = pa.schema(
     [
         pa.field("id", pa.string(), nullable=False),
@@ -136,7 +141,7 @@ def validate_row(row: Any, *, decode_image: bool = True) -> list[str]:
     if row["difficulty"] not in DIFFICULTIES:
         problems.append(f"difficulty: unknown {row['difficulty']!r} (expected one of {DIFFICULTIES})")
     if row["category"] is not None and (not isinstance(row["category"], str)
-                                        or not _NAMES_SOMETHING.search(row["category"])):
+                                        or not names_something(row["category"])):
         problems.append("category: expected a non-empty string or null (a name: letters or digits)")
     if not isinstance(row["present"], bool):
         problems.append("present: expected a bool")

@@ -213,6 +213,33 @@ class SupervisedBatches:
         self.zoom_context = zoom_context
         self.zoom_jitter = zoom_jitter
         self.zoom_names_after = zoom_names_after
+        self.left_out = self._leave_out_over_long(min(rollout_config.sampling.max_tokens,
+                                                      rollout_config.env.max_completion_tokens))
+
+    def _leave_out_over_long(self, limit: int) -> int:
+        """Leave out of ``self.data`` the rows whose answer is longer than ``limit`` tokens, the most the rollout lets
+        the model write in a turn: taught them, it would learn answers that RL and the evaluation cut short (a
+        COD10K image with many mask components under a 64-token budget). The answer is measured as one turn
+        writes it; a zoom trace's answer turn writes the same boxes in the crop's frame. Returns how many."""
+        from data.prompts import target_completion
+
+        def length(row: dict) -> int:
+            size = self.env.limits.input_size(row["width"], row["height"])
+            text = target_completion(row, frame=self.frame, think=self.think, input_size=size)
+            return len(self._encode(text)) + len(self.end_ids)
+
+        too_long = {row_id: n for row_id, row in self.data.rows.items() if (n := length(row)) > limit}
+        if too_long:
+            if len(too_long) == len(self.data.rows):
+                raise ValueError(f"every SFT row's answer is longer than the rollout's limit of {limit} tokens "
+                                 f"(rollout.sampling.max_tokens / rollout.env.max_completion_tokens); raise it")
+            longest = max(too_long, key=too_long.get)
+            log.warning("SFT leaves out %d of %d rows whose answer is longer than the %d tokens the rollout may write "
+                        "(the longest: %r, %d tokens)", len(too_long), len(self.data.rows), limit, longest,
+                        too_long[longest])
+            self.data = dataclasses.replace(
+                self.data, rows={k: v for k, v in self.data.rows.items() if k not in too_long})
+        return len(too_long)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -276,10 +303,14 @@ class SupervisedBatches:
 
 
 class WeightSnapshots:
-    """The last ``keep`` weight snapshots of a run, ``<root>/step_N`` model directories, and their average."""
+    """The last ``keep`` weight snapshots of a run, ``<root>/step_N`` model directories, and their average.
 
-    def __init__(self, root: Path, *, keep: int):
-        self.root, self.keep = root, keep
+    Snapshots are taken every ``every`` steps and at a run's last step. A last step off that grid (a run stopped
+    on max_seconds, or steps not a multiple of ``every``) is a run's end only until a resume or a longer run trains
+    past it: the next snapshot replaces it, so a run in parts averages what an uninterrupted one would."""
+
+    def __init__(self, root: Path, *, keep: int, every: int):
+        self.root, self.keep, self.every = root, keep, every
 
     def steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -287,23 +318,31 @@ class WeightSnapshots:
         return sorted(int(d.name.removeprefix("step_")) for d in self.root.glob("step_*") if d.is_dir())
 
     def take(self, learner, step: int) -> None:
-        """Save the learner's weights as ``step_<step>`` and delete those beyond the last ``keep``."""
+        """Save the learner's weights as ``step_<step>``, drop an earlier end off the grid and keep the last ``keep``."""
         learner.save_pretrained(self.root / f"step_{step}")
         self._keep_last()
 
     def _keep_last(self) -> None:
-        for old in self.steps()[:-self.keep]:
+        steps = self.steps()
+        off_grid = [s for s in steps[:-1] if s % self.every]  # earlier ends, which a later step trained past
+        on_grid = [s for s in steps if s not in off_grid]
+        for old in off_grid + on_grid[:-self.keep]:
             shutil.rmtree(self.root / f"step_{old}")
 
     def continue_from(self, earlier_root: Path, *, step: int) -> None:
         """Copy in the snapshots of the run this one continues (``earlier_root``, up to ``step``, those not here
         already), keeping the last ``keep``: a continued run averages over its whole trajectory, not only over
         the steps it trained itself (an SFT control continued from an earlier control for a few more steps).
-        Its own directory adds nothing: every step there is here already."""
-        earlier = WeightSnapshots(earlier_root, keep=self.keep)
+        Its own directory adds nothing: every step there is here already. Snapshots the earlier run had already
+        pruned (continued from a checkpoint before its last ``keep`` snapshots) cannot be had: that is logged."""
+        earlier = WeightSnapshots(earlier_root, keep=self.keep, every=self.every)
         for old in (s for s in earlier.steps() if s <= step and s not in self.steps()):
             shutil.copytree(earlier_root / f"step_{old}", self.root / f"step_{old}")
         self._keep_last()
+        wanted = list(range(self.every, step + 1, self.every))[-self.keep:]
+        if missing := sorted(set(wanted) - set(self.steps())):
+            log.warning("SFT snapshots: %s holds none at steps %s (pruned by its later snapshots), so the average "
+                        "of this continued run lacks them", earlier_root, missing)
 
     def discard_after(self, step: int) -> None:
         """Delete snapshots past ``step``: left by a run that stopped after its last checkpoint, which a resume
@@ -357,7 +396,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     from deploy.training_data import prepare_training_data
     from deploy.worker_env import actor_env
     from learner.batch import collate
-    from learner.checkpoint import CHECKPOINTS_DIR, latest_complete, read_trainer_state, refuse_earlier_run
+    from learner.checkpoint import (CHECKPOINTS_DIR, complete_checkpoints, latest_complete, read_trainer_state,
+                                    refuse_earlier_run)
     from learner.loss import SFT_NLL
     from models.config import resolve_model_path
     from models.processor import load_processor
@@ -374,6 +414,12 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
             raise ValueError(f"sft.steps: {sft.steps}, but --init-from {init_from} is at step {from_step}, so there is "
                              "nothing to train (steps count from the first run's step 0: raise sft.steps, and bound the "
                              "time with sft.max_seconds)")
+        # Later checkpoints here are another run's (an earlier continuation): a --resume would take them for this one's.
+        later = [path for s, path in complete_checkpoints(out / CHECKPOINTS_DIR) if s > from_step]
+        if later:
+            raise ValueError(f"{out_setting}: {out} holds a run past --init-from's step {from_step} (checkpoint "
+                             f"{later[-1].name}), which a --resume of this one would continue; set another "
+                             f"{out_setting}")
     model_path = str(resolve_model_path(config.model))
     settings = sft_settings(config, model_path=model_path)
     if resume:
@@ -401,12 +447,13 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         seconds_before = float(extra.get("wall_s", 0.0)) if init_from is None else 0.0
         log.info("SFT continues from %s at step %d (%.0f s trained before)", start_from, step, seconds_before)
     trim_events(out / SFT_EVENTS_FILE, last_step=step)  # steps trained again, or a line a crash cut
-    snapshots = WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last) if sft.average_last else None
+    snapshots = (WeightSnapshots(out / SNAPSHOT_DIR, keep=sft.average_last, every=sft.average_every)
+                 if sft.average_last else None)
     if snapshots is not None:
         snapshots.discard_after(step)
         if init_from is not None:  # <run>/checkpoints/step_N: that run's snapshots are this one's past
             snapshots.continue_from(Path(init_from).parent.parent / SNAPSHOT_DIR, step=step)
-    order = row_order(data.rows, seed=sft.seed, easy_first=sft.easy_first)
+    order = row_order(batches.data.rows, seed=sft.seed, easy_first=sft.easy_first)
     for _ in range(step * sft.batch_samples):  # the rows earlier steps consumed (exact resume)
         next(order)
 
@@ -483,7 +530,7 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
         averaged_steps = snapshots.average(out / AVERAGE_DIR)
         model = str(out / AVERAGE_DIR)
     summary = SFTSummary(steps=step, checkpoint=checkpoint, model=model, wall_s=trained,
-                         nll=sum(recent) / len(recent) if recent else None, rows=len(data.rows),
+                         nll=sum(recent) / len(recent) if recent else None, rows=len(batches.data.rows),
                          events_path=str(out / SFT_EVENTS_FILE), averaged_steps=averaged_steps)
     (out / SFT_SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2))
     return summary

@@ -127,6 +127,15 @@ def test_zoom_region_offset_moves_it_within_the_room_the_boxes_leave():
         zoom_region([[40, 40, 60, 60]], width=112, height=112, context=2.0, min_side=28, offset=(1.5, 0.0))
 
 
+@pytest.mark.parametrize("offset", [(0.0, 1.0), (0.0, -1.0), (1.0, 0.0), (-1.0, 0.0), (0.7, -0.3)])
+def test_zoom_region_holds_the_boxes_whole_at_any_offset(offset):
+    # The union's 13 x 102.4 px leave a region of 103 px (context 1) 0.6 px of room in y: rounding a region
+    # flush with the union's edge (offset +-1) once cut half a pixel of the animal.
+    box = [86.8, 101.6, 99.8, 204.0]
+    x1, y1, x2, y2 = zoom_region([box], width=141, height=289, context=1.0, min_side=28, offset=offset)
+    assert x1 <= box[0] and y1 <= box[1] and x2 >= box[2] and y2 >= box[3]
+
+
 def test_zoom_region_needs_boxes_and_a_context_of_at_least_one():
     with pytest.raises(ValueError, match="at least one box"):
         zoom_region([], width=112, height=112, context=1.5, min_side=28)

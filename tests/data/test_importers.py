@@ -262,17 +262,37 @@ def test_coco_rows_are_checked_as_stored(tmp_path):
         {"image_id": 2, "category_id": 1, "bbox": [0, 0, 1000, 999]},  # stored 200 x 200: y scales by 200/999
         {"image_id": 3, "category_id": 1, "bbox": [0.3, 1, 1.0, 10]},  # 0.99999994 px wide as float32: dropped
         {"image_id": 3, "category_id": 3, "bbox": [1, 1, 10, 10]},  # unnamed category: unknown
+        {"image_id": 3, "category_id": 4, "bbox": [1, 1, 10, 10]},  # a name of punctuation alone: unknown
     ]
     path = tmp_path / "instances.json"
-    categories = [{"id": 1, "name": "Cat"}, {"id": 3, "name": " "}]
+    categories = [{"id": 1, "name": "Cat"}, {"id": 3, "name": " "}, {"id": 4, "name": "?!"}]
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     out = tmp_path / "coco.parquet"
     report = import_coco(annotations_json=path, images_dir=images_dir, out=out, split="train", max_side=200)
     assert report.skipped == {"duplicate_image_id": 1}
-    assert report.notes == {"unnamed_category": 1, "annotation_bad_box": 2, "annotation_unknown_category": 1,
+    assert report.notes == {"unnamed_category": 2, "annotation_bad_box": 2, "annotation_unknown_category": 2,
                             "no_annotations": 1}
     rows = {r["id"]: r for r in read_rows(out)}
     assert rows["coco:1:cat"]["boxes"] == [[25.0, 25.0, 75.0, 50.0]]
     assert (rows["coco:2:cat"]["width"], rows["coco:2:cat"]["height"]) == (200, 200)
     assert rows["coco:2:cat"]["boxes"] == [[0.0, 0.0, 200.0, 200.0]]  # not 199.8: each side is rounded apart
     assert sorted(rows) == ["coco:1:cat", "coco:2:cat"] and all(validate_row(r) == [] for r in rows.values())
+
+
+def test_a_16_bit_grayscale_image_is_stored_in_8_bits_not_clipped_white(tmp_path):
+    """PIL reads a 16-bit grayscale PNG as mode I;16 and converts it to RGB by clipping at 255, so every reader
+    of the stored bytes would see it nearly white; the importer scales it to 8 bits and stores that."""
+    src = tmp_path / "COD10K"
+    values = np.linspace(0, 65535, W * H).reshape(H, W).astype(np.uint16)
+    (src / "Imgs").mkdir(parents=True)
+    Image.fromarray(values).save(src / "Imgs" / "COD10K-CAM-1-Aquatic-1-BatFish-1.png")
+    with Image.open(src / "Imgs" / "COD10K-CAM-1-Aquatic-1-BatFish-1.png") as image:
+        assert image.mode.startswith("I;16") and (np.asarray(image.convert("RGB")) == 255).mean() > 0.99  # PIL's
+    _mask(src / "GT" / "COD10K-CAM-1-Aquatic-1-BatFish-1.png", [(10, 5, 30, 20)])
+    out = tmp_path / "camo.parquet"
+    import_camo_folder(src=src, out=out, split="test", max_bad_fraction=0.0)
+    [row] = read_rows(out)
+    with Image.open(io.BytesIO(row["image"])) as stored:
+        pixels = np.asarray(stored.convert("RGB"))[..., 0].astype(int)
+    np.testing.assert_allclose(pixels, np.rint(values / 257.0), atol=1)
+    assert validate_row(row) == []

@@ -79,7 +79,9 @@ def test_a_row_becomes_the_rollout_prompt_plus_the_target_answer(tiny_model_dir,
 
     synthesize(out_dir=tmp_path, seed=0, n=20)
     data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
-    config = load_run_config(TINY_CPU, ["rollout.prompt.system=brief"])
+    # The refocus think (overview, focus boxes, summary) needs more than tiny-cpu's 48-token turns.
+    config = load_run_config(TINY_CPU, ["rollout.prompt.system=brief", "rollout.sampling.max_tokens=200",
+                                        "rollout.env.max_completion_tokens=200"])
     processor = load_processor(tiny_model_dir)
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=think)
     env = ZoomEnv(config=config.rollout.env, prompt=config.rollout.prompt, processor=processor)
@@ -251,7 +253,7 @@ def test_snapshots_keep_the_last_k_and_average_them(tiny_model_dir, tmp_path):
 
     from deploy.sft import WeightSnapshots
 
-    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=3), _SavesWeights(tiny_model_dir)
+    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=3, every=25), _SavesWeights(tiny_model_dir)
     for step in (25, 50, 75, 100, 113):  # 113: the last step of a run stopped on max_seconds
         learner.step = step
         snapshots.take(learner, step)
@@ -266,7 +268,7 @@ def test_snapshots_keep_the_last_k_and_average_them(tiny_model_dir, tmp_path):
 def test_a_resume_drops_the_snapshots_past_its_checkpoint(tiny_model_dir, tmp_path):
     from deploy.sft import WeightSnapshots
 
-    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=4), _SavesWeights(tiny_model_dir)
+    snapshots, learner = WeightSnapshots(tmp_path / "snapshots", keep=4, every=25), _SavesWeights(tiny_model_dir)
     for step in (25, 50, 75):
         snapshots.take(learner, step)
     snapshots.discard_after(50)  # the run died after step 75's snapshot; its last checkpoint was at 50
@@ -276,11 +278,11 @@ def test_a_resume_drops_the_snapshots_past_its_checkpoint(tiny_model_dir, tmp_pa
 def test_a_continued_run_averages_over_the_snapshots_of_the_run_it_continues(tiny_model_dir, tmp_path):
     from deploy.sft import WeightSnapshots
 
-    earlier, learner = WeightSnapshots(tmp_path / "earlier", keep=4), _SavesWeights(tiny_model_dir)
+    earlier, learner = WeightSnapshots(tmp_path / "earlier", keep=4, every=25), _SavesWeights(tiny_model_dir)
     for step in (25, 50, 75, 80):  # 80: the earlier run's last step, past the checkpoint (75) continued from
         learner.step = step
         earlier.take(learner, step)
-    continued = WeightSnapshots(tmp_path / "continued", keep=3)
+    continued = WeightSnapshots(tmp_path / "continued", keep=3, every=25)
     continued.continue_from(tmp_path / "earlier", step=75)  # not 80: the continued run trains its own steps 76+
     assert continued.steps() == [25, 50, 75] and earlier.steps() == [25, 50, 75, 80]
     learner.step = 100
@@ -288,6 +290,32 @@ def test_a_continued_run_averages_over_the_snapshots_of_the_run_it_continues(tin
     assert continued.steps() == [50, 75, 100]
     continued.continue_from(tmp_path / "continued", step=100)  # its own directory: nothing to take in
     assert continued.steps() == [50, 75, 100]
+
+
+def test_a_run_in_parts_averages_the_snapshots_an_uninterrupted_run_would(tiny_model_dir, tmp_path, caplog):
+    """The end of a part off the every-25 grid (stopped on max_seconds at 60; a run of 110 steps extended to 130)
+    is replaced by the next snapshot, as an uninterrupted run never took it."""
+    from deploy.sft import WeightSnapshots
+
+    learner = _SavesWeights(tiny_model_dir)
+
+    def run(snapshots, steps):
+        for step in steps:
+            snapshots.take(learner, step)
+        return snapshots.steps()
+
+    assert run(WeightSnapshots(tmp_path / "whole", keep=4, every=25), (25, 50, 75, 100)) == [25, 50, 75, 100]
+    parts = WeightSnapshots(tmp_path / "parts", keep=4, every=25)
+    assert run(parts, (25, 50, 60)) == [25, 50, 60]  # the first part's end
+    parts.discard_after(60)  # the resume starts from the checkpoint at 60
+    assert run(parts, (75, 100)) == [25, 50, 75, 100]
+    extended = WeightSnapshots(tmp_path / "extended", keep=4, every=25)
+    assert run(extended, (25, 50, 75, 100, 110)) == [50, 75, 100, 110]
+    assert run(extended, (125, 130)) == [75, 100, 125, 130]  # as a fresh 130-step run: not 100, 110, 125, 130
+    # A control continued from a checkpoint whose snapshots its run had pruned says what its average lacks.
+    continued = WeightSnapshots(tmp_path / "continued", keep=4, every=25)
+    continued.continue_from(tmp_path / "extended", step=100)
+    assert continued.steps() == [75, 100] and "none at steps [25, 50]" in caplog.text
 
 
 def test_sft_does_not_mirror_what_rl_mirrors(tiny_model_dir, tmp_path):
@@ -305,3 +333,31 @@ def test_sft_does_not_mirror_what_rl_mirrors(tiny_model_dir, tmp_path):
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=load_processor(tiny_model_dir),
                                 think="brief")
     assert batches.group(row_id, issue=1).prompt.image == data.rows[row_id]["image"]
+
+
+def test_rows_whose_answer_the_rollout_could_not_write_are_left_out(tiny_model_dir, tmp_path, caplog):
+    """A row of four boxes needs 90 tokens of the tiny tokenizer (one box: at most 43): taught it under a 50-token
+    turn, the model would learn an answer that RL and the evaluation cut short, so SFT leaves it out and says so;
+    with every row too long it refuses."""
+    from data.synth import synthesize
+    from deploy.training_data import load_training_data
+    from models.processor import load_processor
+
+    synthesize(out_dir=tmp_path, seed=0, n=20)
+    data = load_training_data(tmp_path / "train.parquet", max_bad_fraction=0.0)
+    crowded = next(i for i, r in data.rows.items() if r["boxes"])
+    box = data.rows[crowded]["boxes"][0]
+    data.rows[crowded] = {**data.rows[crowded], "boxes": [box] * 4}
+    processor = load_processor(tiny_model_dir)
+
+    def batches(max_tokens: int) -> SupervisedBatches:
+        config = load_run_config(TINY_CPU, [f"rollout.sampling.max_tokens={max_tokens}"])
+        return SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think="brief")
+
+    fitting = batches(50)
+    assert fitting.left_out == 1 and crowded not in fitting.data.rows
+    assert set(fitting.data.rows) == set(data.rows) - {crowded} and crowded in data.rows  # the caller's rows kept
+    assert f"leaves out 1 of {len(data.rows)} rows" in caplog.text and repr(crowded) in caplog.text
+    assert batches(90).left_out == 0
+    with pytest.raises(ValueError, match="every SFT row's answer is longer than the rollout's limit of 5 tokens"):
+        batches(5)

@@ -7,7 +7,8 @@ checkpoint records the seconds it trained (W). Then:
   the checkpoints recorded them, a resumed run counted from 0 and trained another W seconds.)
 - A run started from A's checkpoint in another directory (``init_from``: the SFT control, which continues SFT
   for as long as RL trained) counts from 0, so the same ``max_seconds`` lets it train; one whose ``sft.steps``
-  leaves it nothing to train is refused before it writes anything (it used to copy its start and report it).
+  leaves it nothing to train is refused before it writes anything (it used to copy its start and report it),
+  and so is one into a directory that holds a run past its start.
 """
 
 import json
@@ -70,6 +71,11 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
         assert 0.0 < events[0]["wall_s"] < events[-1]["wall_s"] <= control.wall_s
         last = tmp_path / "control" / "checkpoints" / step_dir_name(control.steps)
         assert control.wall_s == _recorded_seconds(last)  # exactly: the seconds spent writing it are not training
+
+        # A second control into that directory: a --resume of it would continue the first one's later steps.
+        with pytest.raises(ValueError, match=f"holds a run past --init-from's step {STEPS}"):
+            run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 1000, max_seconds=trained),
+                    out_dir=tmp_path / "control", init_from=checkpoint)
     finally:
         ray.shutdown()
 
