@@ -132,7 +132,7 @@ class SFTSummary:
     checkpoint: str  # the last checkpoint (weights and optimiser state): what a resume or a control continues
     model: str  # the model the run produced, for RL and evaluation: the weight average, else the last checkpoint
     wall_s: float  # seconds this run trained, those before a resume included
-    nll: float | None  # mean NLL per token over the last log_every steps of this run (None: it made no step)
+    nll: float | None  # the mean of the last log_every steps' NLL per answer token (None: this run made no step)
     rows: int  # training rows available
     events_path: str
     averaged_steps: list[int]  # the snapshots ``model`` averages ([]: average_last is 0)
