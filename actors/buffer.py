@@ -66,6 +66,15 @@ CONSUMED_LOG = "consumed.jsonl"
 PUT_TIME_COLUMN = "buffer_put_time"  # unix seconds; spill files only, so ages survive a restart
 
 
+def holds_groups(spill_dir: str | Path) -> bool:
+    """Whether ``spill_dir`` holds a buffer's groups: spilled ones, or a record of groups handed out (an empty
+    record, which every buffer writes when it opens, says nothing was)."""
+    spill_dir = Path(spill_dir)
+    log_path = spill_dir / CONSUMED_LOG
+    return (any(spill_dir.glob(f"{SPILL_PREFIX}*{SPILL_SUFFIX}"))
+            or (log_path.is_file() and log_path.stat().st_size > 0))
+
+
 class BufferConfig(BaseModel):
     """Bounds and persistence of the trajectory buffer."""
 
@@ -423,13 +432,13 @@ class TrajectoryBuffer:
         self._spill_dir = spill_dir
         files = sorted(spill_dir.glob(f"{SPILL_PREFIX}*{SPILL_SUFFIX}"))
         log_path = spill_dir / CONSUMED_LOG
-        if not resume and (files or log_path.exists()):
+        if not resume and holds_groups(spill_dir):
             raise ValueError(f"spill_dir {spill_dir} holds a previous buffer's groups: resume that run (refocus "
                              f"train --resume; TrajectoryBuffer(config, resume=True)) or start in an empty "
                              f"directory (another train.output_dir)")
         if resume:
             self._load_spill(files, log_path)
-        self._log = open(log_path, "a", encoding="utf-8")
+        self._log = open(log_path, "a" if resume else "w", encoding="utf-8")
 
     def _load_spill(self, files: list[Path], log_path: Path) -> None:
         consumed: dict[str, str] = {}

@@ -19,7 +19,8 @@ from deploy.jobs import ClusterError  # stdlib-only module: importing it keeps `
 
 log = logging.getLogger("refocus")
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ClusterError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+               ClusterError)
 
 
 # --------------------------------------------------------------------------- model / data / rewards
@@ -96,7 +97,9 @@ def cmd_rewards_score(args) -> int:
     from rewards.score_file import score_jsonl
 
     config = load_run_config(args.config, args.set)
-    stage_weights = {i + 1: stage.reward_weights for i, stage in enumerate(config.curriculum.stages)}
+    # Zero-based, as the run numbers stages everywhere it records them (events.jsonl, spilled groups,
+    # curriculum.stages.N), so a dumped row's stage picks the weights it was trained under.
+    stage_weights = {i: stage.reward_weights for i, stage in enumerate(config.curriculum.stages)}
     source = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
     with source:
         for result in score_jsonl(source, config=config.rewards, stage_weights=stage_weights):
@@ -293,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = model.add_parser("build", help="write a Qwen2.5-VL checkpoint directory (small: vision tower warm-started)")
     p.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny ≈1.2M params, small ≈10M")
     p.add_argument("--warm-start-steps", type=int, help="perception warm-start steps (0: random vision tower; "
-                   "default: the size's recipe, 240 for small, none for tiny)")
+                   "default: the size's recipe, models/build.py RECIPES: small warm-starts, tiny does not)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_model_build)

@@ -24,6 +24,7 @@ from rewards.components import COMPONENTS as REWARD_COMPONENTS
 from rewards.config import RewardConfig, check_computable
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+RUN_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"  # train.run_name: a Ray actor name's part and a job's submission id
 
 
 class DataConfig(BaseModel):
@@ -110,7 +111,7 @@ class TrainConfig(BaseModel):
         default_factory=lambda: ["greedy", "sampled"], min_length=1,
         description="evaluation modes at the end: greedy (temperature 0) and/or sampled (the rollout's sampling)")
     run_name: str = Field(
-        "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
+        "default", min_length=1, max_length=128, pattern=RUN_NAME_PATTERN,
         description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",
     )
     seed: int = Field(0, ge=0)
@@ -141,6 +142,16 @@ class RunConfig(BaseModel):
     sft: SFTConfig | None = Field(None, description="supervised warm start before RL (`refocus train` runs it first)")
     train: TrainConfig = Field(default_factory=TrainConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    def local_rollout_capacity(self) -> int | None:
+        """The most rollout workers a local Ray of ``cluster.num_cpus`` CPUs places beside the learner and reward
+        workers (``refocus scale`` asks no more: one that cannot be placed would be waited for forever); None when
+        the run joins a cluster or takes all of this machine's CPUs, whose size is not known here."""
+        cluster = self.cluster
+        if cluster.address is not None or cluster.num_cpus is None:
+            return None
+        others = self.learner.world_size * self.learner.num_cpus_per_rank + cluster.reward_workers * cluster.reward_cpus
+        return int((cluster.num_cpus - others) / cluster.rollout_cpus + 1e-9)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> RunConfig:

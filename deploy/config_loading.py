@@ -1,7 +1,8 @@
 """YAML + dotted command-line overrides → a validated pydantic model, with errors that name the field.
 
 No eval and no silent rewriting: override values are parsed as YAML scalars/lists (``1e-6`` → float,
-``[1, 2]`` → list, ``null`` → None), then the whole document is validated once.
+``[1, 2]`` → list, ``null`` → None), then the whole document is validated once. A mapping value
+(``train={steps: 3, mode: sync}``) is merged key by key into the section, like a ``base:`` file.
 
 A YAML file may start from another one with ``base: other.yaml`` (a path relative to the file): its
 mappings are merged key by key over the base's, lists and scalars replace the base's values.
@@ -44,7 +45,12 @@ def apply_overrides(document: dict, overrides: list[str], *, defaults: dict | No
             _child(node, parts[-1], default=None, next_part="", where=f"override {item!r}: {key.strip()}")
             node[int(parts[-1])] = value
         else:
-            node[parts[-1]] = value
+            # A mapping is merged key by key into the section it names, as `base:` merges: `train={steps: 3}`
+            # replacing the whole section would silently reset every other field of it (and, under `refocus
+            # submit`, the run name and cluster address set before the user's overrides).
+            last = parts[-1]
+            node[last] = _merged(node[last], value) if isinstance(value, dict) and isinstance(node.get(last),
+                                                                                             dict) else value
     return result
 
 

@@ -21,10 +21,13 @@ def control_actor_name(job: str) -> str:
 class JobControl:
     """Desired state set by clients, actual state reported by the driver."""
 
-    def __init__(self, *, rollout_workers: int, min_workers: int = 1, max_workers: int = 1024):
+    def __init__(self, *, rollout_workers: int, min_workers: int = 1, max_workers: int = 1024,
+                 capacity: int | None = None):
+        """``capacity``: the most rollout workers the run's resources place (a local Ray's CPUs), if known."""
         if not min_workers <= rollout_workers <= max_workers:
             raise ValueError(f"rollout_workers {rollout_workers} outside [{min_workers}, {max_workers}]")
         self._limits = (min_workers, max_workers)
+        self._capacity = capacity
         self._desired_workers = rollout_workers
         self._advance_requests: list[str] = []
         self._status: dict = {"rollout_workers": rollout_workers, "step": 0, "updated": time.time()}
@@ -35,6 +38,10 @@ class JobControl:
         low, high = self._limits
         if type(rollout_workers) is not int or not low <= rollout_workers <= high:  # bool is an int subclass
             raise ValueError(f"--rollout-workers must be an integer in [{low}, {high}], got {rollout_workers!r}")
+        if self._capacity is not None and rollout_workers > self._capacity:
+            raise ValueError(f"--rollout-workers {rollout_workers}: the run's local Ray (cluster.num_cpus) places at "
+                             f"most {self._capacity} beside its learner and reward workers; a worker it cannot place "
+                             f"would be waited for forever")
         self._desired_workers = rollout_workers
         return rollout_workers
 

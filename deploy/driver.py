@@ -48,7 +48,7 @@ from deploy.control import CONTROL_NAMESPACE, JobControl, control_actor_name
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, GroupLedger
 from deploy.reward_pool import RewardPool
 from deploy.rollout_fleet import FleetWorker, RolloutFleet
-from deploy.run_record import RUN_CONFIG_FILE, check_rl_resume, trim_events
+from deploy.run_record import BUFFER_DIR, RUN_CONFIG_FILE, check_rl_resume, refuse_buffered_run, trim_events
 from deploy.training_data import TrainingData, prepare_training_data
 from deploy.worker_env import actor_env
 from learner.advantages import signal_mask
@@ -113,6 +113,7 @@ class Driver:
             check_rl_resume(self.out, config.model_dump(mode="json"), setting=OUTPUT_DIR_SETTING)
         else:
             refuse_earlier_run(self.out, setting=OUTPUT_DIR_SETTING)
+            refuse_buffered_run(self.out, setting=OUTPUT_DIR_SETTING)
         self.ledger = GroupLedger()
         self.metrics = RunMetrics()
         self._buffer_counters = BufferCounters(self.metrics)
@@ -179,7 +180,7 @@ class Driver:
             capacity=cfg.train.buffer_capacity,
             max_staleness=cfg.train.max_staleness if cfg.train.mode == "async" else 0,
             group_size=cfg.rollout.sampling.n,
-            spill_dir=str(self.out / "buffer"),
+            spill_dir=str(self.out / BUFFER_DIR),
         )
         self.buffer = (ray.remote(TrajectoryBuffer).options(max_concurrency=cfg.cluster.rollout_workers + 4)
                        .remote(buffer_cfg, resume=self.resume))
@@ -189,7 +190,7 @@ class Driver:
         self.control = ray.remote(JobControl).options(
             name=control_actor_name(cfg.train.run_name), namespace=CONTROL_NAMESPACE, num_cpus=0,
         ).remote(rollout_workers=c.rollout_workers, min_workers=c.min_rollout_workers,
-                 max_workers=c.max_rollout_workers)
+                 max_workers=c.max_rollout_workers, capacity=cfg.local_rollout_capacity())
         self.metrics.rollout_workers.set(len(self.fleet.workers))
         self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
 

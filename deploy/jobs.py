@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import secrets
 import shlex
 import socket
@@ -146,12 +147,17 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     lie inside ``working_dir``, which is uploaded (minus ``WORKING_DIR_EXCLUDES``) and is the job's
     current directory, so the job reads it by its relative path.
     """
-    from deploy.config import load_run_config
+    from deploy.config import RUN_NAME_PATTERN, load_run_config
     from deploy.config_loading import config_chain
 
     if any(o.partition("=")[0].strip() == "train.run_name" for o in overrides):
         raise ValueError("train.run_name is the submission id: pass --run-name instead of --set train.run_name")
-    submission_id = run_name or new_submission_id()
+    if run_name is not None and not (re.fullmatch(RUN_NAME_PATTERN, run_name) and len(run_name) <= 128):
+        # An empty one (an unset $RUN) is refused too: it used to become a random id, which `refocus scale`
+        # would then not find under the name the user meant.
+        raise ValueError(f"--run-name {run_name!r}: 1 to 128 letters, digits and _ . : - (it is the submission id "
+                         f"and the name `refocus scale` finds the job by)")
+    submission_id = new_submission_id() if run_name is None else run_name
     root = Path(working_dir).resolve()
     config = Path(config_path).resolve()
     if not root.is_dir():
@@ -274,8 +280,8 @@ def _check_reachable(address: str) -> None:
     """Fail fast where nothing listens at the GCS address (``ray.init`` would retry for minutes)."""
     host, sep, port = address.rpartition(":")
     if "://" in address or not sep or not port.isdigit():
-        raise ValueError(f"--address {address}: give the cluster's GCS address HOST:PORT (e.g. 127.0.0.1:6379) "
-                         "or 'auto', not a URL")
+        raise ValueError(f"--address (or $RAY_ADDRESS) {address}: give the cluster's GCS address HOST:PORT (e.g. "
+                         "127.0.0.1:6379) or 'auto', not a URL")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=10):
             pass

@@ -44,7 +44,7 @@ def run_pipeline(config, *, resume: bool = False,
     """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
     ``<train.output_dir>/pipeline_summary.json``). ``progress(stage)`` gives a ``(done, total)`` callback."""
     from deploy.driver import OUTPUT_DIR_SETTING, Driver
-    from deploy.run_record import check_rl_resume
+    from deploy.run_record import check_rl_resume, refuse_buffered_run
     from deploy.sft import check_same_settings, run_sft, sft_settings
     from deploy.training_data import prepare_training_data
     from learner.checkpoint import refuse_earlier_run
@@ -55,6 +55,7 @@ def run_pipeline(config, *, resume: bool = False,
     finished = None if config.sft is None else finished_sft(sft_out, steps=config.sft.steps)
     if not resume:  # before SFT and model building, not after them; a finished SFT is reused, not refused
         refuse_earlier_run(out, setting=OUTPUT_DIR_SETTING)
+        refuse_buffered_run(out, setting=OUTPUT_DIR_SETTING)
         if config.sft is not None and finished is None:
             refuse_earlier_run(sft_out, setting=OUTPUT_DIR_SETTING)
     else:  # an RL run this resume would refuse is refused before SFT runs, not after

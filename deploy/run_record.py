@@ -15,6 +15,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 RUN_CONFIG_FILE = "run_config.json"  # <train.output_dir>/run_config.json: the RL run's resolved RunConfig
+BUFFER_DIR = "buffer"  # <train.output_dir>/buffer: the trajectory buffer's spill directory
 
 # Learner fields that say where and how a learner runs, not what it trains: SFT's record and RL's leave them out.
 LEARNER_PLACEMENT = frozenset({"num_cpus_per_rank", "num_gpus_per_rank", "placement_strategy", "cpu_cores", "device",
@@ -113,3 +114,13 @@ def trim_events(path: Path, *, last_step: int) -> None:
         tmp.write_text("".join(kept), encoding="utf-8")
         tmp.replace(path)
         log.info("resume: dropped %d lines (events of steps after %d, or cut) from %s", dropped, last_step, path)
+
+
+def refuse_buffered_run(out: Path, *, setting: str) -> None:
+    """Raise if ``out`` holds the buffered groups of an RL run that stopped before its first checkpoint (a fresh
+    run there would abandon them; the buffer would refuse its directory, but only once every actor is up)."""
+    from actors.buffer import holds_groups
+
+    if holds_groups(Path(out) / BUFFER_DIR):
+        raise ValueError(f"{setting}: {out} holds the buffered groups of a run that stopped before its first "
+                         f"checkpoint; pass --resume to train them, or set another {setting}")

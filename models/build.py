@@ -236,6 +236,10 @@ def build_model(
     spec = SIZES[size]
     recipe = recipe or RECIPES[size]
     out = Path(out_dir)
+    # A rebuild replaces the directory whole: only one this function wrote (it records how), never the user's.
+    if out.exists() and not (out / BUILD_INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"--out: {out} exists and is not a model built here (no {BUILD_INFO_FILE}); a build "
+                              "replaces its directory whole, so give a new or empty one")
     # Built in a side directory and renamed into place, so an interrupted build never looks complete.
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)

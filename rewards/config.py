@@ -88,6 +88,6 @@ class RewardConfig(BaseModel):
 def check_computable(config: RewardConfig, weights: dict[str, float], *, where: str) -> None:
     """Raise ValueError if a weighted component cannot be computed under ``config``."""
     if weights.get(OVERLONG, 0.0) != 0.0 and config.overlong is None:
-        raise ValueError(f"{where} weights '{OVERLONG}' but RewardConfig.overlong is not set")
+        raise ValueError(f"{where} weights '{OVERLONG}' but rewards.overlong is not set")
     if weights.get(CUSTOM, 0.0) != 0.0 and config.custom_reward is None:
-        raise ValueError(f"{where} weights '{CUSTOM}' but RewardConfig.custom_reward is not set")
+        raise ValueError(f"{where} weights '{CUSTOM}' but rewards.custom_reward is not set")

@@ -63,7 +63,8 @@ class ScoreRow(BaseModel):
     completion: str = Field(..., description="model completion text")
     target: TargetRow = Field(..., description="ground truth")
     frame: FrameKind | None = Field(None, description="frame of the completion's boxes")
-    stage: int | None = Field(None, ge=0, description="curriculum stage whose weights apply")
+    stage: int | None = Field(None, ge=0, description="curriculum stage whose weights apply (0-based, as the run "
+                              "records it)")
     id: str | int | None = Field(None, description="echoed in the output")
     num_tokens: int | None = Field(None, ge=0, description="completion length in tokens (overlong)")
     input_width: int | None = Field(None, ge=1, description="model-input width (input frame)")

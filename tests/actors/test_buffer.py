@@ -391,10 +391,25 @@ def test_a_failed_flush_raises_and_a_later_flush_writes_its_groups(tmp_path, mon
 
 
 def test_fresh_buffer_refuses_a_used_spill_dir(tmp_path):
-    config = BufferConfig(capacity=4, spill_dir=str(tmp_path))
+    config = BufferConfig(capacity=4, spill_dir=str(tmp_path), spill_every_groups=1)
     TrajectoryBuffer(config).put(make_group("g"))
     with pytest.raises(ValueError, match="resume"):
         TrajectoryBuffer(config)
+
+
+def test_a_run_that_stopped_before_holding_a_group_leaves_nothing_to_resume(tmp_path):
+    """Every buffer writes an empty record of groups handed out when it opens. A run stopped before any group
+    (Ctrl-C while the engines start) left only that: a fresh run there is not refused, early or late; one that
+    left groups is refused before any actor starts (``refuse_buffered_run``), not by the buffer actor after."""
+    from deploy.run_record import BUFFER_DIR, refuse_buffered_run
+
+    config = BufferConfig(capacity=4, spill_dir=str(tmp_path / BUFFER_DIR), spill_every_groups=1)
+    TrajectoryBuffer(config).close()
+    assert (tmp_path / BUFFER_DIR / CONSUMED_LOG).read_text() == ""
+    refuse_buffered_run(tmp_path, setting="train.output_dir")
+    TrajectoryBuffer(config).put(make_group("g"))  # the fresh run
+    with pytest.raises(ValueError, match="train.output_dir: .* holds the buffered groups .* pass --resume"):
+        refuse_buffered_run(tmp_path, setting="train.output_dir")
 
 
 # ---- under Ray -------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The command line: its progress bar (a total that is an estimate, SFT bounded by max_seconds, may move) and
 the checks `refocus eval` makes before it evaluates."""
 
+import pytest
+
 from deploy.cli import _progress_bar
 
 
@@ -26,3 +28,48 @@ def test_eval_refuses_a_run_dir_without_step_events_before_it_evaluates(tmp_path
                  "--out", str(out)])
     assert code == 2 and "--run-dir: no events.jsonl" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_model_build_refuses_a_directory_it_did_not_build_before_building(tmp_path, capsys):
+    """A build replaces its --out whole: pointed at the user's directory (or the builtin cache's parent) it
+    deleted what was there and exited 0. It refuses, with exit 2, before any work."""
+    from deploy.cli import main
+
+    (tmp_path / "notes.txt").write_text("keep me")
+    code = main(["model", "build", "--size", "tiny", "--out", str(tmp_path)])
+    assert code == 2 and "is not a model built here" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path.parent / f"{tmp_path.name}.building").exists()  # refused before the build began
+
+
+def test_a_file_in_the_way_is_a_user_error_not_a_traceback(tmp_path, capsys):
+    from deploy.cli import main
+
+    (tmp_path / "synth").write_text("a file, not a directory")
+    code = main(["data", "synth", "--out", str(tmp_path / "synth"), "--n", "10"])
+    assert code == 2 and "error:" in capsys.readouterr().err
+
+
+def test_rewards_score_reads_a_rows_stage_as_the_run_numbers_it(tmp_path, capsys):
+    """The run records stages from 0 (events.jsonl, spilled groups, curriculum.stages.N); a dumped row of the
+    IoU stage (2) was scored with the category stage's weights, and a row of stage 0 was an error."""
+    import json
+
+    from deploy.cli import main
+    from deploy.config import load_run_config, shipped_configs
+
+    completion = ('<think>present moth</think><answer>{"present": true, "category": "moth", '
+                  '"boxes": [[10, 10, 50, 50]]}</answer>')
+    target = {"boxes": [[10, 10, 40, 40]], "category": "moth", "present": True, "width": 100, "height": 100}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"completion": completion, "target": target, "frame": "original",
+                                        "stage": stage}) + "\n" for stage in (0, 2)))
+    small = next(p for p in shipped_configs() if p.name == "small-cpu.yaml")
+    assert main(["rewards", "score", str(rows), "--config", str(small)]) == 0
+    first, iou_stage = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    stages = load_run_config(small).curriculum.stages
+    for scored, stage in ((first, stages[0]), (iou_stage, stages[2])):
+        assert "error" not in scored
+        expected = sum(weight * scored[name] for name, weight in stage.reward_weights.items())
+        assert scored["total"] == pytest.approx(expected)
+    assert iou_stage["iou"] == pytest.approx(900 / 1600)  # the IoU stage pays the box

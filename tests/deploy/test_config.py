@@ -104,6 +104,19 @@ def test_overrides_index_into_lists_written_in_the_file():
         load_run_config(tiny, ["curriculum.stages.9.advance.patience=4"])
 
 
+def test_a_mapping_override_is_merged_into_its_section_not_put_in_its_place():
+    # small-cpu writes train.mode async, output_dir, eval_limit ...; replaced whole, the section fell back to
+    # the defaults for all of them, and `refocus submit` lost its run name (set before the user's overrides).
+    small = [p for p in shipped_configs() if p.name == "small-cpu.yaml"][0]
+    plain = load_run_config(small)
+    merged = load_run_config(small, ["train.run_name=job-1", "train={checkpoint_every: 50, eval_at_end: false}"])
+    assert (merged.train.checkpoint_every, merged.train.eval_at_end) == (50, False)
+    assert merged.train.run_name == "job-1"
+    assert (merged.train.mode, merged.train.output_dir, merged.train.eval_limit) == (
+        plain.train.mode, plain.train.output_dir, plain.train.eval_limit)
+    assert load_run_config(small, ["train.eval_modes=[greedy, sampled]"]).train.eval_modes == ["greedy", "sampled"]
+
+
 def test_overrides_index_into_lists_left_at_their_default():
     # The paper-scale config writes no stages; its own comment suggests this override.
     paper = [p for p in shipped_configs() if p.name == "qwen2.5-vl-7b-8gpu.yaml"][0]

@@ -14,3 +14,21 @@ def test_scale_takes_a_worker_count_within_the_bounds_and_nothing_else():
         with pytest.raises(ValueError, match="must be an integer in \\[1, 4\\]"):
             control.scale(bad)
     assert control.status()["desired_rollout_workers"] == 4  # a refused request changes nothing
+
+
+def test_scale_refuses_more_workers_than_a_local_ray_places():
+    """small-cpu on its 2-CPU local Ray: the learner (1 CPU) and the reward worker (0.25) leave 0.75, one rollout
+    worker of 0.5; two would need 2.25 of the 2, so Ray would never place the second and the driver would wait
+    for it forever."""
+    from deploy.config import load_run_config, shipped_configs
+
+    config = load_run_config(next(p for p in shipped_configs() if p.name == "small-cpu.yaml"))
+    assert config.local_rollout_capacity() == 1
+    control = JobControl(rollout_workers=1, max_workers=config.cluster.max_rollout_workers,
+                         capacity=config.local_rollout_capacity())
+    with pytest.raises(ValueError, match="places at most 1"):
+        control.scale(2)
+    assert control.scale(1) == 1
+    joining = load_run_config(next(p for p in shipped_configs() if p.name == "small-cpu.yaml"),
+                              ["cluster.address=auto"])
+    assert joining.local_rollout_capacity() is None  # a cluster's size is not known at load

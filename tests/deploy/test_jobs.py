@@ -119,6 +119,14 @@ def test_submit_refuses_bad_input_before_uploading(config, overrides, error, mat
         jobs.submit(config, address="http://127.0.0.1:9", overrides=overrides, working_dir=REPO, env_vars={})
 
 
+@pytest.mark.parametrize("run_name", ["", "my run", "x" * 129])
+def test_submit_refuses_a_run_name_scale_could_not_find_naming_the_flag(run_name):
+    # "" (an unset $RUN) used to become a random id; "my run" failed naming train.run_name, which submit forbids.
+    with pytest.raises(ValueError, match="--run-name"):
+        jobs.submit(TINY_CPU, address="http://127.0.0.1:9", overrides=[], run_name=run_name, working_dir=REPO,
+                    env_vars={})
+
+
 @pytest.mark.parametrize("argv, message", [
     (["submit", str(TINY_CPU), "--set", "train.steps=0", "--address", "http://127.0.0.1:9"], "train.steps"),
     (["submit", str(TINY_CPU), "--env", "NOVALUE", "--address", "http://127.0.0.1:9"], "--env 'NOVALUE'"),
