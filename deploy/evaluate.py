@@ -3,9 +3,10 @@
 ``evaluate`` runs the rollout worker (the engine of ``config.rollout.engine``, the run's prompts and
 zoom environment) over every row of each split, in two modes: ``greedy`` (temperature 0, one sample)
 and ``sampled`` (the run's temperature, top_p and n; every figure is the mean over the n samples).
-Each final answer is parsed as the rewards parse it (``config.rewards`` parse mode and limits) and its
-boxes are mapped to original pixels in one place: ``actors.env.answer_frame`` (the last zoom crop's
-frame, else the image's) and ``actors.env.boxes_to_original`` (``rewards.frames``).
+Each final answer is parsed as the rewards parse it (``config.rewards`` parse mode, limits and think rule)
+and its boxes are mapped to original pixels in one place, ``actors.env.answer_frame`` (the last zoom
+crop's frame, else the image's) and ``actors.env.boxes_to_original`` (``rewards.frames``), then clipped
+to the image.
 
 Metrics, per split, overall and per task (keys are the ``M_*`` constants):
 - format validity: share of samples following the strict grammar with clean JSON (``ParsedCompletion.strict``);
@@ -59,8 +60,8 @@ from actors.types import Target, Trajectory
 from deploy.config import RunConfig
 from deploy.training_data import TrainingData, load_training_data
 from rewards.category import category_reward, normalize_category
+from rewards.compose import parse_all
 from rewards.iou import pairwise_iou, sanitize
-from rewards.parse import parse_completion
 from rewards.presence import presence_reward
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,9 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
                  limits) -> SampleScore:
     """Score one trajectory against its row's target; ``limits`` is the worker's ``ImageLimits``."""
     rewards = config.rewards
-    parsed = parse_completion(trajectory.completion_text, lenient=rewards.parse_mode == "lenient",
-                              max_chars=rewards.max_chars, max_boxes=rewards.max_boxes)
+    # Read as the reward worker reads it, think rule included: an answer that contradicts its brief think is
+    # no answer to RL, and an evaluation that counted it would credit what RL is taught not to do.
+    [parsed] = parse_all([trajectory.completion_text], config=rewards)
     answer = parsed.answer
     boxes: list[Box] = []
     if answer is not None and answer.detections:
@@ -290,6 +292,9 @@ def score_sample(trajectory: Trajectory, *, row_id: str, task: str, target: Targ
                              zoom_boxes=trajectory.zoom_boxes, limits=limits,
                              zoom_pixels=config.rollout.env.zoom_pixels)
         boxes = boxes_to_original(answer.detections, frame=frame, width=target.width, height=target.height)
+        # Clipped to the image as every metric reads them (a finite 1e308 in a frame scaled up becomes inf,
+        # which the answer key could not round), and as the report draws them.
+        boxes = sanitize(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), target.width, target.height).tolist()
     size = {"width": target.width, "height": target.height}
     category = None
     if target.present and target.category is not None:

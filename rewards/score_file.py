@@ -39,6 +39,7 @@ from rewards.types import Target
 
 
 Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+MAX_SIDE = 2**20  # pixels: no image is larger, and a larger int overflows the float arithmetic of frames
 
 
 class TargetRow(BaseModel):
@@ -51,8 +52,8 @@ class TargetRow(BaseModel):
     )
     category: str | None = Field(None, description="true category, null when none")
     present: bool = Field(..., description="whether the object is in the image")
-    width: int = Field(..., ge=1, description="original image width")
-    height: int = Field(..., ge=1, description="original image height")
+    width: int = Field(..., ge=1, le=MAX_SIDE, description="original image width")
+    height: int = Field(..., ge=1, le=MAX_SIDE, description="original image height")
 
 
 class ScoreRow(BaseModel):
@@ -67,10 +68,10 @@ class ScoreRow(BaseModel):
                               "records it)")
     id: str | int | None = Field(None, description="echoed in the output")
     num_tokens: int | None = Field(None, ge=0, description="completion length in tokens (overlong)")
-    input_width: int | None = Field(None, ge=1, description="model-input width (input frame)")
-    input_height: int | None = Field(None, ge=1, description="model-input height (input frame)")
-    min_pixels: int | None = Field(None, ge=1, description="processor min_pixels (input frame)")
-    max_pixels: int | None = Field(None, ge=1, description="processor max_pixels (input frame)")
+    input_width: int | None = Field(None, ge=1, le=MAX_SIDE, description="model-input width (input frame)")
+    input_height: int | None = Field(None, ge=1, le=MAX_SIDE, description="model-input height (input frame)")
+    min_pixels: int | None = Field(None, ge=1, le=MAX_SIDE**2, description="processor min_pixels (input frame)")
+    max_pixels: int | None = Field(None, ge=1, le=MAX_SIDE**2, description="processor max_pixels (input frame)")
 
     @model_validator(mode="after")
     def _pairs_complete(self) -> ScoreRow:

@@ -59,7 +59,9 @@ def follows_brief_think(parsed: ParsedCompletion, *, synonyms: Mapping[str, str]
     said = read_brief_think(parsed.final_think)  # after a zoom, the think the answer follows
     if said is not None:
         present, category = said
-        answered = answer.category if answer.present is True else None
+        # The category the answer stands by, as the category reward reads it: an answer without a verdict
+        # that names one ({"category": "moth"}) must agree with a think "none" no more than a "present" would.
+        answered = answer.stated_category
         # The think names the answer's category exactly when the category reward would call it right.
         same_category = category_reward(category, target_category=answered, synonyms=synonyms) == 1.0
         if present == (answer.present is True) and same_category:

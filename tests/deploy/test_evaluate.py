@@ -127,6 +127,31 @@ def test_a_none_answer_names_no_category_whatever_it_writes(original_frame_confi
     assert hedged.stated_category is None and said.stated_category == "moth"
 
 
+def test_the_evaluation_reads_answers_under_the_think_rule_as_the_rewards_do(original_frame_config):
+    """small-cpu's think_rule brief takes the answer from a completion that contradicts its think: RL gets
+    nothing for it, and the evaluation counted it answered, strict and right."""
+    brief = original_frame_config.model_copy(update={"rewards": original_frame_config.rewards.model_copy(
+        update={"think_rule": "brief"})})
+    moth = Target(present=True, category="moth", boxes=[[10, 10, 50, 50]], width=100, height=100)
+    answer = {"present": True, "category": "moth", "boxes": [[10, 10, 50, 50]]}
+    trajectory = Trajectory(sample_index=0, prompt_ids=[1], completion_ids=[5], behaviour_logprobs=[0.0],
+                            loss_mask=[1], completion_text=f"<think>none</think><answer>{json.dumps(answer)}</answer>")
+    contradicting = score_sample(trajectory, row_id="a", target=moth, task="camo", config=brief, limits=LIMITS)
+    assert not contradicting.answered and not contradicting.strict and contradicting.iou == 0.0
+    trajectory.completion_text = f"<think>present moth</think><answer>{json.dumps(answer)}</answer>"
+    agreeing = score_sample(trajectory, row_id="a", target=moth, task="camo", config=brief, limits=LIMITS)
+    assert agreeing.answered and agreeing.strict and agreeing.iou == 1.0
+
+
+def test_a_huge_coordinate_is_clipped_not_an_overflow():
+    # norm1000 on a 2000 px image scales boxes up by 2: a finite 1e308 becomes inf, which the answer key rounded.
+    config = load_run_config(None, ["rollout.prompt.frame=norm1000", "rewards.frame.kind=norm1000"])
+    wide = Target(present=True, category="moth", boxes=[[0, 0, 1000, 500]], width=2000, height=1000)
+    scored = _score(config, row_id="a", target=wide, answer={"present": True, "category": "moth",
+                                                              "boxes": [[0, 0, 1e308, 500]]})
+    assert scored.boxes == [[0.0, 0.0, 2000.0, 500.0]] and scored.iou == pytest.approx(0.5)
+
+
 def test_sampled_metrics_are_the_mean_over_sample_indices(original_frame_config):
     target = Target(present=True, category="moth", boxes=[[0, 0, 10, 10]], width=20, height=20)
     right = {"present": True, "category": "moth", "boxes": [[0, 0, 10, 10]]}

@@ -61,6 +61,8 @@ def test_stage_weights_pick_the_table():
         (_row(frame="pixels"), "frame"),
         (_row(input_width=10), "input_height"),
         (_row(stage=-1), "stage"),
+        (_row(target={**TARGET, "width": 10**400}), "target.width"),  # no float holds it: an error row
+        (_row(input_width=10**400, input_height=100, frame="input"), "input_width"),
         (_row(extra_field=1), "extra_field"),
         (_row(target={**TARGET, "width": 1, "height": 500}, frame="input"), "aspect ratio"),
         ("[1, 2, 3]", "row"),

@@ -45,6 +45,8 @@ def test_read_brief_think(think, read):
         (" present Moths ", SAYS_MOTH, True),  # normalised: case, whitespace, plural
         ("none", SAYS_NONE, True),
         ("none", SAYS_MOTH, False),  # thinks no animal, answers one
+        ("none", '{"category": "moth"}', False),  # no verdict, but a category the reward would pay
+        ("none", '{"present": "unsure", "category": "moth"}', False),
         ("present moth", SAYS_NONE, False),  # thinks moth, answers none
         ("present crab", SAYS_MOTH, False),  # another category
         ("present", SAYS_MOTH, False),  # no category thought, one answered
