@@ -222,11 +222,14 @@ def build_model(
     out_dir: str | Path,
     seed: int = 0,
     recipe: BuildRecipe | None = None,
+    replace_any: bool = False,
 ) -> Path:
     """Write a Qwen2.5-VL checkpoint directory of the given size; returns its path.
 
     Weights are random except the vision tower when the recipe (default: ``RECIPES[size]``) has a
-    warm start. The directory records its recipe in ``refocus_build.json``.
+    warm start. The directory records its recipe in ``refocus_build.json``. An existing ``out_dir`` is
+    replaced only if it records one too (a model built here), is empty, or ``replace_any`` (the builtin
+    cache's own directories, whatever an older version left there).
     """
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -237,7 +240,8 @@ def build_model(
     recipe = recipe or RECIPES[size]
     out = Path(out_dir)
     # A rebuild replaces the directory whole: only one this function wrote (it records how), never the user's.
-    if out.exists() and not (out / BUILD_INFO_FILE).is_file() and (not out.is_dir() or any(out.iterdir())):
+    if (not replace_any and out.exists() and not (out / BUILD_INFO_FILE).is_file()
+            and (not out.is_dir() or any(out.iterdir()))):
         raise FileExistsError(f"--out: {out} exists and is not a model built here (no {BUILD_INFO_FILE}); a build "
                               "replaces its directory whole, so give a new or empty one")
     # Built in a side directory and renamed into place, so an interrupted build never looks complete.

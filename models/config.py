@@ -46,7 +46,7 @@ def resolve_model_path(config: ModelConfig) -> Path:
         if not is_built_by(out, size=size, seed=config.seed, recipe=RECIPES[size]):
             # Missing, or built by an older recipe (e.g. before the warm start existed): build anew.
             log.info("building the builtin %s model in %s", size, out)
-            build_model(size=size, out_dir=out, seed=config.seed)
+            build_model(size=size, out_dir=out, seed=config.seed, replace_any=True)
         return out
     path = Path(config.path)
     config_file = path / "config.json"
