@@ -65,8 +65,9 @@ def test_checkpoint_on_cuda_restores_weights_schedule_and_cuda_rng(model_dir, ba
         assert restored[name].dtype == torch.bfloat16 and torch.equal(restored[name], value), name
 
     got = second.step(batches[1])
-    # Step index 1 of a 4-step cosine: lr (1 + cos(pi/4)) / 2; a restarted schedule would use lr itself.
-    assert got[LR] == expected[LR] == pytest.approx(LR_VALUE * 0.5 * (1 + math.cos(math.pi / 4)))
+    # Step index 1 of a 4-step cosine (progress 1/3: index 3, the last, runs at the floor): lr (1 + cos(pi/3)) / 2;
+    # a restarted schedule would use lr itself.
+    assert got[LR] == expected[LR] == pytest.approx(LR_VALUE * 0.5 * (1 + math.cos(math.pi / 3)))
     assert got[STEP] == expected[STEP] == 2 and got[TOKENS] == expected[TOKENS]
     assert got[LOSS_TOTAL] == pytest.approx(expected[LOSS_TOTAL], rel=1e-5, abs=1e-6)
     assert got[GRAD_NORM] == pytest.approx(expected[GRAD_NORM], rel=1e-3)

@@ -157,8 +157,9 @@ def test_resume_gives_the_uninterrupted_next_step(model_dir, batches, tmp_path, 
     assert resumed.load_checkpoint(ckpt.latest_complete(tmp_path)) == EXTRA_STATE
     assert resumed.version == 1
     got = resumed.step(batches[1])
-    # The schedule resumed rather than restarted: step index 1 of a 4-step cosine, lr·(1 + cos(pi/4))/2.
-    assert got[LR] == expected[LR] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 4)))
+    # The schedule resumed rather than restarted: step index 1 of a 4-step cosine (progress 1/3: the last
+    # update, index 3, runs at the floor), lr·(1 + cos(pi/3))/2.
+    assert got[LR] == expected[LR] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi / 3)))
     for name in expected:
         if not name.endswith(("seconds", "per_second")):
             assert got[name] == expected[name], name
