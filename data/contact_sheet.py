@@ -8,13 +8,15 @@ already in ORIGINAL pixels, optionally with ``zoom_boxes``: the regions the mode
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from rewards.iou import sanitize
 
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 255)
@@ -83,7 +85,7 @@ def _verdict(answer: Mapping[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _Placement:
-    """How an image lies in its tile: scaled by ``scale`` to width x height pixels."""
+    """How an image lies in its tile: its width x height pixels scaled by ``scale``."""
 
     scale: float
     width: int
@@ -101,23 +103,22 @@ def _paste(sheet: Image.Image, row: Mapping[str, Any], *, left: int, top: int, t
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     sheet.paste(image.resize(size, Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.BILINEAR),
                 (left, top))
-    return _Placement(scale=scale, width=size[0], height=size[1])
-
+    return _Placement(scale=scale, width=image.width, height=image.height)
 
 
 def _boxes(draw: ImageDraw.ImageDraw, boxes: Sequence[Sequence[float]], *, left: int, top: int,
            placed: _Placement, colour: tuple[int, int, int]) -> None:
-    """Draw boxes (original pixels) as scoring reads them: corners in either order, clipped to the image, so a
-    box scored by its reordered corners is drawn, and none reaches into a neighbouring tile."""
+    """Draw boxes (original pixels) as scoring reads them (``rewards.iou.sanitize``: corners in either order,
+    clipped to the image), so a box scored by its reordered corners is drawn, and none reaches into a
+    neighbouring tile."""
     for box in boxes:
         try:
-            x1, y1, x2, y2 = (float(v) * placed.scale for v in box)
+            corners = np.array([[float(v) for v in box]])
         except (TypeError, ValueError):
             continue  # a malformed predicted box is skipped, not drawn
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        if corners.shape != (1, 4) or not np.isfinite(corners).all():
             continue
-        x1, x2 = (min(max(v, 0.0), placed.width) for v in sorted((x1, x2)))
-        y1, y2 = (min(max(v, 0.0), placed.height) for v in sorted((y1, y2)))
+        x1, y1, x2, y2 = (sanitize(corners, placed.width, placed.height)[0] * placed.scale).tolist()
         if x2 > x1 and y2 > y1:
             # Box edges are pixel edges: the last covered pixel ends at x2, so draw up to x2 - 1 (at least one
             # pixel: a box thinner than a pixel at this scale is still drawn).
