@@ -24,7 +24,6 @@ from rewards.components import COMPONENTS as REWARD_COMPONENTS
 from rewards.config import RewardConfig, check_computable
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-RUN_NAME_PATTERN = r"^[A-Za-z0-9_.:-]+$"  # train.run_name: a Ray actor name's part and a job's submission id
 
 
 class DataConfig(BaseModel):
@@ -111,7 +110,7 @@ class TrainConfig(BaseModel):
         default_factory=lambda: ["greedy", "sampled"], min_length=1,
         description="evaluation modes at the end: greedy (temperature 0) and/or sampled (the rollout's sampling)")
     run_name: str = Field(
-        "default", min_length=1, max_length=128, pattern=RUN_NAME_PATTERN,
+        "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
         description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",
     )
     seed: int = Field(0, ge=0)

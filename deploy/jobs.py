@@ -23,7 +23,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import secrets
 import shlex
 import socket
@@ -147,16 +146,22 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     lie inside ``working_dir``, which is uploaded (minus ``WORKING_DIR_EXCLUDES``) and is the job's
     current directory, so the job reads it by its relative path.
     """
-    from deploy.config import RUN_NAME_PATTERN, load_run_config
+    from pydantic import ValidationError
+
+    from deploy.config import TrainConfig, load_run_config
     from deploy.config_loading import config_chain
 
     if any(o.partition("=")[0].strip() == "train.run_name" for o in overrides):
         raise ValueError("train.run_name is the submission id: pass --run-name instead of --set train.run_name")
-    if run_name is not None and not (re.fullmatch(RUN_NAME_PATTERN, run_name) and len(run_name) <= 128):
-        # An empty one (an unset $RUN) is refused too: it used to become a random id, which `refocus scale`
-        # would then not find under the name the user meant.
-        raise ValueError(f"--run-name {run_name!r}: 1 to 128 letters, digits and _ . : - (it is the submission id "
-                         f"and the name `refocus scale` finds the job by)")
+    if run_name is not None:
+        # Checked by train.run_name's own rule, but named as the flag; an empty one (an unset $RUN) is refused
+        # too: it used to become a random id, which `refocus scale` would then not find under the name meant.
+        try:
+            TrainConfig(run_name=run_name)
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"]
+            raise ValueError(f"--run-name {run_name!r}: {reason} (it is the submission id and the name `refocus "
+                             f"scale` finds the job by)") from None
     submission_id = new_submission_id() if run_name is None else run_name
     root = Path(working_dir).resolve()
     config = Path(config_path).resolve()
