@@ -220,8 +220,8 @@ class RolloutFleet:
         # The lock is held throughout, as by a sync: the weights and workers of one sync, not of one half-replaced
         # by another, and no worker stopped by `refocus scale` (async mode: the main thread) while it is asked.
         with self._lock:
-            buckets, workers = list(self._buckets), list(self.workers)
-            named = [(name, t) for b in buckets for name, t in b.tensors]
+            workers = self.workers
+            named = [(name, t) for b in self._buckets for name, t in b.tensors]
             # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
             # a bfloat16 engine holds it, or every verification on a GPU would differ.
             engine_dtype = getattr(torch, self.config.rollout.engine.dtype)
@@ -237,8 +237,8 @@ class RolloutFleet:
                     self.send_current([worker])
                     checksum = ray.get(worker.handle.weights_checksum.remote())
                 worker_sums.append(checksum)
-        record = {"version": version, "learner": learner_sum,
-                  "workers": dict(zip((w.name for w in workers), worker_sums))}
+            record = {"version": version, "learner": learner_sum,
+                      "workers": dict(zip((w.name for w in workers), worker_sums))}
         self.checksums.append(record)
         if any(s != learner_sum for s in worker_sums):
             raise RuntimeError(f"weight sync of version {version}: worker checksums differ from the learner's: {record}")
