@@ -36,6 +36,8 @@ CURRICULUM_STAGE = "refocus_curriculum_stage"
 CURRICULUM_TRANSITIONS = "refocus_curriculum_transitions_total"
 PARSE_FAILURES = "refocus_parse_failures_total"
 ROLLOUT_WORKERS = "refocus_rollout_workers"
+ROLLOUT_WORKERS_STARTING = "refocus_rollout_workers_starting"
+ROLLOUT_START_FAILURES = "refocus_rollout_worker_start_failures_total"
 ZOOM_TURNS = "refocus_zoom_turns"
 WORKER_RESTARTS = "refocus_worker_restarts_total"
 BAD_ROWS = "refocus_bad_rows_total"
@@ -50,7 +52,7 @@ EXPORTED = (
     GENERATED_TOKENS, GENERATED_TRAJECTORIES, GENERATED_GROUPS, TRAINED_TOKENS, TRAINED_GROUPS,
     LEARNER_STEPS, LEARNER_STEP_SECONDS, WEIGHT_SYNC_SECONDS, WEIGHT_VERSION, WEIGHT_VERSION_LAG,
     BUFFER_DEPTH, GROUP_STALENESS, GROUPS_DROPPED, REWARD_MEAN, CURRICULUM_STAGE, CURRICULUM_TRANSITIONS,
-    PARSE_FAILURES, ROLLOUT_WORKERS, ZOOM_TURNS, WORKER_RESTARTS, BAD_ROWS, TRAJECTORIES_FINISHED,
+    PARSE_FAILURES, ROLLOUT_WORKERS, ROLLOUT_WORKERS_STARTING, ROLLOUT_START_FAILURES, ZOOM_TURNS, WORKER_RESTARTS, BAD_ROWS, TRAJECTORIES_FINISHED,
     STRICT_VIOLATIONS, BUFFER_PUT_WAIT_SECONDS, BUFFER_PUT_TIMEOUTS, BUFFER_SPILL_FAILURES,
 )
 
@@ -107,7 +109,14 @@ class RunMetrics:
             _counter_name(PARSE_FAILURES), "Completions whose answer did not parse, by reason", ["reason"],
             registry=r,
         )
-        self.rollout_workers = Gauge(ROLLOUT_WORKERS, "Rollout workers alive", registry=r)
+        self.rollout_workers = Gauge(ROLLOUT_WORKERS, "Rollout workers taking work", registry=r)
+        self.rollout_workers_starting = Gauge(
+            ROLLOUT_WORKERS_STARTING, "Rollout workers scaled up whose engines are still starting", registry=r
+        )
+        self.rollout_start_failures = Counter(
+            _counter_name(ROLLOUT_START_FAILURES), "Rollout workers scaled up and given up before they started, by "
+            "reason: timeout (cluster.worker_start_timeout_s) or died", ["reason"], registry=r
+        )
         self.zoom_turns = Histogram(
             ZOOM_TURNS, "Model turns per trajectory (1 = no zoom)", registry=r, buckets=(1, 2, 3, 4, 6, 8)
         )

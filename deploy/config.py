@@ -70,6 +70,10 @@ class ClusterConfig(BaseModel):
     rollout_gpus: float = Field(0.0, ge=0, le=64, description="GPUs reserved by each rollout worker")
     reward_cpus: float = Field(0.25, gt=0, le=1024, description="CPUs reserved by each reward worker")
     max_restarts: int = Field(3, ge=0, le=1000, description="Ray restarts of a dead rollout/reward worker")
+    worker_start_timeout_s: float = Field(
+        600.0, gt=0, le=86400,
+        description="a rollout worker scaled up during a run that does not take calls within this many seconds (no "
+        "room for it on the cluster, an engine that hangs) is stopped and counted; the run goes on without it")
 
     @model_validator(mode="after")
     def _workers_within_bounds(self) -> ClusterConfig:
@@ -144,7 +148,7 @@ class RunConfig(BaseModel):
 
     def local_rollout_capacity(self) -> int | None:
         """The most rollout workers a local Ray of ``cluster.num_cpus`` CPUs places beside the learner and reward
-        workers (``refocus scale`` asks no more: one that cannot be placed would be waited for forever); None when
+        workers (``refocus scale`` asks no more: one that cannot be placed would never start); None when
         the run joins a cluster or takes all of this machine's CPUs, whose size is not known here."""
         cluster = self.cluster
         if cluster.address is not None or cluster.num_cpus is None:

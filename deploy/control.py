@@ -30,6 +30,7 @@ class JobControl:
         self._capacity = capacity
         self._desired_workers = rollout_workers
         self._advance_requests: list[str] = []
+        self._scale_error: str | None = None  # why the last scale-up could not be carried out
         self._status: dict = {"rollout_workers": rollout_workers, "step": 0, "updated": time.time()}
 
     # ---- clients
@@ -41,8 +42,9 @@ class JobControl:
         if self._capacity is not None and rollout_workers > self._capacity:
             raise ValueError(f"--rollout-workers {rollout_workers}: the run's local Ray (cluster.num_cpus) places at "
                              f"most {self._capacity} beside its learner and reward workers; a worker it cannot place "
-                             f"would be waited for forever")
+                             f"would never start")
         self._desired_workers = rollout_workers
+        self._scale_error = None
         return rollout_workers
 
     def advance_stage(self, reason: str = "manual") -> None:
@@ -51,9 +53,19 @@ class JobControl:
 
     def status(self) -> dict:
         """What the driver last reported (step, workers, stage, ...) plus what is desired."""
-        return {**self._status, "desired_rollout_workers": self._desired_workers}
+        status = {**self._status, "desired_rollout_workers": self._desired_workers}
+        if self._scale_error:
+            status["scale_error"] = self._scale_error
+        return status
 
     # ---- the driver
+    def scale_failed(self, running: int, why: str) -> None:
+        """Driver's call: workers asked for could not be started (``why``); the desired count falls back to the
+        ``running`` ones (active or still starting), so the driver does not start them again and again, and
+        ``why`` shows in the status until the next scale request."""
+        self._desired_workers = max(self._limits[0], running)
+        self._scale_error = why
+
     def poll(self, status: dict) -> dict:
         """Driver's call: report ``status``, receive the desired worker count and stage requests."""
         self._status = {**status, "updated": time.time()}

@@ -191,7 +191,6 @@ class Driver:
             name=control_actor_name(cfg.train.run_name), namespace=CONTROL_NAMESPACE, num_cpus=0,
         ).remote(rollout_workers=c.rollout_workers, min_workers=c.min_rollout_workers,
                  max_workers=c.max_rollout_workers, capacity=cfg.local_rollout_capacity())
-        self.metrics.rollout_workers.set(len(self.fleet.workers))
         self.metrics.curriculum_stage.set(self.curriculum.current_stage + 1)
 
     def _image_limits(self) -> ImageLimits:
@@ -291,8 +290,14 @@ class Driver:
         self._last_poll = time.monotonic()
         self._buffered()  # the buffer-depth gauge, whatever the loop asks the buffer
         self._observe_buffer()
+        given_up = self.fleet.admit_started()
+        if given_up:
+            running = sum(not w.retiring for w in self.fleet.workers)
+            ray.get(self.control.scale_failed.remote(running, "; ".join(given_up)))
         status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
-                  "rollout_workers": len(self.fleet.active()), "ledger": self.ledger.summary()}
+                  "rollout_workers": len(self.fleet.active()),
+                  "starting_rollout_workers": sum(not w.admitted for w in self.fleet.workers),
+                  "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
         for reason in wanted["advance_stage"]:
             if self.curriculum.is_last_stage:  # a client's request must never crash the run

@@ -4,8 +4,11 @@ Runs in the driver process (it holds Ray handles, it is not an actor); ``deploy.
 what each worker generates and owns the groups' bookkeeping, this class owns the workers:
 
 * **start / scale**: each worker is a ``RolloutActor`` (a ``RolloutWorker`` that can receive weight
-  buckets). One started while a run is in progress first gets the current weights. A worker scaled
-  down is retired: it gets no new work and is stopped once its calls have come back, so nothing is lost.
+  buckets). One scaled up during a run starts in the background: the run goes on with the workers it has
+  while the new engine loads, and ``admit_started`` (polled by the driver) gives it the current weights and
+  work once it answers. One the cluster cannot place, or whose engine never comes up, is given up after
+  ``cluster.worker_start_timeout_s``. A worker scaled down is retired: it gets no new work and is stopped
+  once its calls have come back, so nothing is lost; one still starting is stopped at once.
 * **calls in flight**: ``dispatch`` sends a worker a chunk of prompt groups and remembers, per call, the
   weights version the worker held when it was sent, so a restart between two calls can be noticed.
 * **weights**: ``sync`` delivers a version's buckets to every worker and keeps them for workers that
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +31,15 @@ from actors.metrics import RunMetrics
 from actors.rollout import RolloutWorker
 from actors.types import PromptGroup
 from actors.weights import WeightReceiverMixin, WeightSender, WeightSyncConfig
-from deploy.actor_restarts import await_ready, pid_call, restarted_pid
+from deploy.actor_restarts import pid_call, restarted_pid
 from deploy.config import RunConfig
 from deploy.worker_env import actor_env
 
 log = logging.getLogger(__name__)
+
+# Why a worker scaled up during a run was given up (label of the start-failures metric).
+START_TIMEOUT = "timeout"
+START_DIED = "died"
 
 # The rollout actor: a RolloutWorker that can also receive weight buckets (actors.weights).
 RolloutActor = type("RolloutActor", (WeightReceiverMixin, RolloutWorker), {})
@@ -46,6 +54,13 @@ class FleetWorker:
     sent_version: dict = field(default_factory=dict)  # generate ref → weights version it held when sent
     retiring: bool = False  # scaled down: gets no new work, leaves once its calls have come back
     pid: int | None = None  # process id of the incarnation the fleet knows (Ray restarts get new ones)
+    starting: object | None = None  # while its engine starts: the call that answers once it takes calls
+    started_at: float = 0.0  # time.monotonic() of its creation
+
+    @property
+    def admitted(self) -> bool:
+        """Started and served the current weights: it takes part in syncs and may get work."""
+        return self.starting is None
 
 
 class RolloutFleet:
@@ -74,53 +89,120 @@ class RolloutFleet:
 
     # ------------------------------------------------------------------ workers
     def start(self, count: int) -> None:
-        """Start ``count`` workers; returns at once unless the run has weights to send them first."""
-        for _ in range(count):
-            worker = self._start_worker()
-            if self._buckets:  # it will need weights: wait for its engine here, not while holding the lock
-                worker.pid = await_ready(worker.handle)
-            with self._lock:
-                if self._buckets:  # joining a run in progress: start from the current weights
-                    if worker.pid is None:  # the first weights arrived while it started
-                        worker.pid = await_ready(worker.handle)
-                    self.send_current([worker])
-                self.workers.append(worker)
+        """Create ``count`` workers; returns at once. They take part in the run once admitted
+        (``await_started`` at setup, ``admit_started`` during a run)."""
+        with self._lock:
+            for _ in range(count):
+                self.workers.append(self._start_worker())
+        self._set_gauges()
 
     def _start_worker(self) -> FleetWorker:
+        name = f"rollout-{self._next_index}"
+        self._next_index += 1
+        handle = self._create_actor(name)
+        return FleetWorker(name=name, handle=handle, starting=pid_call(handle), started_at=time.monotonic())
+
+    def _create_actor(self, name: str):
+        """A new rollout actor; returns its handle at once (its engine loads in the background)."""
         import ray
 
         c = self.config.cluster
-        name = f"rollout-{self._next_index}"
-        self._next_index += 1
-        handle = (
+        return (
             ray.remote(RolloutActor)
             .options(num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts,
                      runtime_env={"env_vars": actor_env()})  # also when joining a cluster (refocus submit)
             .remote(config=self.config.rollout, model_path=self.model_path, worker_id=name)
         )
-        return FleetWorker(name=name, handle=handle)
 
     def await_started(self) -> None:
-        """Wait until every worker takes calls and learn its process id (a restart gets a new one)."""
+        """Wait until every worker takes calls and admit it (the run's start: there is nothing else to do)."""
         import ray
 
-        pids = ray.get([pid_call(w.handle) for w in self.workers])
-        for worker, pid in zip(self.workers, pids):
-            worker.pid = pid
+        for worker in self.workers:
+            worker.starting = worker.starting or pid_call(worker.handle)
+        pids = ray.get([w.starting for w in self.workers])
+        with self._lock:
+            for worker, pid in zip(self.workers, pids):
+                self._admit(worker, pid)
+        self._set_gauges()
+
+    def admit_started(self, timeout_s: float | None = None) -> list[str]:
+        """Admit every starting worker that now takes calls, serving it the current weights first; give up
+        those still starting after ``timeout_s`` (default ``cluster.worker_start_timeout_s``) and those that died
+        while starting. Never waits for an engine. Returns a line per worker given up."""
+        import ray
+
+        timeout_s = self.config.cluster.worker_start_timeout_s if timeout_s is None else timeout_s
+        starting = [w for w in self.workers if not w.admitted]
+        if not starting:
+            return []
+        ready, _ = ray.wait([w.starting for w in starting], num_returns=len(starting), timeout=0)
+        given_up = []
+        for worker in starting:
+            if worker.starting in ready:
+                try:
+                    pid = ray.get(worker.starting)
+                except ray.exceptions.ActorUnavailableError:  # Ray is restarting it: ask again next time
+                    worker.starting = pid_call(worker.handle)
+                    continue
+                except ray.exceptions.RayActorError as error:
+                    given_up.append(self._give_up(worker, START_DIED, f"died while starting ({type(error).__name__})"))
+                    continue
+                with self._lock:
+                    self._admit(worker, pid)
+                log.info("scaled up: %s started in %.1f s and joined the run", worker.name,
+                         time.monotonic() - worker.started_at)
+            elif time.monotonic() - worker.started_at > timeout_s:
+                given_up.append(self._give_up(worker, START_TIMEOUT, f"not started after {timeout_s:.0f} s (no room "
+                                              "for it on the cluster, or its engine hangs)"))
+        self._set_gauges()
+        return given_up
+
+    def _admit(self, worker: FleetWorker, pid: int) -> None:
+        """Under the lock: a worker joining a run in progress gets the current weights before any work."""
+        worker.pid, worker.starting = pid, None
+        self.send_current([worker])
+
+    def _give_up(self, worker: FleetWorker, reason: str, why: str) -> str:
+        import ray
+
+        ray.kill(worker.handle)
+        with self._lock:
+            self.workers.remove(worker)
+        self.metrics.rollout_start_failures.labels(reason=reason).inc()
+        line = f"rollout worker {worker.name} given up: {why}"
+        log.warning(line)
+        return line
 
     def active(self) -> list[FleetWorker]:
-        """The workers that get new work (not retiring)."""
-        return [w for w in self.workers if not w.retiring]
+        """The workers that get new work (admitted, not retiring)."""
+        return [w for w in self.workers if w.admitted and not w.retiring]
+
+    def _admitted(self) -> list[FleetWorker]:
+        return [w for w in self.workers if w.admitted]
 
     def rescale(self, desired: int) -> None:
-        """Start or retire workers until ``desired`` are active; a retired one finishes its calls first."""
+        """Start or retire workers until ``desired`` are active or starting; never waits for an engine. Scaling
+        down stops starting workers first (they hold no work), then retires active ones, which finish their
+        calls first."""
         import ray
 
+        starting = [w for w in self.workers if not w.admitted]
         active = self.active()
-        for _ in range(desired - len(active)):
-            self.start(1)
-            log.info("scaled up: started %s", self.workers[-1].name)
-        for worker in active[desired:]:
+        missing = desired - len(active) - len(starting)
+        if missing > 0:
+            self.start(missing)
+            log.info("scaling up: starting %s", ", ".join(w.name for w in self.workers[-missing:]))
+        surplus = -missing
+        for worker in reversed(starting):
+            if surplus <= 0:
+                break
+            ray.kill(worker.handle)
+            with self._lock:
+                self.workers.remove(worker)
+            log.info("scaling down: %s stopped before it started", worker.name)
+            surplus -= 1
+        for worker in active[len(active) - max(surplus, 0):]:
             worker.retiring = True
             log.info("scaling down: retiring %s after its %d in-flight calls", worker.name, len(worker.busy))
         with self._lock:
@@ -128,7 +210,11 @@ class RolloutFleet:
                 ray.kill(worker.handle)
                 self.workers.remove(worker)
                 log.info("scaled down: %s stopped", worker.name)
+        self._set_gauges()
+
+    def _set_gauges(self) -> None:
         self.metrics.rollout_workers.set(len(self.active()))
+        self.metrics.rollout_workers_starting.set(sum(not w.admitted for w in self.workers))
 
     def kill(self) -> None:
         import ray
@@ -180,10 +266,7 @@ class RolloutFleet:
         deliver them to every worker."""
         with self._lock:
             self._buckets = list(buckets)
-            for worker in self.workers:
-                if worker.pid is None:  # scaled up before any weights were sent: learn its process now, as a
-                    worker.pid = await_ready(worker.handle)  # restart of it would otherwise be counted later
-            self.send_current(list(self.workers))
+            self.send_current(self._admitted())  # one still starting is served when it is admitted
 
     def send_current(self, workers: list[FleetWorker]) -> None:
         """Deliver the current weights (if any yet) to ``workers``; a worker found dead on the way is waited
@@ -220,7 +303,7 @@ class RolloutFleet:
         # The lock is held throughout, as by a sync: the weights and workers of one sync, not of one half-replaced
         # by another, and no worker stopped by `refocus scale` (async mode: the main thread) while it is asked.
         with self._lock:
-            workers = self.workers
+            workers = self._admitted()
             named = [(name, t) for b in self._buckets for name, t in b.tensors]
             # The engines hold (and hash) the weights in their own dtype: a float32 learner's export is hashed as
             # a bfloat16 engine holds it, or every verification on a GPU would differ.

@@ -1,7 +1,7 @@
 """``RolloutFleet``'s bookkeeping on a real local Ray: calls in flight, scaling down, restarts, weight checks.
 
 The workers here are small stand-in actors (``EchoWorker``; ``HeldWeights`` with the real weight-receiving
-end) made by hand, not the vLLM rollout actor: a vLLM
+end), made by hand or by the fleet's own start path (``StandInFleet``), not the vLLM rollout actor: a vLLM
 engine takes tens of seconds to start on these CPUs, and what is tested is what the fleet records about its
 actors' calls and processes. The real workers go through the same code in tests/e2e (``test_scaling``
 starts and retires vLLM workers during a run, ``test_chaos`` kills them).
@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from actors.engines.base import state_dict_checksum
-from actors.metrics import ROLLOUT_WORKERS, WORKER_RESTARTS, RunMetrics
+from actors.metrics import (ROLLOUT_START_FAILURES, ROLLOUT_WORKERS, ROLLOUT_WORKERS_STARTING, WORKER_RESTARTS,
+                            RunMetrics)
 from actors.weights import WeightReceiverMixin
 from deploy.config import load_run_config, shipped_configs
 from deploy.actor_restarts import await_ready
@@ -192,21 +193,117 @@ def test_scaling_down_during_a_weight_sync_waits_for_it(ray_cluster, tiny_model_
     fleet.kill()
 
 
-def test_a_worker_scaled_up_before_any_weights_is_known_by_its_process_at_the_first_sync(ray_cluster,
-                                                                                       tiny_model_dir):
-    """`refocus scale` before the first sync starts a worker the fleet has no process id of (it learns ids
-    when a worker must be served weights). Unknown, a later recovery took its process for a restarted one and
-    counted a restart that never happened."""
-    fleet = RolloutFleet(load_run_config(TINY_CPU), model_path=tiny_model_dir, metrics=RunMetrics())
-    actor = ray.remote(HeldWeights).options(num_cpus=0)
-    fleet.workers = [FleetWorker(name="held-0", handle=actor.remote(torch.float32))]
+class SlowStart(HeldWeights):
+    """Takes three seconds to start, as an engine loading its model does (briefly)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        time.sleep(3.0)
+        super().__init__(dtype)
+
+
+class NeverStarts(HeldWeights):
+    """An engine that fails while loading."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        raise RuntimeError("no such model")
+
+
+class StandInFleet(RolloutFleet):
+    """The real fleet, creating stand-in actors (``actor``, a configured ``ray.remote`` class) for its workers."""
+
+    def __init__(self, actor, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.actor = actor
+
+    def _create_actor(self, name: str):
+        return self.actor.remote(torch.float32)
+
+
+def stand_in_fleet(actor, model_path) -> StandInFleet:
+    return StandInFleet(actor, config=load_run_config(TINY_CPU), model_path=model_path, metrics=RunMetrics())
+
+
+def weights(version: int) -> list[WeightBucket]:
+    return [WeightBucket(version=version, index=0, is_last=True, tensors=[("w", torch.full((2,), float(version)))])]
+
+
+def admit_until(fleet: RolloutFleet, done, *, timeout_s: float = 60.0) -> list[str]:
+    """Poll ``admit_started`` as the driver's loop does until ``done()``; the lines of workers given up."""
+    given_up: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "nothing happened to the starting worker"
+        given_up += fleet.admit_started()
+        time.sleep(0.1)
+    return given_up
+
+
+def test_a_worker_scaled_up_during_a_run_joins_once_started_with_the_current_weights(ray_cluster, tiny_model_dir):
+    """`refocus scale` must not stop the run while a new engine loads: the run goes on with the workers it has,
+    and the new one is served the weights current when it answers, not those of when it was asked for."""
+    fleet = stand_in_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir)
+    fleet.start(1)
     fleet.await_started()
-    fleet.workers.append(FleetWorker(name="held-1", handle=actor.remote(torch.float32)))  # as start() leaves it
-    fleet.sync([WeightBucket(version=1, index=0, is_last=True, tensors=[("w", torch.ones(2))])])
-    late = fleet.workers[1]
-    assert late.pid == await_ready(late.handle) and late.version == 1
-    assert fleet.recover(late) is False
-    assert fleet.metrics.registry.get_sample_value(WORKER_RESTARTS, {"role": "rollout"}) in (None, 0.0)
+    fleet.sync(weights(1))
+    fleet.rescale(2)
+    first, new = fleet.workers
+    assert not new.admitted and new.pid is None  # returned without waiting for its 3-second start
+    assert fleet.active() == [first]
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS) == 1
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS_STARTING) == 1
+    fleet.sync(weights(2))  # the learner goes on: a sync while it starts leaves it out
+    assert (first.version, new.version) == (2, 0)
+    assert fleet.verify(2)["workers"].keys() == {first.name}
+    assert fleet.admit_started() == []  # still starting: nothing waits, nothing is given up
+    admit_until(fleet, lambda: new.admitted)
+    assert new.version == 2 and new.pid == await_ready(new.handle)  # version 2 only, never version 1
+    assert fleet.active() == [first, new]
+    assert set(fleet.verify(2)["workers"]) == {first.name, new.name}
+    assert fleet.recover(new) is False  # its process is known: nothing to count as a restart
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS) == 2
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS_STARTING) == 0
+    fleet.kill()
+
+
+def test_a_worker_the_cluster_cannot_place_is_given_up_and_the_run_goes_on(ray_cluster, tiny_model_dir):
+    fleet = stand_in_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
+    fleet.start(1)
+    fleet.await_started()
+    fleet.actor = ray.remote(HeldWeights).options(num_cpus=10_000)  # more than any node of this Ray has
+    fleet.rescale(2)
+    assert fleet.admit_started(timeout_s=30.0) == []  # not yet past its time
+    time.sleep(0.5)
+    [line] = fleet.admit_started(timeout_s=0.2)
+    assert line.startswith("rollout worker rollout-1 given up: not started after 0 s (no room for it")
+    assert [w.name for w in fleet.workers] == [fleet.active()[0].name]
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_START_FAILURES, {"reason": "timeout"}) == 1
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS_STARTING) == 0
+    fleet.kill()
+
+
+def test_a_worker_that_dies_while_starting_is_given_up(ray_cluster, tiny_model_dir):
+    fleet = stand_in_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
+    fleet.start(1)
+    fleet.await_started()
+    fleet.actor = ray.remote(NeverStarts).options(num_cpus=0, max_restarts=0)
+    fleet.rescale(2)
+    [line] = admit_until(fleet, lambda: len(fleet.workers) == 1)
+    assert "died while starting" in line
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_START_FAILURES, {"reason": "died"}) == 1
+    fleet.kill()
+
+
+def test_scaling_down_stops_workers_still_starting_before_it_retires_working_ones(ray_cluster, tiny_model_dir):
+    fleet = stand_in_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir)
+    fleet.start(2)
+    fleet.await_started()
+    fleet.rescale(4)
+    assert [w.admitted for w in fleet.workers] == [True, True, False, False]
+    fleet.rescale(3)  # one of the two still starting goes; nobody retires
+    assert [(w.admitted, w.retiring) for w in fleet.workers] == [(True, False), (True, False), (False, False)]
+    fleet.rescale(1)  # the last starting one, then one working one
+    assert [w.retiring for w in fleet.workers] == [False]
+    assert fleet.metrics.registry.get_sample_value(ROLLOUT_WORKERS_STARTING) == 0
     fleet.kill()
 
 

@@ -4,7 +4,9 @@
 The driver runs in this process on a local Ray (sync mode); after step 2 and after step 4 a
 ``refocus scale`` subprocess connects to that Ray by its GCS address and talks to the run's control
 actor, exactly as an operator would. The driver picks the request up at its next poll: it starts
-``rollout-1`` (with the current weights), and later retires it, letting its in-flight calls finish.
+``rollout-1`` in the background and goes on training with ``rollout-0`` while the new vLLM engine loads; the
+new worker joins, with the weights current then, once it answers. After step 4 it is retired again and its
+in-flight calls finish first.
 
 Asserted: the added worker's groups reach the learner with the learner's weights, and the ledger
 shows every issued group trained or dropped by reason, none twice, nothing re-issued or lost.
@@ -16,6 +18,7 @@ import sys
 
 import pytest
 
+from actors.metrics import ROLLOUT_WORKERS_STARTING
 from deploy.config import load_run_config, shipped_configs
 from deploy.driver import Driver
 from deploy.ledger import DROP_BAD_PROMPT, DROP_NO_SIGNAL, DROP_SHUTDOWN, DROP_STALE
@@ -44,6 +47,7 @@ class ScalingDriver(Driver):
         self.dispatched: dict[str, str] = {}  # group id → worker it was sent to
         self.trained_by_step: list[list[tuple[str, str]]] = []  # per step: (group id, worker id)
         self.scale_results: dict[int, dict] = {}
+        self.starting_at_first_poll: bool | None = None  # was rollout-1 still loading when the run went on?
 
     def _dispatch(self, prompts, workers):
         before = {w.name: len(w.busy) for w in workers}
@@ -70,9 +74,25 @@ class ScalingDriver(Driver):
         done = refocus("scale", RUN_NAME, "--rollout-workers", str(SCALE_PLAN[self.step]), "--address", address)
         assert done.returncode == 0, done.stderr
         self.scale_results[self.step] = json.loads(done.stdout)
+        if self.step == min(SCALE_PLAN):
+            self._await_rollout_1()
         if self.step == max(SCALE_PLAN):  # the other control: force the next curriculum stage
             advanced = refocus("stage", "advance", RUN_NAME, "--reason", "operator test", "--address", address)
             assert advanced.returncode == 0, advanced.stderr
+
+    def _await_rollout_1(self) -> None:
+        """Poll as the loop does until rollout-1 has joined: the first poll must return while its engine still
+        loads, and the test then waits, so that the steps before the scale-down have two workers."""
+        import time
+
+        deadline = time.monotonic() + 300
+        while not any(w.name == "rollout-1" and w.admitted for w in self.fleet.workers):
+            assert time.monotonic() < deadline, "rollout-1 never joined"
+            self._last_poll = 0.0
+            self._poll_control()
+            if self.starting_at_first_poll is None:
+                self.starting_at_first_poll = not self.fleet.workers[-1].admitted
+            time.sleep(0.5)
 
 
 def test_scale_one_two_one_during_a_run_loses_nothing(tiny_model_dir, data_dir, tmp_path):
@@ -102,6 +122,9 @@ def test_scale_one_two_one_during_a_run_loses_nothing(tiny_model_dir, data_dir, 
     forced = [t for t in driver.curriculum.transitions if t.reason == "manual: operator test"]
     assert len(forced) == 1 and forced[0].step == max(SCALE_PLAN)
 
+    # The scale-up did not wait for the new engine: the poll that started it returned while it loaded.
+    assert driver.starting_at_first_poll is True
+    assert driver.metrics.registry.get_sample_value(ROLLOUT_WORKERS_STARTING) == 0
     # The added worker's groups reached the learner; before it existed only rollout-0 generated.
     assert {w for step in driver.trained_by_step[:2] for _, w in step} == {"rollout-0"}
     assert {w for step in driver.trained_by_step for _, w in step} == {"rollout-0", "rollout-1"}
