@@ -176,6 +176,14 @@ class RunConfig(BaseModel):
                 f"rollout.sampling.top_p ({self.rollout.sampling.top_p}) < 1 needs learner.old_logprobs=recompute: "
                 "the engine's behaviour log-probs are renormalised over the top-p nucleus, the learner's are not"
             )
+        tp, gpus = self.rollout.engine.tensor_parallel_size, self.cluster.rollout_gpus
+        if tp > 1 and gpus > 0 and gpus != tp:
+            # Ray shows an actor only the GPUs it reserved (CUDA_VISIBLE_DEVICES): an engine spanning more finds
+            # too few devices, and one spanning fewer leaves reserved GPUs idle.
+            raise ValueError(
+                f"rollout.engine.tensor_parallel_size ({tp}) must equal cluster.rollout_gpus ({gpus:g}) on GPUs: each "
+                "rollout worker runs one engine on the GPUs it reserves"
+            )
         if self.rewards.frame.kind != self.rollout.prompt.frame:
             raise ValueError(
                 f"rewards.frame.kind ({self.rewards.frame.kind}) must equal rollout.prompt.frame "

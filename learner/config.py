@@ -87,6 +87,11 @@ class LearnerConfig(BaseModel):
         description="behaviour: the rollout engine's log-probs; recompute: a no-grad pass of the current policy "
         "before the update (removes engine/learner numeric mismatch from the ratio)",
     )
+    behaviour_weight_cap: float | None = Field(
+        default=None, ge=1.0, le=100.0,
+        description="recompute only: weight each token's loss by min(π_recomputed / π_behaviour, cap), decoupled PPO's "
+        "correction for groups sampled by older weights (async) or by an engine that differs (top_p); null: none, "
+        "every group is trained on as if the current policy had sampled it")
 
     bf16: Literal["auto"] | bool = Field(default="auto", description="bfloat16 weights and compute; auto: on for CUDA, off on CPU")
     freeze_vision: bool = Field(default=False, description="keep the vision tower's weights fixed")
@@ -121,6 +126,9 @@ class LearnerConfig(BaseModel):
             raise ValueError(
                 f"global_batch_samples ({self.global_batch_samples}) must be divisible by "
                 f"world_size × micro_batch_samples ({self.world_size} × {self.micro_batch_samples} = {per_step})")
+        if self.behaviour_weight_cap is not None and self.old_logprobs != "recompute":
+            raise ValueError(f"behaviour_weight_cap ({self.behaviour_weight_cap}) needs old_logprobs: recompute (with "
+                             "the behaviour log-probs as old ones the ratio itself corrects for the sampling weights)")
         if self.eps_high < self.eps_low:
             raise ValueError(f"eps_high ({self.eps_high}) must be >= eps_low ({self.eps_low}) (clip-higher)")
         if not all(0.0 <= beta < 1.0 for beta in self.betas):

@@ -36,8 +36,9 @@ from learner.batch import LearnerBatch
 from learner.config import LearnerConfig
 from learner.export import DEFAULT_BUCKET_BYTES, WeightBucket, export_weights, greedy_completion, save_hf_directory
 from learner.forward import sequence_logprobs
-from learner.loss import (APPROX_KL, CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_POLICY, LOSS_TOTAL,
-                          NUM_TOKENS, RATIO_MAX, RATIO_MEAN, SFT_NLL, grpo_loss, sft_loss)
+from learner.loss import (APPROX_KL, BEHAVIOUR_WEIGHT_CAPPED, BEHAVIOUR_WEIGHT_MEAN, CLIPFRAC_HIGH, CLIPFRAC_LOW,
+                          ENTROPY, LOSS_KL_REF, LOSS_POLICY, LOSS_TOTAL, NUM_TOKENS, RATIO_MAX, RATIO_MEAN, SFT_NLL,
+                          grpo_loss, sft_loss)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ STEP_SECONDS = "learner/step_seconds"
 TOKENS_PER_SECOND = "learner/tokens_per_second"
 
 # Loss diagnostics reported as token-weighted means over the global batch (present when configured).
-_TOKEN_MEANS = (LOSS_POLICY, CLIPFRAC_LOW, CLIPFRAC_HIGH, APPROX_KL, RATIO_MEAN, ENTROPY, LOSS_KL_REF)
+_TOKEN_MEANS = (LOSS_POLICY, CLIPFRAC_LOW, CLIPFRAC_HIGH, APPROX_KL, RATIO_MEAN, ENTROPY, LOSS_KL_REF,
+                BEHAVIOUR_WEIGHT_MEAN, BEHAVIOUR_WEIGHT_CAPPED)
 
 
 def seed_everything(seed: int) -> None:
@@ -136,6 +138,9 @@ class Learner:
                 # The GLOBAL normaliser: the pieces of all ranks then sum to the loss of the whole batch.
                 num_tokens=tokens if config.aggregation == "token" else None,
                 num_sequences=sequences if config.aggregation == "sequence" else None,
+                # Decoupled PPO: m.old_logprobs are the engine's when old_m are recomputed (learner.loss).
+                behaviour_logprobs=m.old_logprobs if config.behaviour_weight_cap is not None else None,
+                behaviour_weight_cap=config.behaviour_weight_cap,
             )
             self.backend.accumulate(loss)
             micro_tokens = float(stats[NUM_TOKENS])

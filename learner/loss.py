@@ -7,6 +7,15 @@ Per token t of sequence b (A_b is the sequence's group advantage, broadcast over
     kl        = exp(ref - logprobs) - (ref - logprobs) - 1          (k3; only when kl_coef > 0)
     loss_tok  = pg + kl_coef * kl
 
+With ``old_logprobs`` recomputed by the learner (``learner.old_logprobs: recompute``) the ratio compares the
+policy with itself before the update, not with the weights that sampled: a group generated some versions
+ago (async mode), or by an engine whose numerics or nucleus differ, is then trained on as if the current
+policy had sampled it. Decoupled PPO (Hilton et al., 2021; AReaL) corrects that with the importance weight
+of the proximal policy over the behaviour one, truncated at ``cap`` (TIS), detached::
+
+    w         = min(exp(old_logprobs - behaviour_logprobs), cap)
+    pg        = -w * min(rho * A_b, clip(rho, 1 - eps_low, 1 + eps_high) * A_b)
+
 The clip is asymmetric: with A > 0 the ratio may grow to 1 + eps_high before the gradient stops,
 with A < 0 it may shrink to 1 - eps_low. eps_high > eps_low keeps low-probability tokens that turn
 out good from being clipped too early (DAPO's remedy against entropy collapse).
@@ -35,6 +44,8 @@ APPROX_KL = "loss/approx_kl"
 RATIO_MEAN = "loss/ratio_mean"
 RATIO_MAX = "loss/ratio_max"
 ENTROPY = "loss/entropy"
+BEHAVIOUR_WEIGHT_MEAN = "loss/behaviour_weight_mean"  # decoupled PPO: mean truncated weight π_old / π_behaviour
+BEHAVIOUR_WEIGHT_CAPPED = "loss/behaviour_weight_capped"  # share of tokens whose weight the cap truncated
 NUM_TOKENS = "loss/num_tokens"
 
 AGGREGATIONS = ("token", "sequence")
@@ -63,6 +74,8 @@ def grpo_loss(
     entropy: Tensor | None = None,
     num_tokens: float | Tensor | None = None,
     num_sequences: float | Tensor | None = None,
+    behaviour_logprobs: Tensor | None = None,
+    behaviour_weight_cap: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clip-high GRPO loss of one (micro-)batch; see the module docstring for the formula.
 
@@ -80,6 +93,9 @@ def grpo_loss(
         num_tokens: normaliser for "token" aggregation; default: unmasked tokens of this batch.
         num_sequences: normaliser for "sequence" aggregation; default: rows of this batch with at
             least one unmasked token.
+        behaviour_logprobs: [B, T] log-probs of the weights that sampled, when ``old_logprobs`` are the
+            learner's own (decoupled PPO, module docstring); needs ``behaviour_weight_cap``.
+        behaviour_weight_cap: the truncation of the weight, >= 1.
 
     Returns:
         (loss, stats): loss is a scalar tensor with grad. stats are detached scalars: means over this
@@ -98,12 +114,16 @@ def grpo_loss(
         raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
     shape = logprobs.shape
     for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs),
-                         ("entropy", entropy)):
+                         ("entropy", entropy), ("behaviour_logprobs", behaviour_logprobs)):
         if tensor is not None and tensor.shape != shape:
             raise ValueError(f"{name} must have the shape of logprobs {tuple(shape)}, got {tuple(tensor.shape)}")
     for name, value in (("num_tokens", num_tokens), ("num_sequences", num_sequences)):
         if isinstance(value, (int, float)) and value <= 0:
             raise ValueError(f"{name} must be > 0 when given, got {value}")
+    if (behaviour_logprobs is None) != (behaviour_weight_cap is None):
+        raise ValueError("behaviour_logprobs and behaviour_weight_cap go together (decoupled PPO)")
+    if behaviour_weight_cap is not None and behaviour_weight_cap < 1.0:
+        raise ValueError(f"behaviour_weight_cap must be >= 1, got {behaviour_weight_cap}")
     if advantages.shape != shape[:1]:
         raise ValueError(f"advantages must be [B] = [{shape[0]}], got shape {tuple(advantages.shape)}")
 
@@ -116,6 +136,11 @@ def grpo_loss(
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
     pg_tok = -torch.minimum(ratio * adv, clipped * adv)
+    behaviour_weight = None
+    if behaviour_logprobs is not None:
+        log_weight = torch.where(keep, old_logprobs.detach() - behaviour_logprobs.detach(), 0.0)
+        behaviour_weight = torch.exp(log_weight).clamp(max=behaviour_weight_cap)
+        pg_tok = behaviour_weight * pg_tok
     loss_tok = pg_tok
     kl_tok = None
     if kl_coef > 0.0:
@@ -134,13 +159,15 @@ def grpo_loss(
         loss = per_row.sum() / denom
 
     stats = _stats(ratio=ratio, log_ratio=log_ratio, adv=adv, weight=weight, pg_tok=pg_tok, kl_tok=kl_tok,
-                   entropy=entropy, eps_low=eps_low, eps_high=eps_high, local_tokens=local_tokens)
+                   entropy=entropy, eps_low=eps_low, eps_high=eps_high, local_tokens=local_tokens,
+                   behaviour_weight=behaviour_weight, behaviour_weight_cap=behaviour_weight_cap)
     stats[LOSS_TOTAL] = loss.detach()
     return loss, stats
 
 
 @torch.no_grad()
-def _stats(*, ratio, log_ratio, adv, weight, pg_tok, kl_tok, entropy, eps_low, eps_high, local_tokens):
+def _stats(*, ratio, log_ratio, adv, weight, pg_tok, kl_tok, entropy, eps_low, eps_high, local_tokens,
+           behaviour_weight, behaviour_weight_cap):
     """Diagnostics over this call's unmasked tokens (masked means; 0 when no token is unmasked)."""
     count = local_tokens.clamp(min=1.0)
 
@@ -164,6 +191,9 @@ def _stats(*, ratio, log_ratio, adv, weight, pg_tok, kl_tok, entropy, eps_low, e
         stats[LOSS_KL_REF] = masked_mean(kl_tok)
     if entropy is not None:
         stats[ENTROPY] = masked_mean(entropy)
+    if behaviour_weight is not None:
+        stats[BEHAVIOUR_WEIGHT_MEAN] = masked_mean(behaviour_weight)
+        stats[BEHAVIOUR_WEIGHT_CAPPED] = masked_mean(behaviour_weight >= behaviour_weight_cap)
     return {name: value.detach() for name, value in stats.items()}
 
 

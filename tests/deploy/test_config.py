@@ -80,6 +80,10 @@ INVALID = [
     (["learner.schedule=cosine", "learner.max_steps=1000", "train.steps=100"],
      "learner.max_steps (1000) must equal train.steps (100)"),
     (["rollout.sampling.top_p=0.9"], "rollout.sampling.top_p (0.9) < 1 needs learner.old_logprobs=recompute"),
+    (["rollout.engine.backend=vllm", "rollout.engine.tensor_parallel_size=2", "cluster.rollout_gpus=1"],
+     "rollout.engine.tensor_parallel_size (2) must equal cluster.rollout_gpus (1)"),
+    (["learner.behaviour_weight_cap=2"], "behaviour_weight_cap (2.0) needs old_logprobs: recompute"),
+    (["learner.old_logprobs=recompute", "learner.behaviour_weight_cap=0.5"], "behaviour_weight_cap"),
     # the job's control actor refuses such a count after model, data and SFT: caught at load instead
     (["cluster.rollout_workers=4", "cluster.max_rollout_workers=2"], "rollout_workers (4) must lie within"),
     # one turn of at most 256 model tokens: a ramp from 3,584 to 4,096 is never reached

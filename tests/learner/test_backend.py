@@ -27,8 +27,8 @@ from learner.config import LearnerConfig, LoraSpec  # noqa: E402
 from learner.export import assemble_state_dict  # noqa: E402
 from learner.forward import sequence_logprobs  # noqa: E402
 from learner.learner import GRAD_NORM, LR, SAMPLES, STEP, TOKENS, Learner  # noqa: E402
-from learner.loss import (CLIPFRAC_HIGH, CLIPFRAC_LOW, ENTROPY, LOSS_KL_REF, LOSS_TOTAL, RATIO_MAX,  # noqa: E402
-                          RATIO_MEAN)
+from learner.loss import (BEHAVIOUR_WEIGHT_CAPPED, BEHAVIOUR_WEIGHT_MEAN, CLIPFRAC_HIGH, CLIPFRAC_LOW,  # noqa: E402
+                          ENTROPY, LOSS_KL_REF, LOSS_TOTAL, RATIO_MAX, RATIO_MEAN)
 
 REPO = Path(__file__).resolve().parents[2]
 EXTENSIONS_DIR = str(REPO / ".cache" / "torch_extensions")  # DeepSpeed's shm op: compiled once, reused
@@ -309,6 +309,19 @@ def test_recompute_old_logprobs_starts_at_ratio_one(model_dir, batch, backend, a
     lengths, adv = np.array(COMPLETION_LENGTHS, dtype=float), np.array(ADVANTAGES)
     expected = -(adv * lengths).sum() / lengths.sum() if aggregation == "token" else -adv.mean()
     assert stats[LOSS_TOTAL] == pytest.approx(expected, rel=1e-6)
+
+
+def test_recompute_with_a_behaviour_weight_cap_weights_tokens_sampled_by_other_weights(model_dir, batch):
+    """Engine log-probs log(2) below the learner's on every token (weights that sampled them less often than the
+    current policy would): decoupled PPO weighs each token's loss by min(2, cap = 1.5), so the ratio-one loss of
+    the test above is scaled by 1.5."""
+    learner = Learner(config(model_dir, old_logprobs="recompute", behaviour_weight_cap=1.5))
+    mask = batch.completion_mask
+    behaviour = (learner.logprobs(batch) - math.log(2.0)) * mask
+    stats = learner.step(replace(batch, old_logprobs=behaviour))
+    assert stats[BEHAVIOUR_WEIGHT_MEAN] == pytest.approx(1.5) and stats[BEHAVIOUR_WEIGHT_CAPPED] == pytest.approx(1.0)
+    lengths, adv = np.array(COMPLETION_LENGTHS, dtype=float), np.array(ADVANTAGES)
+    assert stats[LOSS_TOTAL] == pytest.approx(-1.5 * (adv * lengths).sum() / lengths.sum(), rel=1e-5)
 
 
 # ---------------------------------------------------------------- two ranks, Ray actors

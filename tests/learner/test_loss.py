@@ -178,6 +178,37 @@ def test_shape_mismatch_names_the_tensor():
         grpo_loss(logprobs, old, adv, mask[:, :2])
 
 
+def test_decoupled_ppo_weights_each_token_by_the_truncated_proximal_over_behaviour_ratio():
+    """old = 0 (the learner's recomputed log-probs), behaviour log-probs log([[0.5, 2, 1], [0.25, 1, 4]]):
+    weights exp(old - behaviour) = [[2, 0.5, 1], [4, 1, 0.25]], truncated at 1.5 to [[1.5, 0.5, 1], [1.5, 1, 0.25]].
+    The table's per-token losses [[-0.5, -1, -1.28], [1.6, 2, 3]] become [[-0.75, -0.5, -1.28], [2.4, 2, 0.75]]:
+    sum 2.62 over 6 tokens; the gradients [[-0.5, -1, 0], [0, 2, 3]] / 6 scale alike."""
+    logprobs, old, adv, mask = _table()
+    behaviour = torch.log(torch.tensor([[0.5, 2.0, 1.0], [0.25, 1.0, 4.0]], dtype=torch.float64))
+    loss, stats = grpo_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour, behaviour_weight_cap=1.5)
+    assert loss.item() == pytest.approx(2.62 / 6)
+    loss.backward()
+    expected = torch.tensor([[-0.75, -0.5, 0.0], [0.0, 2.0, 0.75]], dtype=torch.float64) / 6
+    assert torch.allclose(logprobs.grad, expected)
+    assert stats[L.BEHAVIOUR_WEIGHT_MEAN].item() == pytest.approx(5.75 / 6)
+    assert stats[L.BEHAVIOUR_WEIGHT_CAPPED].item() == pytest.approx(2 / 6)
+    assert stats[L.RATIO_MEAN].item() == pytest.approx(1.0)  # the ratio itself is to the recomputed log-probs
+
+
+def test_decoupled_ppo_ignores_masked_tokens_and_needs_both_arguments():
+    logprobs, old, adv, mask = _table()
+    mask[1, 2] = 0.0
+    behaviour = torch.zeros(2, 3, dtype=torch.float64)
+    behaviour[1, 2] = -1e4  # a masked token's weight would be exp(1e4): never computed
+    loss, stats = grpo_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour, behaviour_weight_cap=2.0)
+    assert loss.item() == pytest.approx((-0.5 - 1 - 1.28 + 1.6 + 2) / 5)
+    assert stats[L.BEHAVIOUR_WEIGHT_MEAN].item() == 1.0 and stats[L.BEHAVIOUR_WEIGHT_CAPPED].item() == 0.0
+    with pytest.raises(ValueError, match="go together"):
+        grpo_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour)
+    with pytest.raises(ValueError, match="behaviour_weight_cap must be >= 1"):
+        grpo_loss(logprobs, old, adv, mask, behaviour_logprobs=behaviour, behaviour_weight_cap=0.5)
+
+
 # ---------------------------------------------------------------- SFT cross-entropy
 
 
