@@ -81,7 +81,8 @@ class RolloutEngine(abc.ABC):
         """Replace the weights in place (names as the HF state dict has them); then ``weight_version`` == version.
 
         Tensors may be torch tensors or numpy arrays (the Ray object store hands numpy over zero-copy).
-        A partial set updates only the named weights.
+        A partial set updates only the named weights in the HF engine; the vLLM engine refuses one (ValueError,
+        nothing changed): its reload rebuilds whole fused layers. The learner always sends a complete set.
         """
 
     @property

@@ -116,6 +116,7 @@ class VLLMEngine(RolloutEngine):
         self._version = 0
         # Hashes of the weights loaded so far, by name; None: the checkpoint's, computed when first asked.
         self._checksum: WeightsChecksum | None = None
+        self._names: set[str] | None = None  # every weight name (_weight_names), learnt at the first load
         log.info("vllm engine: %s (%s, tp=%d)", self.model_path, config.dtype, config.tensor_parallel_size)
 
     @property
@@ -163,7 +164,29 @@ class VLLMEngine(RolloutEngine):
         finish = FINISH_LENGTH if completion.finish_reason == "length" else FINISH_STOP
         return EngineSample(token_ids=tokens, logprobs=logprobs, text=completion.text, finish_reason=finish)
 
+    def _weight_names(self) -> set[str]:
+        """Every weight name of the model as transformers names it (the learner's export), from a model built on
+        the meta device: no memory, no checkpoint read."""
+        if self._names is None:
+            import torch
+            from transformers import AutoConfig, AutoModelForImageTextToText
+
+            with torch.device("meta"):
+                model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(self.model_path))
+            self._names = set(model.state_dict())
+        return self._names
+
     def load_weights(self, named_tensors: Iterable[tuple[str, object]], *, version: int) -> None:
+        """A complete set only: vLLM's in-place reload rebuilds each fused layer (qkv_proj, gate_up_proj) from what
+        it is sent, so a set naming q_proj but not k_proj and v_proj would leave those uninitialised, while the
+        checksum, made of what arrived, still matched. Refused before any weight changes."""
+        named_tensors = list(named_tensors)  # views of the received buckets: no copy
+        names = {name for name, _ in named_tensors}
+        expected = self._weight_names() - ({TIED_HEAD_NAME} if self.tied else set())  # the head is the embedding
+        missing, unknown = expected - names, names - expected - {TIED_HEAD_NAME}
+        if missing or unknown:
+            raise ValueError(f"load_weights: the vLLM engine takes a complete set of weights ({len(missing)} missing, "
+                             f"e.g. {sorted(missing)[:3]}; {len(unknown)} unknown, e.g. {sorted(unknown)[:3]})")
         checksum = None
         if self.config.track_checksum:
             checksum = WeightsChecksum(tie_word_embeddings=self.tied, dtype=self.dtype)
@@ -185,12 +208,8 @@ class VLLMEngine(RolloutEngine):
         self._llm.llm_engine.reset_encoder_cache()
         self._llm.reset_prefix_cache()
         self._version = version
-        if checksum is not None and self._checksum is not None:
-            self._checksum.update(checksum)  # a partial set replaces only what it names
-        elif checksum is not None:
-            # The first load, the checkpoint's weights not hashed. Were it partial, the checksum lacks the
-            # weights it left, so it differs from the learner's: a sync check fails rather than passes.
-            self._checksum = checksum
+        if checksum is not None:
+            self._checksum = checksum  # of a complete set
 
     def weights_checksum(self) -> str:
         """The hash of the weights streamed into vLLM's loader (the checkpoint's before any load): it proves

@@ -262,11 +262,21 @@ def test_load_weights_changes_outputs_and_checksum(engine, requests, reference, 
             assert sample.logprobs == pytest.approx(
                 _teacher_forced(reference, processor, request, sample.token_ids, temperature=0.0, top_p=1.0),
                 abs=LOGPROB_TOLERANCE)
-        # A partial set replaces only the weights it names; the checksum still covers every weight held.
-        name = next(n for n in names if "embed" not in n and "lm_head" not in n)
-        engine.load_weights([(name, original[name])], version=2)
-        mixed = {**perturbed, name: original[name]}
-        assert engine.weights_checksum() == state_dict_checksum(mixed.items(), tie_word_embeddings=tied)
+        name = next(n for n in names if "q_proj.weight" in n)
+        if engine.config.backend == "vllm":
+            # vLLM rebuilds the fused qkv_proj from what it is sent: q alone left k and v uninitialised (NaN or
+            # wrong log-probs) under a checksum that matched. Refused, and nothing changed.
+            with pytest.raises(ValueError, match="takes a complete set of weights \\(1 missing"):
+                engine.load_weights([(n, v) for n, v in payload if n != name], version=2)
+            with pytest.raises(ValueError, match="complete set"):
+                engine.load_weights([(name, original[name])], version=2)
+            assert engine.weight_version == 1
+            assert engine.weights_checksum() == state_dict_checksum(perturbed.items(), tie_word_embeddings=tied)
+            assert [s.logprobs for s in _greedy(engine, requests)] == [s.logprobs for s in after]
+        else:  # a partial set replaces only the weights it names; the checksum still covers every weight held
+            engine.load_weights([(name, original[name])], version=2)
+            mixed = {**perturbed, name: original[name]}
+            assert engine.weights_checksum() == state_dict_checksum(mixed.items(), tie_word_embeddings=tied)
     finally:
         with torch.no_grad():
             for name, p in reference.named_parameters():
