@@ -196,6 +196,7 @@ class Learner:
     def _old_and_reference_logprobs(self, micro: list[LearnerBatch]) -> tuple[list, list]:
         """Per micro-batch: the ratio's denominator and (with KL) the reference policy's log-probs."""
         old = [m.old_logprobs for m in micro]
+        self.model.eval()  # no dropout (LoRA's): a recompute must score as the weights do, not a random mask
         if self.config.old_logprobs == "recompute":
             old = [self._logprobs(self.model, m, grad=False)[0] for m in micro]
         refs = [None] * len(micro)
@@ -216,6 +217,7 @@ class Learner:
         micro = [m.to(self.device) for m in batch.micro_batches(self.config.micro_batch_samples)]
         length = batch.input_ids.shape[1]
         rows = []
+        self.model.eval()
         for m in micro:
             values = self._logprobs(self.model, m, grad=False)[0].cpu()
             rows.append(torch.nn.functional.pad(values, (0, length - values.shape[1])))

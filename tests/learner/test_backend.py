@@ -311,6 +311,17 @@ def test_recompute_old_logprobs_starts_at_ratio_one(model_dir, batch, backend, a
     assert stats[LOSS_TOTAL] == pytest.approx(expected, rel=1e-6)
 
 
+def test_recomputed_log_probs_score_the_weights_not_a_dropout_mask(model_dir, batch):
+    """With LoRA dropout the model stayed in train mode after a step, so a recompute drew its own dropout mask:
+    two passes over unchanged weights differed by 0.3 and the next step's ratio was not 1."""
+    pytest.importorskip("peft")
+    learner = Learner(config(model_dir, backend="torch", lr=1e-2, old_logprobs="recompute",
+                             lora=LoraSpec(rank=4, alpha=8.0, dropout=0.5, targets=["q_proj", "v_proj"])))
+    learner.step(batch)  # LoRA's B starts at 0: one step makes the adapters (and their dropout) matter
+    mask = batch.completion_mask
+    torch.testing.assert_close(learner.logprobs(batch) * mask, learner.logprobs(batch) * mask, atol=0, rtol=0)
+
+
 def test_recompute_with_a_behaviour_weight_cap_weights_tokens_sampled_by_other_weights(model_dir, batch):
     """Engine log-probs log(2) below the learner's on every token (weights that sampled them less often than the
     current policy would): decoupled PPO weighs each token's loss by min(2, cap = 1.5), so the ratio-one loss of
