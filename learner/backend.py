@@ -199,7 +199,29 @@ def _apply_lora(model, config: LearnerConfig):
     spec = config.lora
     lora = peft.LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                            target_modules=list(spec.targets), bias="none")
-    return peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(model, lora)
+    _check_lora_layers(model)
+    return model
+
+
+def _check_lora_layers(model) -> None:
+    """The weight export merges W + scaling·B·A into Linear layers whose weight is their own: refuse adapters it
+    would drop or misread (a tied lm_head, exported as the bare embedding it shares; an Embedding or the vision
+    tower's Conv3d patch_embed.proj, which a "proj" suffix also matches), before any step trains them."""
+    from peft.tuners.lora import LoraLayer
+
+    embedding = model.get_input_embeddings().weight
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        base = module.get_base_layer()
+        where = name.removeprefix("base_model.model.")
+        if type(base) is not torch.nn.Linear:
+            raise ValueError(f"learner.lora.targets: {where} is a {type(base).__name__}; adapters go on Linear layers "
+                             "only (the weight export merges them there)")
+        if base.weight is embedding:
+            raise ValueError(f"learner.lora.targets: {where} shares its weight with the input embedding "
+                             "(tie_word_embeddings), so a merged adapter cannot be exported; leave it out")
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

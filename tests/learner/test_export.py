@@ -184,7 +184,9 @@ def test_a_model_exported_from_a_checkpoint_is_not_that_checkpoint(tmp_path):
     source, out = tmp_path / "step_40", tmp_path / "export"
     source.mkdir()
     out.mkdir()
-    for name in ("COMPLETE", "trainer_state.json", "tokenizer.json", "config.json", "model.safetensors"):
+    for name in ("COMPLETE", "trainer_state.json", "tokenizer.json", "config.json", "model.safetensors",
+                 # how the source was made: an RL checkpoint from an averaged SFT claimed to be that average
+                 "averaged_from.json", "refocus_build.json", "warm_start.json"):
         (source / name).write_text("{}")
     assert copy_model_files(source, out) == ["tokenizer.json"]
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.json"]
@@ -203,6 +205,17 @@ def test_lora_policy_exports_merged_weights(model_dir, batch):
     assert changed and all(name.endswith(("q_proj.weight", "up_proj.weight")) for name in changed)
     for name, value in state.items():
         torch.testing.assert_close(value, merged[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (["q_proj", "lm_head"], "lm_head shares its weight with the input embedding"),  # exported as the bare embedding
+    (["embed_tokens"], "embed_tokens is a Embedding"),  # crashed the first weight sync
+    (["qkv", "proj"], "patch_embed.proj is a Conv3d"),  # "proj" also names the tower's patch embedding
+])
+def test_lora_targets_the_export_cannot_merge_are_refused_before_training(model_dir, targets, message):
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match=f"learner.lora.targets: .*{message}"):
+        Learner(config(model_dir, backend="torch", lora=LoraSpec(rank=4, alpha=8.0, targets=targets)))
 
 
 def test_lora_policy_saves_a_merged_hf_directory(model_dir, batch, tmp_path):
