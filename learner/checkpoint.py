@@ -107,13 +107,27 @@ def load_rng(directory: str | Path, *, rank: int) -> None:
 def trainer_state_json(*, step: int, world_size: int, extra_state: dict | None) -> str:
     """The step counter and the caller's JSON state (curriculum, data position, ...) as JSON text.
 
-    Raises ValueError for state that JSON cannot hold faithfully (NaN/inf, non-str keys, objects).
+    Raises ValueError for state that JSON cannot hold faithfully (NaN/inf, non-str keys, objects). Tuples come
+    back as lists.
     """
     payload = {"step": step, "world_size": world_size, "extra_state": extra_state or {}}
+    _check_str_keys(payload["extra_state"], where="extra_state")  # json.dumps would turn 0 into "0" silently
     try:
         return json.dumps(payload, indent=2, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueError(f"extra_state must be JSON-serialisable (finite numbers, str keys): {error}") from error
+
+
+def _check_str_keys(value, *, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"extra_state must be JSON-serialisable (finite numbers, str keys): {where} has the "
+                                 f"key {key!r} ({type(key).__name__}), which a resume would read back as a string")
+            _check_str_keys(item, where=f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_str_keys(item, where=f"{where}[{index}]")
 
 
 def write_trainer_state(directory: str | Path, *, step: int, world_size: int, extra_state: dict | None) -> None:

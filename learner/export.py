@@ -27,6 +27,7 @@ import torch
 
 from actors.weights import packed_offsets
 from learner.checkpoint import COMPLETE_MARKER, TRAINER_STATE_FILE
+from models.records import PROVENANCE_FILES
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +277,12 @@ def load_buckets(model: torch.nn.Module, buckets: Iterable[WeightBucket]) -> int
 
 def copy_model_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
     """Copy the non-weight files of a model directory (tokenizer, processor, chat template, ...), not the
-    records of a checkpoint it may be."""
+    records of a checkpoint it may be nor those of how it was made (``models.records``)."""
     source, out = Path(source_dir), Path(out_dir)
     copied = []
     for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name in (*WEIGHT_INDEX_FILES, *MODEL_WRITTEN_FILES, *CHECKPOINT_RECORD_FILES):
+        if not path.is_file() or path.name in (*WEIGHT_INDEX_FILES, *MODEL_WRITTEN_FILES, *CHECKPOINT_RECORD_FILES,
+                                               *PROVENANCE_FILES):
             continue
         if path.name.endswith(WEIGHT_FILE_SUFFIXES):
             continue

@@ -16,6 +16,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from learner.checkpoint import COMPLETE_MARKER, STATE_DIR, TRAINER_STATE_FILE
+from models.records import AVERAGED_FROM_FILE, BUILD_INFO_FILE, WARM_START_FILE
 from models.warmstart import WarmStartConfig
 
 log = logging.getLogger(__name__)
@@ -189,8 +191,6 @@ RECIPES: dict[str, BuildRecipe] = {
                          warm_start=WarmStartConfig(steps=1500, box_weight=1.0, category_weight=0.0)),
 }
 
-BUILD_INFO_FILE = "refocus_build.json"  # how a builtin directory was built: a changed recipe rebuilds it
-WARM_START_FILE = "warm_start.json"  # the warm start's last losses and held-out diagnostics
 
 
 def build_info(*, size: str, seed: int, recipe: BuildRecipe) -> dict:
@@ -239,11 +239,15 @@ def build_model(
     spec = SIZES[size]
     recipe = recipe or RECIPES[size]
     out = Path(out_dir)
-    # A rebuild replaces the directory whole: only one this function wrote (it records how), never the user's.
-    if (not replace_any and out.exists() and not (out / BUILD_INFO_FILE).is_file()
-            and (not out.is_dir() or any(out.iterdir()))):
-        raise FileExistsError(f"--out: {out} exists and is not a model built here (no {BUILD_INFO_FILE}); a build "
-                              "replaces its directory whole, so give a new or empty one")
+    # A rebuild replaces the directory whole: only one this function wrote (it records how), never the user's. A
+    # checkpoint or an average made from a build may still carry its record (copied before models.records): refused.
+    trained = [name for name in (COMPLETE_MARKER, TRAINER_STATE_FILE, STATE_DIR, AVERAGED_FROM_FILE) if (out / name).exists()]
+    if not replace_any and out.exists() and (trained or (not (out / BUILD_INFO_FILE).is_file()
+                                                          and (not out.is_dir() or any(out.iterdir())))):
+        what = f"a trained model or checkpoint (it holds {trained[0]})" if trained else \
+            f"not a model built here (no {BUILD_INFO_FILE})"
+        raise FileExistsError(f"--out: {out} exists and is {what}; a build replaces its directory whole, so give a "
+                              "new or empty one")
     # Built in a side directory and renamed into place, so an interrupted build never looks complete.
     staging = out.with_name(out.name + ".building")
     shutil.rmtree(staging, ignore_errors=True)

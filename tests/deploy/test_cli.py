@@ -41,6 +41,17 @@ def test_model_build_refuses_a_directory_it_did_not_build_before_building(tmp_pa
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     assert not (tmp_path.parent / f"{tmp_path.name}.building").exists()  # refused before the build began
 
+    # A checkpoint written from a built model carried its build record (before models.records kept it out): a
+    # build into it would have deleted its weights and optimiser state. Refused, whatever record it holds.
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_100"
+    (checkpoint / "state").mkdir(parents=True)
+    for name in ("refocus_build.json", "COMPLETE", "trainer_state.json", "model.safetensors"):
+        (checkpoint / name).write_text("{}")
+    code = main(["model", "build", "--size", "tiny", "--out", str(checkpoint)])
+    assert code == 2 and "is a trained model or checkpoint (it holds COMPLETE)" in capsys.readouterr().err
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["COMPLETE", "model.safetensors", "refocus_build.json",
+                                                            "state", "trainer_state.json"]
+
 
 def test_a_file_in_the_way_is_a_user_error_not_a_traceback(tmp_path, capsys):
     from deploy.cli import main

@@ -127,6 +127,11 @@ def test_trainer_state_round_trip_and_rejects_non_json(tmp_path):
         ckpt.write_trainer_state(tmp_path, step=7, world_size=1, extra_state={"bad": float("nan")})
     with pytest.raises(ValueError, match="extra_state"):
         ckpt.write_trainer_state(tmp_path, step=7, world_size=1, extra_state={"bad": object()})
+    # an int key would come back as "0": a resume's lookup by 0 would find nothing, silently
+    with pytest.raises(ValueError, match=r"extra_state.per_stage has the key 0 \(int\)"):
+        ckpt.write_trainer_state(tmp_path, step=7, world_size=1, extra_state={"per_stage": {0: 12}})
+    with pytest.raises(ValueError, match=r"extra_state.groups\[1\] has the key"):
+        ckpt.write_trainer_state(tmp_path, step=7, world_size=1, extra_state={"groups": [{}, {None: 1}]})
 
 
 def test_rng_states_round_trip(tmp_path):

@@ -41,6 +41,26 @@ def test_the_average_is_the_mean_of_float_tensors_in_their_dtype_with_the_last_c
     assert json.loads((out / AVERAGED_FROM_FILE).read_text()) == [str(a), str(b), str(c)]
 
 
+def test_an_average_carries_no_record_of_its_sources_but_its_own_written_after_the_weights(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    a = checkpoint(tmp_path, "a", {"w": torch.zeros(2)}, config="")
+    b = checkpoint(tmp_path, "b", {"w": torch.ones(2)}, config="")
+    (b / AVERAGED_FROM_FILE).write_text('["an SFT average b was trained from"]')
+    (b / "refocus_build.json").write_text("{}")
+    out = average_checkpoints([a, b], tmp_path / "avg")
+    assert json.loads((out / AVERAGED_FROM_FILE).read_text()) == [str(a), str(b)]
+    assert not (out / "refocus_build.json").exists()
+
+    def killed(*args, **kwargs):  # the process dies while writing the weights of a second average here
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        average_checkpoints([b, a], out)
+    assert not (out / AVERAGED_FROM_FILE).exists()  # so bench.checkpoint_curve does not take it for complete
+
+
 def test_checkpoints_that_do_not_match_are_refused(tmp_path):
     a = checkpoint(tmp_path, "a", {"w": torch.zeros(2), "n": torch.tensor([1])}, config="")
     other_name = checkpoint(tmp_path, "b", {"v": torch.zeros(2), "n": torch.tensor([1])}, config="")
