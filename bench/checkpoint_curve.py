@@ -44,6 +44,7 @@ if not __package__:  # run as a script: do not let bench/ shadow the top-level p
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from deploy.config import CONFIG_DIR, load_run_config  # noqa: E402
+from deploy.evaluate import evaluation_settings  # noqa: E402
 from models.average import AVERAGED_FROM_FILE, average_checkpoints  # noqa: E402
 
 log = logging.getLogger("bench.checkpoint_curve")
@@ -56,17 +57,27 @@ PLOT_FILE = "curve.png"
 
 def step_walls(events_path: str | Path, *, offset: float = 0.0) -> dict[int, float]:
     """step → training wall seconds (+ ``offset``) from a JSON-lines file of {"step", "wall_s"} events (RL's
-    events.jsonl, SFT's sft_events.jsonl); a step logged twice (a resumed run) keeps its last time. Lines that
-    are not such an event (one a killed run cut mid-write) are skipped and counted, as the report skips them."""
+    events.jsonl, SFT's sft_events.jsonl); a step logged twice (a resumed run) keeps its last time, and a
+    continuation whose clock restarts at 0 (the step after the last one, at fewer seconds) is placed after the
+    run it continues. Lines that are not such an event (one a killed run cut mid-write) are skipped and counted,
+    as the report skips them."""
     walls, bad = {}, 0
+    previous: tuple[int, float] | None = None  # the last event's step and logged seconds
     for line in Path(events_path).read_text().splitlines():
         if not line.strip():
             continue
         try:
             event = json.loads(line)
-            walls[int(event["step"])] = offset + float(event["wall_s"])
+            step, wall = int(event["step"]), float(event["wall_s"])
         except (json.JSONDecodeError, TypeError, KeyError, ValueError):
             bad += 1
+            continue
+        if previous is not None and step == previous[0] + 1 and wall < previous[1]:
+            # The next step on a clock from 0: a continuation started from this directory's own checkpoint (the
+            # bench continuing its control, `--init-from`), which counts its seconds anew.
+            offset += previous[1]
+        walls[step] = offset + wall
+        previous = (step, wall)
     if bad:
         log.warning("checkpoint curve: skipped %d unreadable lines of %s", bad, events_path)
     return walls
@@ -114,13 +125,15 @@ def checkpoint_series(run_dir: str | Path) -> dict[str, list[dict]]:
     return series
 
 
-def known_evals(roots: list[Path], *, limit: int, data_dir: str) -> dict[str, Path]:
-    """resolved model path → an eval.json under ``roots`` made on the same rows (``limit`` of ``data_dir``)."""
+def known_evals(roots: list[Path], *, limit: int, data_dir: str, settings: dict) -> dict[str, Path]:
+    """resolved model path → an eval.json under ``roots`` made on the same rows (``limit`` of ``data_dir``) under the
+    same ``settings`` (``deploy.evaluate.evaluation_settings``; one from before they were recorded is not reused)."""
     found = {}
     for root in roots:
         for path in sorted(root.rglob("eval.json")):
             head = json.loads(path.read_text())
-            if head.get("limit") == limit and Path(head.get("data_dir", "")).resolve() == Path(data_dir).resolve():
+            if (head.get("limit") == limit and Path(head.get("data_dir", "")).resolve() == Path(data_dir).resolve()
+                    and head.get("settings") == settings):
                 found[str(Path(head["model_path"]).resolve())] = path
     return found
 
@@ -138,7 +151,8 @@ def late_summary(points: list[dict], *, last: int) -> dict:
         if len(values) < len(window):
             entry["missing"] = len(window) - len(values)
         out[f"hard_{name}"] = entry
-    out["easy_miou_mean"] = round(sum(p["easy"]["miou"] for p in window) / len(window), 4)
+    easy = [p["easy"]["miou"] for p in window if p["easy"]["miou"] is not None]  # None: no animal in the split
+    out["easy_miou_mean"] = round(sum(easy) / len(easy), 4) if easy else None
     return out
 
 
@@ -216,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             average_checkpoints([p["checkpoint"] for p in window], model)
         averages[name] = {"steps": steps, "checkpoint": str(model)}
     roots = {setting, out} | {Path(p["checkpoint"]).parents[2] for p in series.get("sft_control", [])}
-    evals = known_evals(sorted(roots), limit=config.train.eval_limit, data_dir=config.data.path)
+    evals = known_evals(sorted(roots), limit=config.train.eval_limit, data_dir=config.data.path,
+                        settings=evaluation_settings(config, config.train.eval_modes))
     wanted = [p["checkpoint"] for ps in series.values() for p in ps] + [a["checkpoint"] for a in averages.values()]
     todo = [c for c in wanted if str(Path(c).resolve()) not in evals]
     log.info("%d models, %d to evaluate", len(wanted), len(todo))

@@ -182,9 +182,14 @@ def run_setting(config, *, out: Path, earlier: Path | None = None) -> dict:
 def target_check(setting: dict) -> dict:
     """The issue's bar for one setting. Presence is checked on each split (``met``, the reading this
     benchmark has always used) and, reported beside it, over both held-out splits together
-    (``met_pooled``: rows of easy and hard counted alike)."""
-    best_sft = max(setting["sft"]["hard"]["miou"], setting["sft_control"]["hard"]["miou"])
+    (``met_pooled``: rows of easy and hard counted alike). ``met`` is None where it cannot be read (no mIoU)."""
     rl = setting["rl"]
+    # mIoU is None on a split with no animal (nothing to box): the bar cannot be read there.
+    sft_mious = [setting[name]["hard"]["miou"] for name in ("sft", "sft_control")]
+    if rl["hard"]["miou"] is None or None in sft_mious:
+        return {"rl_hard_miou": rl["hard"]["miou"], "best_sft_hard_miou": None, "margin": None, "met": None,
+                "met_pooled": None, "why": "the hard split has no row with an animal: no mIoU to compare"}
+    best_sft = max(sft_mious)
     fmt = min(rl["easy"]["format_validity"], rl["hard"]["format_validity"])
     presence = min(rl["easy"]["presence_accuracy"], rl["hard"]["presence_accuracy"])
     rows = {name: rl[name]["rows"] for name in SPLITS}

@@ -408,6 +408,17 @@ def mode_config(rollout: RolloutConfig, mode: str) -> RolloutConfig:
     return RolloutConfig.model_validate(data)  # validated again: no unchecked copy
 
 
+def evaluation_settings(config: RunConfig, modes: Sequence[str]) -> dict:
+    """What decides an evaluation's figures besides the model and the rows (JSON values): how the model is prompted,
+    served and sampled in each mode, and how its answers are read. Recorded in eval.json, so a cached evaluation
+    (``bench.checkpoint_curve``) is reused only under the settings that made it."""
+    rollout = config.rollout
+    return {"prompt": rollout.prompt.model_dump(mode="json"), "env": rollout.env.model_dump(mode="json"),
+            "engine": rollout.engine.model_dump(mode="json", include={"backend", "dtype", "max_model_len"}),
+            "modes": {m: mode_config(rollout, m).sampling.model_dump(mode="json") for m in modes},
+            "rewards": config.rewards.model_dump(mode="json")}
+
+
 def load_split(path: Path, *, limit: int | None) -> TrainingData:
     """A split's valid rows (first ``limit``), corrupt ones counted by field. Fails only if none is usable."""
     data = load_training_data(path, max_bad_fraction=1.0)
@@ -447,7 +458,8 @@ def evaluate(*, model_path: str | Path, data_dir: str | Path, splits: Sequence[s
     engine = build_engine(config.rollout.engine.model_copy(update={"cpu_cores": None}), model_path=str(model_path))
     result: dict = {"model_path": str(model_path), "data_dir": str(data_dir), "frame": config.rollout.prompt.frame,
                     "engine": config.rollout.engine.backend, "limit": limit,
-                    "modes": {m: c.sampling.model_dump() for m, c in configs.items()}, "splits": {}}
+                    "modes": {m: c.sampling.model_dump() for m, c in configs.items()},
+                    "settings": evaluation_settings(config, modes), "splits": {}}
     try:
         workers = {mode: RolloutWorker(config=c, model_path=str(model_path), worker_id=f"eval-{mode}", engine=engine)
                    for mode, c in configs.items()}

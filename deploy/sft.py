@@ -44,6 +44,7 @@ SNAPSHOT_DIR = "snapshots"  # <out>/snapshots/step_N: the weights average_last a
 AVERAGE_DIR = "average"  # <out>/average: their weight average, a plain model directory
 SFT_STEP_KEY = "sft_step"  # the SFT step a learner checkpoint was written at, in its extra_state
 SFT_SETTINGS_FILE = "sft_settings.json"  # what determines the run's weights (``sft_settings``)
+INIT_FROM_FILE = "init_from.json"  # a continuation's start (``--init-from``), for a resume before its first checkpoint
 
 # Fields left out of ``sft_settings``. Those that do not change what an SFT trains, so a resume or a finished run's
 # reuse may differ in them: how long it runs (a resume may extend it; a finished run is matched on its steps), how
@@ -158,7 +159,9 @@ def sft_settings(config, *, model_path: str) -> dict:
     data = config.data.model_dump(mode="json", exclude=_LEFT_OUT["data"])
     data["path"] = str(Path(data["path"]).resolve())
     return {"model": str(Path(model_path).resolve()), "data": data,
-            "rollout": config.rollout.model_dump(mode="json", include={"prompt", "env"}),
+            # sampling.max_tokens: rows whose answer is longer are left out (SupervisedBatches)
+            "rollout": config.rollout.model_dump(mode="json", include={"prompt": True, "env": True,
+                                                                        "sampling": {"max_tokens"}}),
             "sft": config.sft.model_dump(mode="json", exclude=_LEFT_OUT["sft"]),
             "learner": learner.model_dump(mode="json", exclude=_LEFT_OUT["learner"])}
 
@@ -386,7 +389,8 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     weight average ``average/`` (the summary's ``model``). ``init_from``: start from that checkpoint's full state
     (weights, optimiser, step) and write to ``out_dir`` (the SFT control), its run's snapshots up to that step
     counting as this run's earlier ones (the average spans the whole trajectory); ``resume``: continue from
-    ``out_dir``'s last complete checkpoint; neither: a fresh run, which refuses an ``out_dir`` holding an earlier
+    ``out_dir``'s last complete checkpoint (a continuation that wrote none yet starts again from its
+    ``init_from``, which it records); neither: a fresh run, which refuses an ``out_dir`` holding an earlier
     run's checkpoints, and a resume refuses one trained with other settings (``out_setting``: what the errors
     name ``out_dir`` by). Starts a local Ray when none is running.
     """
@@ -424,9 +428,17 @@ def run_sft(config, *, out_dir: str | Path, init_from: str | Path | None = None,
     settings = sft_settings(config, model_path=model_path)
     if resume:
         check_same_settings(out, settings, setting=out_setting)
+        recorded_start = out / INIT_FROM_FILE
+        if recorded_start.is_file() and latest_complete(out / CHECKPOINTS_DIR) is None:
+            # A continuation stopped before its first checkpoint: from step 0 it would train the base model in the
+            # continuation's directory, under its name.
+            init_from = json.loads(recorded_start.read_text())["checkpoint"]
+            log.info("%s holds a continuation of %s with no checkpoint yet: it starts there again", out, init_from)
     ckpt_root = out / CHECKPOINTS_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     (out / SFT_SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+    if init_from is not None:
+        (out / INIT_FROM_FILE).write_text(json.dumps({"checkpoint": str(Path(init_from).resolve())}, indent=2))
     data = prepare_training_data(config.data)
     processor = load_processor(model_path)
     batches = SupervisedBatches(data=data, rollout_config=config.rollout, processor=processor, think=sft.think,

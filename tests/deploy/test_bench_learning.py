@@ -28,6 +28,14 @@ def test_margin_is_over_the_better_of_sft_and_its_control():
     assert not target_check(setting(m(0.6, 0.95), m(0.40, 0.92)))["met"]  # margin 0.04
 
 
+def test_a_hard_split_without_an_animal_leaves_the_bar_unread_instead_of_crashing_after_training():
+    unboxed = {"miou": None, "presence_accuracy": 1.0, "format_validity": 1.0, "rows": 250}  # as evaluate reports it
+    check = target_check({"sft": {"easy": m(0.5, 0.9), "hard": unboxed},
+                          "sft_control": {"easy": m(0.5, 0.9), "hard": unboxed},
+                          "rl": {"easy": m(0.6, 0.95), "hard": unboxed}})
+    assert check["met"] is None and check["margin"] is None and "no row with an animal" in check["why"]
+
+
 def test_presence_on_each_split_and_pooled():
     # easy 0.96 (250 rows), hard 0.86 (250 rows): the hard split misses 0.90, both together make 0.91.
     check = target_check(setting(m(0.6, 0.96), m(0.42, 0.86)))

@@ -36,6 +36,16 @@ def test_step_walls_adds_the_offset_and_a_resumed_step_keeps_its_last_time(tmp_p
     assert step_walls(events, offset=100.0) == {1: 104.0, 2: 111.5}
 
 
+def test_step_walls_place_a_continuation_whose_clock_restarts_after_the_run_it_continues(tmp_path):
+    """The bench continuing its own control (`run_sft --init-from` its checkpoint at step 2, into the same
+    directory) logs steps 3 and 4 at 0.5 and 1.5 s of its own clock: they come after step 2's 9 s, not before."""
+    events = tmp_path / "sft_events.jsonl"
+    events.write_text("".join(json.dumps({"step": s, "wall_s": w}) + "\n"
+                              for s, w in ((1, 4.0), (2, 9.0), (3, 0.5), (4, 1.5), (5, 0.25))))
+    # step 5 at 0.25 s: a second continuation, from step 4
+    assert step_walls(events, offset=100.0) == {1: 104.0, 2: 109.0, 3: 109.5, 4: 110.5, 5: 110.75}
+
+
 def test_step_walls_skips_a_line_a_killed_run_cut(tmp_path):
     events = tmp_path / "events.jsonl"
     events.write_text('{"step": 1, "wall_s": 4.0}\n{"step": 2, "wa\n{"step": 3, "wall_s": 12.0}\n["a list"]\n')
@@ -98,11 +108,29 @@ def test_a_run_directory_that_is_no_bench_setting_is_one_series_at_its_own_event
 
 def test_known_evals_are_keyed_by_model_path_and_only_on_the_same_rows(tmp_path):
     data = tmp_path / "data"
+    settings = {"prompt": {"frame": "input"}}
     for name, limit in (("a", 250), ("b", 100)):
         summary(tmp_path / name / "eval.json", model_path=str(tmp_path / f"ckpt_{name}"), limit=limit,
-                data_dir=str(data))
-    found = known_evals([tmp_path], limit=250, data_dir=str(data))
+                data_dir=str(data), settings=settings)
+    found = known_evals([tmp_path], limit=250, data_dir=str(data), settings=settings)
     assert found == {str((tmp_path / "ckpt_a").resolve()): tmp_path / "a" / "eval.json"}
+    # made under other settings (a first call without the zoom config), or before settings were recorded: not reused
+    assert known_evals([tmp_path], limit=250, data_dir=str(data), settings={"prompt": {"frame": "norm1000"}}) == {}
+    summary(tmp_path / "a" / "eval.json", model_path=str(tmp_path / "ckpt_a"), limit=250, data_dir=str(data))
+    assert known_evals([tmp_path], limit=250, data_dir=str(data), settings=settings) == {}
+
+
+def test_evaluation_settings_tell_apart_what_changes_the_figures():
+    from deploy.config import CONFIG_DIR, load_run_config
+    from deploy.evaluate import evaluation_settings
+
+    main = load_run_config(CONFIG_DIR / "small-cpu.yaml")
+    base = evaluation_settings(main, ["greedy"])
+    assert evaluation_settings(load_run_config(CONFIG_DIR / "small-cpu.yaml", ["sft.steps=900"]), ["greedy"]) == base
+    for overrides in (["rollout.prompt.system=brief"], ["rewards.think_rule=free"]):
+        assert evaluation_settings(load_run_config(CONFIG_DIR / "small-cpu.yaml", overrides), ["greedy"]) != base
+    assert evaluation_settings(load_run_config(CONFIG_DIR / "zoom-cpu.yaml"), ["greedy"]) != base
+    assert evaluation_settings(main, ["greedy", "sampled"]) != base
 
 
 def point(step: int, wall: float, hard_miou: float, found: float = 0.9, easy_miou: float = 0.6) -> dict:

@@ -8,10 +8,12 @@ checkpoint records the seconds it trained (W). Then:
 - A run started from A's checkpoint in another directory (``init_from``: the SFT control, which continues SFT
   for as long as RL trained) counts from 0, so the same ``max_seconds`` lets it train; one whose ``sft.steps``
   leaves it nothing to train is refused before it writes anything (it used to copy its start and report it),
-  and so is one into a directory that holds a run past its start.
+  and so is one into a directory that holds a run past its start. A control stopped before its first
+  checkpoint resumes from its start, not from the base model.
 """
 
 import json
+import shutil
 
 import pytest
 
@@ -71,6 +73,14 @@ def test_a_resumed_sft_counts_the_seconds_before_it_and_a_control_counts_from_ze
         assert 0.0 < events[0]["wall_s"] < events[-1]["wall_s"] <= control.wall_s
         last = tmp_path / "control" / "checkpoints" / step_dir_name(control.steps)
         assert control.wall_s == _recorded_seconds(last)  # exactly: the seconds spent writing it are not training
+
+        # A control stopped before its first checkpoint: its --resume starts it again where it started, not from
+        # the base model at step 0 (its record of --init-from says where).
+        shutil.rmtree(tmp_path / "control" / "checkpoints")
+        again = run_sft(_config(model=tiny_model_dir, data=data_dir, steps=STEPS + 1000, max_seconds=trained),
+                        out_dir=tmp_path / "control", resume=True)
+        events = [json.loads(line) for line in (tmp_path / "control" / SFT_EVENTS_FILE).read_text().splitlines()]
+        assert again.steps > STEPS and [e["step"] for e in events] == list(range(STEPS + 1, again.steps + 1))
 
         # A second control into that directory: a --resume of it would continue the first one's later steps.
         with pytest.raises(ValueError, match=f"holds a run past --init-from's step {STEPS}"):
