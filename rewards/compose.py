@@ -4,8 +4,8 @@ This is the whole reward pipeline in one place: parse every completion, compute 
 (format, presence, category, iou, confidence; overlong when token counts are given; any extra
 components such as "custom" computed by the caller), then total = sum(weight * component).
 Components are always all computed, whatever their weight, so metrics can follow a component
-before the curriculum turns it on. A completion without an extractable answer scores 0 on every
-content component and carries its parse-failure reason. Results come back as a ``RewardBatch``
+before the curriculum turns it on. A completion without an extractable answer scores each content
+component's minimum (0; IoU -1 under GIoU) and carries its parse-failure reason. Results come back as a ``RewardBatch``
 (columns, cheap to send between processes); ``batch[i]`` is completion i's ``RewardBreakdown``.
 """
 

@@ -30,7 +30,11 @@ A ground-truth box with a NaN coordinate (a corrupt row) pairs with nothing: its
 Confidence reward (Visual-RFT) = mean over predictions of (c if matched else 1 - c), range [0, 1],
 where "matched" means matched with IoU > threshold (in optimal mode: assigned with IoU > threshold).
 An answer with boxes but without valid confidences scores 0; no boxes and no objects scores 1; no
-boxes while objects exist scores 0.
+boxes while objects exist scores 0. Optimal matching breaks ties between equally scored assignments in
+favour of the more confident predictions, so the written order of the boxes never changes the reward.
+
+No answer at all (unparsable, or taken away by the think rule) scores the floor and confidence 0: never
+above an answer that was read, however wrong.
 """
 
 from __future__ import annotations
@@ -129,7 +133,14 @@ def _match(
     """
     n_pred = score.shape[0]
     if config.mode == OPTIMAL:
-        rows, cols = linear_sum_assignment(score, maximize=True)
+        # Among assignments of equal summed score (a box written twice), the one matching the more confident
+        # prediction above the threshold wins, as greedy's confidence order decides: otherwise the written order
+        # would decide, and the confidence reward would pay for writing the confident box first. The tie-break
+        # term (at most 1e-9 per pair) only chooses; the reward sums the untouched scores.
+        choose = score
+        if confidences is not None:
+            choose = score + 1e-9 * np.asarray(confidences, dtype=np.float64)[:, None] * (iou > config.threshold)
+        rows, cols = linear_sum_assignment(choose, maximize=True)
         matched = [False] * n_pred
         for r, hit in zip(rows.tolist(), (iou[rows, cols] > config.threshold).tolist()):
             matched[r] = hit
@@ -193,7 +204,8 @@ def box_rewards_batch(
     """(iou, confidence) rewards, each (N,), of a batch of answers.
 
     ``preds[i]`` is in the completion frame and is mapped to original pixels by
-    ``affines[i] = (sx, sy, ox, oy)`` (see rewards.frames); None means no answer (both rewards 0).
+    ``affines[i] = (sx, sy, ox, oy)`` (see rewards.frames); None means no answer (IoU reward the floor,
+    confidence reward 0).
     ``confidences[i]`` is parallel to ``preds[i]`` or None. Every box of the batch is mapped,
     sanitised and scored against the boxes of its row in one numpy pass over all (pred, gt) pairs;
     only the matching of rows with several boxes runs row by row.
@@ -209,7 +221,8 @@ def box_rewards_batch(
     gt_flat: list[Sequence[float]] = []
     for i in range(n):
         pred = preds[i]
-        if pred is None:
+        if pred is None:  # no answer: the lowest IoU reward (GIoU's -1: never above a wrong answer) and confidence 0
+            iou_out[i] = floor
             continue
         gt = gts[i]
         if not pred or not gt:

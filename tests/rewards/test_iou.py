@@ -134,6 +134,28 @@ def test_with_giou_junk_boxes_and_omitted_boxes_never_pay():
     assert box_rewards([A, B], [A], width=W, height=H, config=config)[0] == pytest.approx(0.0)  # (1 - 1) / 2
 
 
+def test_with_giou_no_answer_scores_the_floor_never_above_an_answer_that_was_read():
+    """No answer (unparsable, or taken away by the think rule) kept IoU 0 while a "none" on an animal scored -1
+    and a missed box below 0: garbage, and contradicting the think, paid more than answering."""
+    config = IouConfig(mode="optimal", giou=True)
+    iou, conf = box_rewards_batch([None, [], [B]], [[A]] * 3, confidences=[None] * 3,
+                                  affines=[(1.0, 1.0, 0.0, 0.0)] * 3, widths=[W] * 3, heights=[H] * 3, config=config)
+    assert iou.tolist() == pytest.approx([-1.0, -1.0, -7 / 9]) and conf.tolist() == [0.0, 0.0, 0.0]
+    plain, _ = box_rewards_batch([None], [[A]], confidences=[None], affines=[(1.0, 1.0, 0.0, 0.0)], widths=[W],
+                                 heights=[H], config=IouConfig())
+    assert plain.tolist() == [0.0]  # IoU's floor
+
+
+def test_optimal_matching_pays_confidence_alike_whatever_order_the_boxes_are_written_in():
+    """A box written twice fits the one animal equally well either way: the assignment chose the first written,
+    so the same detections paid confidence 0.15 or 0.85 by their order. The confident one is matched, as greedy
+    matches in confidence order: (0.9 + (1 - 0.2)) / 2 = 0.85 both ways."""
+    for config in (IouConfig(mode="optimal"), IouConfig(mode="greedy")):
+        low_first = box_rewards([A, A], [A], width=W, height=H, config=config, confidences=[0.2, 0.9])
+        high_first = box_rewards([A, A], [A], width=W, height=H, config=config, confidences=[0.9, 0.2])
+        assert low_first == pytest.approx((0.5, 0.85)) and high_first == pytest.approx((0.5, 0.85))
+
+
 def _ref_pair(a, b, giou):
     """Plain-Python IoU/GIoU of two boxes already sanitised (reference for the numpy code)."""
     iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
