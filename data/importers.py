@@ -53,7 +53,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.ndimage import find_objects, label
 
-from data.difficulty import camouflage_stats
+from data.difficulty import image_stats
 from data.prompts import question_for
 from data.schema import MIN_BOX_SIDE, ProgressFn, clamp_box, names_something, write_rows
 
@@ -282,7 +282,7 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
         return None
     rgb, data, fmt = image
     boxes: list[list[float]] = []
-    union = None
+    objects: list[np.ndarray] = []  # each kept component's mask
     if present:
         mask = None if mask_path is None else _load_mask(mask_path, threshold=config.mask_threshold)
         problem = ("missing_mask" if mask_path is None else "corrupt_mask" if mask is None
@@ -291,7 +291,7 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
             report.skip(problem, path.name)
             return None
         stored = _stored_size(rgb.size, max_side=config.max_side)
-        boxes, union = _component_boxes(mask, config=config, report=report, stored=stored)
+        boxes, objects = _component_boxes(mask, config=config, report=report, stored=stored)
         if not boxes and mask.any():  # an object, but no component of it kept
             report.skip("small_object", path.name)
             return None
@@ -302,7 +302,7 @@ def _camo_row(path: Path, mask_path: Path | None, *, config: CamoImportConfig,
     row_image, width, height = _stored_image(rgb, data, fmt, max_side=config.max_side)
     difficulty = config.difficulty
     if difficulty == "auto":
-        difficulty = _measured_difficulty(rgb, union) if union is not None else "easy"
+        difficulty = _measured_difficulty(rgb, objects) if objects else "easy"
     return {
         "id": f"{config.layout}:{path.stem}",
         "image": row_image,
@@ -333,13 +333,20 @@ def _load_image(path: Path) -> tuple[Image.Image, bytes, str] | None:
 def _as_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
     """(the image in RGB, whether its values were rescaled). PIL converts 16-bit grayscale (modes I;16*, and I
     holding values past 255) to RGB by clipping at 255, which turns a medical or thermal camouflage image nearly
-    white; such values are scaled to 8 bits instead, and the image must then be stored re-encoded, since every
+    white, and floats (mode F) by truncating them; such values are scaled to 8 bits instead ([0, 1] floats by 255,
+    [0, 255] as they are, larger by their maximum), and the image must then be stored re-encoded, since every
     reader of the stored bytes (rollout, SFT, evaluation) converts them as PIL does."""
     if image.mode.startswith("I;16") or image.mode == "I":
         values = np.asarray(image, dtype=np.float64)
         if image.mode.startswith("I;16") or values.max(initial=0.0) > 255.0:
             eight = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
             return Image.fromarray(eight).convert("RGB"), True
+    if image.mode == "F":  # floats: PIL would clip them to integers, a [0, 1] image to 0 and 1
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        top = values.max(initial=0.0)
+        scale = 255.0 if top <= 1.0 else 1.0 if top <= 255.0 else 255.0 / top
+        eight = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight).convert("RGB"), True
     return image.convert("RGB"), False
 
 
@@ -352,12 +359,12 @@ def _load_mask(path: Path, *, threshold: int) -> np.ndarray | None:
 
 
 def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig, report: ImportReport,
-                     stored: tuple[int, int]) -> tuple[list[list[float]], np.ndarray | None]:
+                     stored: tuple[int, int]) -> tuple[list[list[float]], list[np.ndarray]]:
     """Pixel-edge boxes of the kept components as stored (an image ``stored`` = (width, height) in size),
-    largest first, and the union of kept components (in the mask's pixels)."""
+    largest first, and the mask of each (in the mask's pixels)."""
     labels, count = label(mask, structure=np.ones((3, 3), dtype=bool))
     if count == 0:
-        return [], None
+        return [], []
     areas = np.bincount(labels.ravel())[1:]
     minimum = max(config.min_component_fraction * mask.size, config.min_component_relative * areas.max())
     extents = find_objects(labels)  # per label: the (row slice, column slice) of its bounding box
@@ -372,7 +379,7 @@ def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig, report: Impo
             kept.append(k + 1)
             boxes.append(box)
     report.notes["dropped_component"] += count - len(kept)
-    return boxes, np.isin(labels, kept)
+    return boxes, [labels == k for k in kept]
 
 
 def _stored_size(size: tuple[int, int], *, max_side: int | None) -> tuple[int, int]:
@@ -402,23 +409,41 @@ def _png(image: Image.Image) -> bytes:
 
 
 def _stored_box(box: list[float], *, source: tuple[int, int], stored: tuple[int, int]) -> list[float] | None:
-    """``box`` (pixels of an image of ``source`` size) as stored: scaled per axis to the ``stored`` size (each
-    side is rounded apart when shrinking), clamped, in float32 as Parquet holds it; None where a side is then
-    under ``MIN_BOX_SIDE`` (the loader refuses such a row)."""
-    sx, sy = stored[0] / source[0], stored[1] / source[1]
-    scaled = clamp_box([box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy], width=stored[0], height=stored[1])
-    x1, y1, x2, y2 = (float(np.float32(v)) for v in scaled)
-    if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+    """``box`` (pixels of an image of ``source`` size) as stored: clamped, scaled per axis to the ``stored`` size
+    (each side is rounded apart when shrinking), in float32 as Parquet holds it. None where it encloses nothing
+    of the source image; a real box that shrinking leaves under ``MIN_BOX_SIDE`` (a pole, a leg) is widened to
+    it, so that no object is lost (the loader refuses boxes under that size)."""
+    x1, y1, x2, y2 = clamp_box(list(box), width=source[0], height=source[1])
+    if x2 <= x1 or y2 <= y1:
         return None
+    sx, sy = stored[0] / source[0], stored[1] / source[1]
+    x1, x2 = _at_least_min_side(x1 * sx, x2 * sx, limit=stored[0])
+    y1, y2 = _at_least_min_side(y1 * sy, y2 * sy, limit=stored[1])
     return [x1, y1, x2, y2]
 
 
-def _measured_difficulty(image: Image.Image, mask: np.ndarray) -> str:
+def _at_least_min_side(low: float, high: float, *, limit: int) -> tuple[float, float]:
+    """[low, high] in float32, widened about its centre to MIN_BOX_SIDE where narrower, kept within [0, limit]."""
+    low32, high32 = np.float32(low), np.float32(high)
+    if float(high32) - float(low32) >= MIN_BOX_SIDE:
+        return float(low32), float(high32)
+    side = min(MIN_BOX_SIDE, float(limit))
+    low = min(max(0.0, (low + high - side) / 2), limit - side)
+    low32, high32 = np.float32(low), np.float32(low + side)
+    while float(high32) - float(low32) < side:  # float32 rounding may take a hair off the side
+        high32 = np.nextafter(high32, np.float32(np.inf))
+    return float(low32), float(high32)
+
+
+def _measured_difficulty(image: Image.Image, masks: list[np.ndarray]) -> str:
+    """The image's difficulty by its best-separable object (``data.difficulty.image_stats``), each kept component
+    measured as an object of its own, as it is boxed: one plain animal beside a hidden one makes the image easy."""
     scale = min(1.0, STATS_SIDE / max(image.size))
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     small = np.asarray(image.resize(size, Image.Resampling.BILINEAR))
-    coverage = np.asarray(Image.fromarray(mask.astype(np.float32)).resize(size, Image.Resampling.BOX))
-    stats = camouflage_stats(small, coverage >= 0.5)
+    resized = [np.asarray(Image.fromarray(m.astype(np.float32)).resize(size, Image.Resampling.BOX)) >= 0.5
+               for m in masks]
+    stats = image_stats(small, resized)
     return "easy" if stats is None else stats.difficulty
 
 
@@ -431,10 +456,10 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
     except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: int(Infinity)
         report.skip("bad_image_entry", repr(entry)[:80])
         return
-    if image_id in seen:  # its rows' ids would repeat the first entry's
+    if str(image_id) in seen:  # its rows' ids would repeat the first entry's (1 and "1" alike: coco:1:cat)
         report.skip("duplicate_image_id", file_name)
         return
-    seen.add(image_id)
+    seen.add(str(image_id))
     path = images_dir / file_name
     if not path.is_file():
         report.skip("missing_image", file_name)
@@ -449,12 +474,20 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
         return
     stored = _stored_size(rgb.size, max_side=config.max_side)
     boxes_by_category: dict[str, list[list[float]]] = defaultdict(list)
+    incomplete: set[str] = set()  # categories with an annotation that could not be kept
     for annotation in by_image.get(image_id, []):
-        kept = _coco_box(annotation, categories, config=config, source=rgb.size, stored=stored)
-        if isinstance(kept, str):
-            report.notes[f"annotation_{kept}"] += 1
+        category, box, dropped = _coco_box(annotation, categories, config=config, source=rgb.size, stored=stored)
+        if dropped is not None:
+            report.notes[f"annotation_{dropped}"] += 1
+            if category is not None:
+                incomplete.add(category)
         else:
-            boxes_by_category[kept[0]].append(kept[1])
+            boxes_by_category[category].append(box)
+    for category in sorted(incomplete & boxes_by_category.keys()):
+        # "Find every <category>" with one of them (a crowd, a broken box) left out would teach a wrong count: the
+        # schema's box rule makes such a row invalid rather than drop the box.
+        del boxes_by_category[category]
+        report.notes["row_incomplete"] += 1
     if not boxes_by_category:
         report.notes["no_annotations"] += 1
         return
@@ -476,25 +509,27 @@ def _coco_rows(entry: Any, by_image: dict[Any, list[dict]], categories: dict[Any
 
 
 def _coco_box(annotation: dict, categories: dict[Any, str], *, config: CocoImportConfig, source: tuple[int, int],
-              stored: tuple[int, int]) -> tuple[str, list[float]] | str:
-    """(category, [x1, y1, x2, y2] as stored) or the reason the annotation is dropped."""
+              stored: tuple[int, int]) -> tuple[str | None, list[float] | None, str | None]:
+    """(category, [x1, y1, x2, y2] as stored, None), or (its category if known, None, why it is dropped)."""
+    category_id = annotation.get("category_id")
+    if not isinstance(category_id, Hashable) or category_id not in categories:
+        return None, None, "unknown_category"
+    category = categories[category_id]
     if annotation.get("iscrowd") and not config.include_crowd:
-        return "crowd"
-    if not isinstance(annotation.get("category_id"), Hashable) or annotation.get("category_id") not in categories:
-        return "unknown_category"
+        return category, None, "crowd"
     bbox = annotation.get("bbox")
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
-        return "bad_box"
+        return category, None, "bad_box"
     try:
         x, y, w, h = (float(v) for v in bbox)
     except (TypeError, ValueError):
-        return "bad_box"
+        return category, None, "bad_box"
     if not all(math.isfinite(v) for v in (x, y, w, h)):
-        return "bad_box"
+        return category, None, "bad_box"
     box = _stored_box([x, y, x + w, y + h], source=source, stored=stored)
     if box is None:
-        return "bad_box"
-    return categories[annotation["category_id"]], box
+        return category, None, "bad_box"
+    return category, box, None
 
 
 def _write_checked(rows: Iterator[dict[str, Any]], *, report: ImportReport,

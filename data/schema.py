@@ -30,14 +30,17 @@ DIFFICULTIES = ("easy", "hard")
 # Tasks whose answer must locate the object: a present row of these tasks needs at least one box.
 LOCALIZING_TASKS = ("camo", "detect", "ground")
 MIN_BOX_SIDE = 1.0  # pixels; smaller boxes cannot be drawn, cropped or matched meaningfully
-# A category must hold a letter or digit: the category reward reads one made only of spaces and
-# punctuation (" ?! ") as naming nothing, so a present object would reward answers naming no category.
+# A category must hold a letter or digit and not be a word the category reward reads as naming nothing: with
+# " ?! " or "None" (a converter's str(None)) a present object would reward answers naming no category.
 _NAMES_SOMETHING = re.compile(r"[^\W_]")
 
 
 def names_something(category: str) -> bool:
-    """Whether ``category`` can be a row's category: it holds a letter or digit (``validate_row``'s rule)."""
-    return bool(_NAMES_SOMETHING.search(category))
+    """Whether ``category`` can be a row's category (``validate_row``'s rule): it holds a letter or digit and
+    names a category as the reward reads it ("none", "null" and their variants name none)."""
+    from rewards.category import names_a_category
+
+    return bool(_NAMES_SOMETHING.search(category)) and names_a_category(category)
 
 ROW_SCHEMA = pa.schema(
     [
@@ -142,7 +145,7 @@ def validate_row(row: Any, *, decode_image: bool = True) -> list[str]:
         problems.append(f"difficulty: unknown {row['difficulty']!r} (expected one of {DIFFICULTIES})")
     if row["category"] is not None and (not isinstance(row["category"], str)
                                         or not names_something(row["category"])):
-        problems.append("category: expected a non-empty string or null (a name: letters or digits)")
+        problems.append("category: expected a non-empty string or null (a name: letters or digits, not 'none')")
     if not isinstance(row["present"], bool):
         problems.append("present: expected a bool")
     size_ok = True

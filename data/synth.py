@@ -272,9 +272,16 @@ def write_dataset(config: SynthConfig, *, out_dir: str | os.PathLike[str],
                 progress(done, config.n)
             yield row
 
+    # Every split is written aside and renamed into place only once all are whole: an interrupted synthesis left
+    # a valid train.parquet of the rows written so far, which the next run took for the set (data.synth makes a
+    # set only where train.parquet is missing) and trained on, without a test split to evaluate it.
+    partial = {}
     for split_index, spec in enumerate(config.splits):
         files[spec.name] = out / f"{spec.name}.parquet"
-        write_rows(tracked(split_index, spec.name), files[spec.name])
+        partial[spec.name] = out / f"{spec.name}.parquet.partial"
+        write_rows(tracked(split_index, spec.name), partial[spec.name])
+    for name, path in partial.items():
+        os.replace(path, files[name])
     sheet = out / "contact_sheet.png"
     draw_contact_sheet(sheet_rows, out_path=sheet, columns=CONTACT_SHEET_COLUMNS)
     (out / SYNTH_CONFIG_FILE).write_text(config.model_dump_json(indent=2))

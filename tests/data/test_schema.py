@@ -86,6 +86,9 @@ def test_boxes_overhanging_the_image_are_clamped_not_rejected():
         ({"present": "yes"}, "present: expected a bool"),
         ({"id": ""}, "id: expected a non-empty string"),
         ({"category": ""}, "category: expected a non-empty string or null"),
+        # a converter's str(None): the category reward reads it as naming nothing, so "present none" would pay
+        ({"category": "None"}, "category: expected a non-empty string or null"),
+        ({"category": "NULL."}, "category: expected a non-empty string or null"),
     ],
 )
 def test_bad_rows_name_the_field(overrides, expected):

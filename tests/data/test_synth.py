@@ -111,6 +111,23 @@ def test_progress_is_reported_per_image(tmp_path):
     assert seen == [(i, 5) for i in range(1, 6)]
 
 
+def test_an_interrupted_synthesis_leaves_no_split_a_run_would_take_for_the_set(tmp_path):
+    """Killed at image 30 of 40: train.parquet held the rows written so far, a valid file that the next run took
+    for the whole set (it synthesises only where train.parquet is missing), with no test split."""
+    from data.synth import SYNTH_CONFIG_FILE
+
+    def stop_at_30(done: int, total: int) -> None:
+        if done == 30:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        synthesize(out_dir=tmp_path, seed=0, n=40, progress=stop_at_30)
+    assert not list(tmp_path.glob("*.parquet")) and not (tmp_path / SYNTH_CONFIG_FILE).exists()
+    report = synthesize(out_dir=tmp_path, seed=0, n=40)  # the next run makes the whole set
+    assert sum(len(read_rows(path)) for path in report.files.values()) == 40
+    assert not list(tmp_path.glob("*.partial"))
+
+
 @pytest.mark.parametrize("category", CATEGORIES)
 def test_animals_stay_inside_their_placement_circle(category):
     for angle in np.linspace(0, 2 * np.pi, 7):
