@@ -345,7 +345,7 @@ def test_submit_scale_follow_and_stop_a_training_job(cluster, tiny_model_dir, da
     assert output.returncode == 0
     for text in (output.stdout, followed):
         assert "step 1/2 stage" in text and "step 2/2 stage" in text
-    assert "scaled up: started rollout-1" in output.stdout  # the scale request reached the driver
+    assert "scaling up: starting rollout-1" in output.stdout  # the scale request reached the driver
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["ledger"]["open"] == 0 and summary["ledger"]["trained"] == 8
 
