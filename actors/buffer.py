@@ -486,6 +486,9 @@ class TrajectoryBuffer:
             tmp.unlink()  # a spill file cut off by a crash: its groups were never acknowledged as put
         logger.info("restored %d groups from %s (%d consumed before)",
                     len(self._held), self._spill_dir, len(consumed))
+        if len(self._held) > self._config.capacity:  # a resume may lower train.buffer_capacity
+            logger.warning("the restored buffer holds %d groups, above its capacity of %d: puts wait until the "
+                           "learner has taken it below", len(self._held), self._config.capacity)
 
     def _take_pending_locked(self) -> tuple[int, list[_Held]]:
         seq, entries = self._next_seq, self._pending

@@ -615,6 +615,18 @@ class Driver:
                     self._poll_control()
                     self._settle_buffer_drops()
 
+    def _flush_buffer(self) -> None:
+        """Write the groups the buffer holds but has not spilled: a spill write that failed (a full disk) keeps its
+        groups in memory until the next one, and a resume restores only what is on disk. A failure is logged, not
+        raised: the run is over, and what it trained is in its checkpoint."""
+        import ray
+
+        try:
+            ray.get(self.buffer.flush.remote())
+        except (OSError, ray.exceptions.RayError) as error:
+            log.error("buffer: groups held in memory could not be written (%s); a --resume of this run will not "
+                      "have them", error)
+
     def _drain(self) -> None:
         """Wait for in-flight work to come back into the ledger, then settle what remains as shutdown."""
         deadline = time.monotonic() + 60
@@ -628,6 +640,8 @@ class Driver:
     def shutdown(self) -> None:
         import ray
 
+        if getattr(self, "buffer", None) is not None:
+            self._flush_buffer()
         self.metrics.close()
         if getattr(self, "control", None) is not None:
             ray.kill(self.control)

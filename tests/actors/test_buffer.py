@@ -492,6 +492,48 @@ def test_a_resume_without_a_checkpoint_trains_the_restored_groups_and_numbers_pa
         ray.shutdown()
 
 
+class FailsFirstSpill(TrajectoryBuffer):
+    """Its first spill write fails as on a full disk (in the actor's own process, where a test's monkeypatch
+    cannot reach)."""
+
+    failed = False
+
+    def _write_spill(self, seq, entries):
+        if FailsFirstSpill.failed:
+            return super()._write_spill(seq, entries)
+        FailsFirstSpill.failed = True
+        real = pq.write_table
+
+        def full_disk(table, where, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        pq.write_table = full_disk  # this actor's process only; the buffer's own error handling runs
+        try:
+            return super()._write_spill(seq, entries)
+        finally:
+            pq.write_table = real
+
+
+def test_the_run_end_writes_the_groups_a_failed_spill_left_in_memory(tmp_path):
+    """The last put of a run whose spill write failed kept its group in memory until the next spill, which never
+    came: a --resume with more steps lost it. The driver flushes the buffer when it shuts down."""
+    ray = pytest.importorskip("ray")
+    from deploy.driver import Driver
+
+    config = BufferConfig(capacity=8, spill_dir=str(tmp_path / "buffer"), spill_every_groups=1)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        driver = object.__new__(Driver)  # bare, as above: the buffer is what is tested
+        driver.buffer = ray.remote(num_cpus=0)(FailsFirstSpill).remote(config)
+        ray.get(driver.buffer.put.remote(make_group("r0#1")))  # its spill write fails; the put does not
+        assert ray.get(driver.buffer.stats.remote())[STAT_SPILL_FAILURES] == 1
+        driver._flush_buffer()
+    finally:
+        ray.shutdown()
+    restored = TrajectoryBuffer.restore(config)
+    assert [g.group_id for g in restored.get(1, learner_version=0, timeout_s=0)] == ["r0#1"]
+
+
 def test_take_dropped_names_each_stale_group_once():
     from actors.buffer import BufferConfig, TrajectoryBuffer
 
