@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.config import RolloutConfig
 from curriculum.config import CurriculumConfig, Difficulty
@@ -113,6 +113,13 @@ class TrainConfig(BaseModel):
     eval_modes: list[Literal["greedy", "sampled"]] = Field(
         default_factory=lambda: ["greedy", "sampled"], min_length=1,
         description="evaluation modes at the end: greedy (temperature 0) and/or sampled (the rollout's sampling)")
+
+    @field_validator("eval_modes")
+    @classmethod
+    def _distinct_modes(cls, modes: list[str]) -> list[str]:
+        if len(set(modes)) != len(modes):  # the evaluation at the end of a run refuses them, after SFT and RL
+            raise ValueError(f"each mode at most once, got {modes}")
+        return modes
     run_name: str = Field(
         "default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$",
         description="names the job's control actor: `refocus scale RUN_NAME --rollout-workers N`",

@@ -27,8 +27,9 @@ class ConfigError(ValueError):
 def apply_overrides(document: dict, overrides: list[str], *, defaults: dict | None = None) -> dict:
     """Set ``a.b.c=value`` entries into a nested dict (a new one; the input is not modified).
 
-    ``defaults``: the model's default document. An index into a list the document leaves at its default
-    (``curriculum.stages.2.reward_weights.overlong=1`` with no ``stages`` written) starts from that default list.
+    ``defaults``: the model's default document. A key or index into a section the document leaves at its default
+    (``curriculum.stages.2.reward_weights.overlong=1`` with no ``stages`` written, ``rewards.default_weights.iou=2``)
+    starts from that default.
     """
     result = _deep_copy(document)
     for item in overrides:
@@ -41,16 +42,20 @@ def apply_overrides(document: dict, overrides: list[str], *, defaults: dict | No
         for depth, part in enumerate(parts[:-1]):
             where = f"override {item!r}: {'.'.join(parts[: depth + 1])}"
             node, default = _child(node, part, default=default, next_part=parts[depth + 1], where=where)
+        # A mapping is merged key by key into the section it names, as `base:` merges: `train={steps: 3}` (or
+        # `curriculum.stages.2={name: x}`) replacing the whole section would silently reset every other field of
+        # it (and, under `refocus submit`, the run name and cluster address set before the user's overrides).
+        # A section the document leaves at its default is merged into that default.
+        last = parts[-1]
         if isinstance(node, list):
-            _child(node, parts[-1], default=None, next_part="", where=f"override {item!r}: {key.strip()}")
-            node[int(parts[-1])] = value
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: {key.strip()}: no item {last} in a list of {len(node)}")
+            last = int(last)
+            current = node[last]
         else:
-            # A mapping is merged key by key into the section it names, as `base:` merges: `train={steps: 3}`
-            # replacing the whole section would silently reset every other field of it (and, under `refocus
-            # submit`, the run name and cluster address set before the user's overrides).
-            last = parts[-1]
-            node[last] = _merged(node[last], value) if isinstance(value, dict) and isinstance(node.get(last),
-                                                                                             dict) else value
+            current = node[last] if last in node else _deep_copy(default.get(last)) if isinstance(default, dict) \
+                else None
+        node[last] = _merged(current, value) if isinstance(value, dict) and isinstance(current, dict) else value
     return result
 
 
@@ -83,9 +88,13 @@ def _child(node, part: str, *, default, next_part: str, where: str):
             default_child = default[int(part)]
     else:
         default_child = default.get(part) if isinstance(default, dict) else None
-        if part not in node and next_part.isdigit() and isinstance(default_child, list):
+        if part not in node and isinstance(default_child, (dict, list)):
+            # A key set into a section left at its default changes that key, not the whole default: a dict field
+            # (`rewards.default_weights.iou=2`) keeps its other keys, a list (`stages.2....`) its other items.
             node[part] = _deep_copy(default_child)
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # missing, or a section that is off by default (rewards.overlong: null)
+            node[part] = {}
+        child = node[part]
     if not isinstance(child, (dict, list)):
         raise ConfigError(f"{where} is not a section")
     return child, default_child

@@ -27,7 +27,9 @@ class LoraSpec(BaseModel):
 class LearnerConfig(BaseModel):
     """Everything one learner rank needs; identical on every rank of a group."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf or NaN anywhere: kl_coef .inf made the loss NaN from the first step (inf × a KL of 0), advantage_eps .inf
+    # every advantage 0.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model_path: str | None = Field(
         default=None, min_length=1,

@@ -82,6 +82,9 @@ INVALID = [
     (["rollout.sampling.top_p=0.9"], "rollout.sampling.top_p (0.9) < 1 needs learner.old_logprobs=recompute"),
     (["rollout.engine.backend=vllm", "rollout.engine.tensor_parallel_size=2", "cluster.rollout_gpus=1"],
      "rollout.engine.tensor_parallel_size (2) must equal cluster.rollout_gpus (1)"),
+    (["train.eval_modes=[greedy, greedy]"], "train.eval_modes: Value error, each mode at most once"),
+    (["learner.kl_coef=.inf"], "learner.kl_coef"),  # the loss was NaN from the first step
+    (["learner.advantage_eps=.inf"], "learner.advantage_eps"),  # every advantage 0
     (["learner.behaviour_weight_cap=2"], "behaviour_weight_cap (2.0) needs old_logprobs: recompute"),
     (["learner.old_logprobs=recompute", "learner.behaviour_weight_cap=0.5"], "behaviour_weight_cap"),
     # the job's control actor refuses such a count after model, data and SFT: caught at load instead
@@ -130,6 +133,22 @@ def test_overrides_index_into_lists_left_at_their_default():
     assert config.curriculum.stages[:2] == defaults[:2]
     with pytest.raises(ConfigError, match="no item 7 in a list of 3"):
         load_run_config(paper, ["curriculum.stages.7.advance.patience=4"])
+
+
+def test_an_item_of_a_list_of_values_a_default_dict_and_a_list_item_mapping_take_overrides_as_documented():
+    small = [p for p in shipped_configs() if p.name == "small-cpu.yaml"][0]
+    plain = load_run_config(small)
+    # one item of a list of plain values: refused before as "not a section"
+    assert load_run_config(small, ["data.eval_splits.1=test_easy"]).data.eval_splits == [plain.data.eval_splits[0],
+                                                                                         "test_easy"]
+    with pytest.raises(ConfigError, match="no item 5 in a list of 2"):
+        load_run_config(small, ["data.eval_splits.5=test_easy"])
+    # one key of a dict field left at its default: the other keys stay (it became {"iou": 2.0})
+    weights = load_run_config(small, ["rewards.default_weights.iou=2"]).rewards.default_weights
+    assert weights == {**plain.rewards.default_weights, "iou": 2.0}
+    # a mapping into a list item is merged into it, as into a section (it reset the stage's other fields)
+    stage = load_run_config(small, ["curriculum.stages.2={name: iou_only}"]).curriculum.stages[2]
+    assert stage == plain.curriculum.stages[2].model_copy(update={"name": "iou_only"})
 
 
 @pytest.mark.parametrize("override, message", [
