@@ -443,6 +443,17 @@ def _add_job_parsers(sub) -> None:
     p.set_defaults(func=cmd_stage_advance)
 
 
+def _one_line(error: Exception) -> str:
+    """A pydantic error raised outside config loading (a flag such as ``data synth --n 0`` validated into a model)
+    as "field: reason" items, not pydantic's several-line dump with its documentation links."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        items = [f"{'.'.join(str(p) for p in e['loc']) or error.title}: {e['msg']}" for e in error.errors()]
+        return f"invalid {error.title}: " + "; ".join(items)
+    return str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -457,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, *USER_ERRORS) as e:
         if args.verbose:  # show where it came from when asked
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

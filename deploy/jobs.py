@@ -169,7 +169,9 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
         raise NotADirectoryError(f"--working-dir {working_dir}: not a directory")
     _check_uploaded(config, root=root)
     sets = job_overrides(run_name=submission_id, overrides=overrides)
-    load_run_config(config, sets)  # exactly what the job will load: a bad field fails here, not on the cluster
+    loaded = load_run_config(config, sets)  # exactly what the job will load: a bad field fails here, not on the cluster
+    if loaded.train.run_name != submission_id:  # a mapping override (train={run_name: x}) got past the check above
+        raise ValueError("train.run_name is the submission id: pass --run-name instead of setting train.run_name")
     for base in config_chain(config)[1:]:  # the files it starts from are read on the cluster too
         _check_uploaded(base, root=root)
     relative = config.relative_to(root)
@@ -207,6 +209,29 @@ def _check_uploaded(path: Path, *, root: Path) -> None:
     excluded = next((part for part in path.relative_to(root).parts if part in WORKING_DIR_EXCLUDES), None)
     if excluded is not None:
         raise ValueError(f"config {path} is under {excluded}/, which is not uploaded")
+    ignore_file = _ignore_file_excluding(path, root=root)
+    if ignore_file is not None:
+        raise ValueError(f"config {path} is left out of the upload by {ignore_file} (Ray's upload honours .gitignore "
+                         "and .rayignore files; RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1 stops it reading .gitignore)")
+
+
+def _ignore_file_excluding(path: Path, *, root: Path) -> Path | None:
+    """The directory whose .gitignore or .rayignore makes Ray's working-dir upload leave ``path`` out, read as Ray
+    (pinned in pyproject.toml) reads them: each directory's ignore files apply to everything below it."""
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+    from ray._private.runtime_env.packaging import get_excludes_from_ignore_files
+
+    include_gitignore = os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    quiet = logging.getLogger(f"{__name__}.ignore_files")
+    quiet.setLevel(logging.WARNING)  # Ray logs every ignore file it reads
+    parts = path.relative_to(root).parts
+    for depth in range(len(parts)):
+        level = root.joinpath(*parts[:depth])
+        excludes = get_excludes_from_ignore_files(level, include_gitignore=include_gitignore, logger=quiet)
+        for below in range(depth + 1, len(parts) + 1):
+            if any(exclude(root.joinpath(*parts[:below])) for exclude in excludes):
+                return level
+    return None
 
 
 def logs(job_id: str, *, address: str, follow: bool = False, token: str | None = None) -> Iterator[str]:

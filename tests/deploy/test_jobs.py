@@ -110,6 +110,7 @@ def test_job_command_names_the_run_and_joins_its_cluster():
 @pytest.mark.parametrize("config, overrides, error, match", [
     (TINY_CPU, ["train.steps=0"], ConfigError, "train.steps"),
     (TINY_CPU, ["train.run_name=mine"], ValueError, "--run-name"),
+    (TINY_CPU, ["train={run_name: mine}"], ValueError, "--run-name"),  # the job would run as "mine"
     (Path("/etc/hostname"), [], ValueError, "outside the working dir"),
     (REPO / ".tmp" / "x.yaml", [], ValueError, "not uploaded"),
     (REPO / "deploy" / "runs" / "x.yaml", [], ValueError, "under runs/, which is not uploaded"),  # at any depth
@@ -138,6 +139,9 @@ def test_submit_refuses_a_run_name_scale_could_not_find_naming_the_flag(run_name
     (["stop", "some-job", "--address", "http://127.0.0.1:9"], "cannot reach the Ray job API"),
     (["config", "check", "deploy"], "deploy: a directory, not a YAML config file"),
     (["submit", "deploy/configs", "--address", "http://127.0.0.1:9"], "a directory, not a YAML config file"),
+    # a flag validated into a model outside config loading: one line, not pydantic's dump with its links
+    (["data", "synth", "--out", ".tmp/never-written", "--n", "0"],
+     "invalid SynthConfig: n: Input should be greater than or equal to 1"),
 ])
 def test_cli_user_mistakes_exit_2_with_one_error_line(argv, message, capsys, monkeypatch):
     monkeypatch.chdir(REPO)
@@ -153,6 +157,24 @@ def test_submit_refuses_a_config_whose_base_is_not_uploaded(tmp_path):
     with pytest.raises(ValueError, match=r"tiny-cpu.yaml is outside the working dir"):
         jobs.submit(tmp_path / "my.yaml", address="http://127.0.0.1:9", overrides=[], working_dir=tmp_path,
                     env_vars={})
+
+
+def test_submit_refuses_a_config_an_ignore_file_leaves_out_of_the_upload(tmp_path, monkeypatch):
+    """Ray's upload honours .gitignore and .rayignore: a config under build/ (this repo's .gitignore) passed every
+    check here and was missing on the cluster."""
+    (tmp_path / ".gitignore").write_text("build/\n")
+    (tmp_path / "build").mkdir()
+    (tmp_path / "build" / "job.yaml").write_text(TINY_CPU.read_text())
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".rayignore").write_text("*.yaml\n")  # a deeper directory's ignore file applies below it
+    (tmp_path / "sub" / "job.yaml").write_text(TINY_CPU.read_text())
+    for config in (tmp_path / "build" / "job.yaml", tmp_path / "sub" / "job.yaml"):
+        with pytest.raises(ValueError, match="is left out of the upload by"):
+            jobs.submit(config, address="http://127.0.0.1:9", overrides=[], working_dir=tmp_path, env_vars={})
+    monkeypatch.setenv("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "1")  # Ray then uploads build/: so do we let it
+    with pytest.raises(jobs.ClusterError):  # past every check, to the (unreachable) cluster
+        jobs.submit(tmp_path / "build" / "job.yaml", address="http://127.0.0.1:9", overrides=[],
+                    working_dir=tmp_path, env_vars={})
 
 
 def test_ctrl_c_while_following_logs_exits_130(monkeypatch, capsys):
