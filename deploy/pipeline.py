@@ -39,6 +39,27 @@ def finished_sft(out_dir: Path, *, steps: int) -> tuple[str, str] | None:
     return None
 
 
+def _refuse_another_sft_stage(out: Path, config, *, finished) -> None:
+    """A resumed RL run continues from the model its SFT stage made: refuse, before any stage runs, a resume that
+    adds or removes that stage, or that would train it again (``sft.steps`` changed), rewriting the model the RL
+    checkpoints started from (and with ``kl_coef`` its reference). Nothing to check before RL has started."""
+    from deploy.driver import OUTPUT_DIR_SETTING
+    from deploy.run_record import RUN_CONFIG_FILE
+
+    recorded_file = out / RUN_CONFIG_FILE
+    if not recorded_file.is_file():
+        return
+    recorded_sft = json.loads(recorded_file.read_text()).get("sft")
+    if (recorded_sft is None) != (config.sft is None):
+        had = "after an SFT stage" if recorded_sft is not None else "without an SFT stage"
+        raise ValueError(f"{OUTPUT_DIR_SETTING}: {out} holds an RL run trained {had}; a --resume keeps it so "
+                         f"(sft: {'as it was' if recorded_sft is not None else 'null'})")
+    if config.sft is not None and finished is None:
+        raise ValueError(f"{OUTPUT_DIR_SETTING}: the RL run in {out} started from the model of its SFT stage "
+                         f"({recorded_sft.get('steps')} steps); sft.steps={config.sft.steps} would train that stage "
+                         "again under the RL checkpoints: keep sft.steps")
+
+
 def run_pipeline(config, *, resume: bool = False,
                  progress: Callable[[str], Callable[[int, int], None]] | None = None) -> dict:
     """Run every stage of ``config`` (a ``RunConfig``); returns what each produced (also written to
@@ -59,6 +80,7 @@ def run_pipeline(config, *, resume: bool = False,
         if config.sft is not None and finished is None:
             refuse_earlier_run(sft_out, setting=OUTPUT_DIR_SETTING)
     else:  # an RL run this resume would refuse is refused before SFT runs, not after
+        _refuse_another_sft_stage(out, config, finished=finished)
         check_rl_resume(out, config.model_dump(mode="json"), setting=OUTPUT_DIR_SETTING,
                         model_from_sft=config.sft is not None)
     out.mkdir(parents=True, exist_ok=True)

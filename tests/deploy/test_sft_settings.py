@@ -78,3 +78,36 @@ def test_resume_and_the_main_job_refuse_an_sft_trained_otherwise(tmp_path, monke
     (sft_dir / SFT_SUMMARY_FILE).unlink()  # an SFT cut off before it finished: the main job's resume refuses it too
     with pytest.raises(ValueError, match=r"train.output_dir: .*sft holds an SFT trained with other settings"):
         pipeline.run_pipeline(changed, resume=True)
+
+
+def test_an_rl_resume_keeps_its_sft_stage_as_it_was_and_is_refused_before_any_stage_runs(tmp_path, monkeypatch):
+    """Resumed with an sft section it never had, a run trained SFT for minutes before the RL record refused it;
+    resumed with sft.steps raised, SFT ran again and rewrote the model its RL checkpoints had started from."""
+    monkeypatch.setattr("models.config.resolve_model_path", lambda *a, **k: MODEL)
+    monkeypatch.setattr("deploy.training_data.prepare_training_data",
+                        lambda *a, **k: SimpleNamespace(rows={}, bad_rows={}))
+    monkeypatch.setattr("deploy.sft.run_sft", lambda *a, **k: pytest.fail("SFT ran"))
+    monkeypatch.setattr("deploy.driver.Driver", lambda *a, **k: pytest.fail("reached RL"))
+
+    without = tmp_path / "without"
+    without.mkdir()
+    (without / "run_config.json").write_text(load_run_config(None, [f"train.output_dir={without}"]).model_dump_json())
+    with pytest.raises(ValueError, match="holds an RL run trained without an SFT stage"):
+        pipeline.run_pipeline(load_run_config(None, [f"train.output_dir={without}", "sft.steps=30"]), resume=True)
+
+    after = tmp_path / "after"
+    sft_dir = after / "sft"
+    for name in ("average", "checkpoints/step_30"):
+        (sft_dir / name).mkdir(parents=True)
+    (sft_dir / SFT_SUMMARY_FILE).write_text(json.dumps({"steps": 30, "checkpoint": str(sft_dir / "checkpoints/step_30"),
+                                                        "model": str(sft_dir / "average")}))
+    first = load_run_config(None, [f"train.output_dir={after}", "sft.steps=30"])
+    (sft_dir / SFT_SETTINGS_FILE).write_text(json.dumps(sft_settings(first, model_path=MODEL)))
+    rl = first.model_copy(update={"model": first.model.model_copy(update={"path": str(sft_dir / "average")})})
+    (after / "run_config.json").write_text(rl.model_dump_json())  # what the Driver recorded
+    with pytest.raises(ValueError, match="sft.steps=60 would train that stage again"):
+        pipeline.run_pipeline(load_run_config(None, [f"train.output_dir={after}", "sft.steps=60"]), resume=True)
+    with pytest.raises(ValueError, match="holds an RL run trained after an SFT stage"):
+        pipeline.run_pipeline(load_run_config(None, [f"train.output_dir={after}"]), resume=True)
+    with pytest.raises(pytest.fail.Exception, match="reached RL"):  # as it was: its finished SFT is taken
+        pipeline.run_pipeline(first, resume=True)
