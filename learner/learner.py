@@ -207,7 +207,7 @@ class Learner:
     def _logprobs(self, model, micro: LearnerBatch, *, grad: bool, temperature: float | None = None):
         """Log-probs (and entropy) of ``micro`` at ``temperature``; None: RL's, ``config.temperature``."""
         temperature = self.config.temperature if temperature is None else temperature
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self.backend.compute():
             return sequence_logprobs(model, micro, encode_images_once_per_group=self.config.encode_images_once_per_group,
                                      with_entropy=grad and self.config.log_entropy, temperature=temperature)
 
@@ -248,7 +248,8 @@ class Learner:
     def greedy_completion(self, inputs: dict, *, max_new_tokens: int) -> list[list[int]]:
         """Greedy continuation ids of a processor output under the current policy (collective)."""
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        ids = greedy_completion(self.model, inputs, max_new_tokens=max_new_tokens)
+        with self.backend.compute():
+            ids = greedy_completion(self.model, inputs, max_new_tokens=max_new_tokens)
         self.backend.release_parameters()
         return ids
 

@@ -311,6 +311,29 @@ def test_recompute_old_logprobs_starts_at_ratio_one(model_dir, batch, backend, a
     assert stats[LOSS_TOTAL] == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_torch_backend_in_bf16_computes_in_bf16_over_float32_weights(model_dir, batch, monkeypatch):
+    """bf16 (auto on CUDA) loaded the torch backend's weights in bf16 and ran AdamW on them with no fp32 master:
+    at the default lr 1e-6, 98 % of the weights never moved. Now the weights and moments stay float32 and every
+    forward, the vision tower's included, runs under bf16 autocast (on the CPU here, the same code path)."""
+    import learner.backend as backend
+
+    monkeypatch.setattr(backend, "uses_bf16", lambda config, device: True)
+    learner = Learner(config(model_dir, backend="torch", lr=1e-6))
+    seen = {}
+    linears = {"visual": next(m for n, m in learner.model.named_modules()
+                              if ".visual." in f".{n}." and isinstance(m, torch.nn.Linear)),
+               "lm_head": next(m for n, m in learner.model.named_modules() if n.endswith("lm_head"))}
+    for name, module in linears.items():  # (a hook that returns a value replaces the module's output)
+        module.register_forward_hook(lambda m, args, out, name=name: None if seen.setdefault(name, out.dtype) else None)
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    learner.step(batch)
+    assert seen == {"visual": torch.bfloat16, "lm_head": torch.bfloat16}
+    moved = sum(int((p.detach() != before[n]).sum()) for n, p in learner.model.named_parameters())
+    assert moved > 0.99 * sum(p.numel() for p in before.values())
+    p0 = next(learner.model.parameters())
+    assert p0.dtype == torch.float32 and learner.backend.optimizer.state[p0]["exp_avg"].dtype == torch.float32
+
+
 def test_recomputed_log_probs_score_the_weights_not_a_dropout_mask(model_dir, batch):
     """With LoRA dropout the model stayed in train mode after a step, so a recompute drew its own dropout mask:
     two passes over unchanged weights differed by 0.3 and the next step's ratio was not 1."""
