@@ -137,6 +137,11 @@ class LearnerConfig(BaseModel):
             raise ValueError(f"betas must each be in [0, 1), got {self.betas}")
         if self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= max_steps ({self.max_steps})")
+        if self.schedule != "constant" and self.warmup_steps > self.max_steps - 2:
+            # The decay reaches min_lr_ratio at the last update (step max_steps - 1); with no update after the
+            # warm-up's last, that update ran at the peak lr instead.
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) leaves the {self.schedule} schedule no update to decay "
+                             f"over: it needs warmup_steps <= max_steps - 2 ({self.max_steps - 2})")
         if self.backend == "torch" and self.world_size != 1:
             raise ValueError(f"backend 'torch' runs one process; world_size must be 1, got {self.world_size}")
         if self.cpu_cores is not None and (lists := self.cpu_cores.count("|") + 1) not in (1, self.world_size):

@@ -82,6 +82,9 @@ INVALID = [
     (["rollout.sampling.top_p=0.9"], "rollout.sampling.top_p (0.9) < 1 needs learner.old_logprobs=recompute"),
     (["rollout.engine.backend=vllm", "rollout.engine.tensor_parallel_size=2", "cluster.rollout_gpus=1"],
      "rollout.engine.tensor_parallel_size (2) must equal cluster.rollout_gpus (1)"),
+    # the last update must be the decay's end (min_lr_ratio); after a 9-step warm-up of 10 steps it ran at the peak lr
+    (["learner.schedule=cosine", "learner.max_steps=10", "train.steps=10", "learner.warmup_steps=9"],
+     "warmup_steps (9) leaves the cosine schedule no update to decay over"),
     (["train.eval_modes=[greedy, greedy]"], "train.eval_modes: Value error, each mode at most once"),
     (["learner.kl_coef=.inf"], "learner.kl_coef"),  # the loss was NaN from the first step
     (["learner.advantage_eps=.inf"], "learner.advantage_eps"),  # every advantage 0
