@@ -219,8 +219,12 @@ class StandInFleet(RolloutFleet):
         return self.actor.remote(torch.float32)
 
 
-def stand_in_fleet(actor, model_path) -> StandInFleet:
-    return StandInFleet(actor, config=load_run_config(TINY_CPU), model_path=model_path, metrics=RunMetrics())
+def running_fleet(actor, model_path, *, workers: int = 1) -> StandInFleet:
+    """A fleet of ``workers`` stand-ins (``actor``), started and admitted as at a run's setup."""
+    fleet = StandInFleet(actor, config=load_run_config(TINY_CPU), model_path=model_path, metrics=RunMetrics())
+    fleet.start(workers)
+    fleet.await_started()
+    return fleet
 
 
 def weights(version: int) -> list[WeightBucket]:
@@ -241,9 +245,7 @@ def admit_until(fleet: RolloutFleet, done, *, timeout_s: float = 60.0) -> list[s
 def test_a_worker_scaled_up_during_a_run_joins_once_started_with_the_current_weights(ray_cluster, tiny_model_dir):
     """`refocus scale` must not stop the run while a new engine loads: the run goes on with the workers it has,
     and the new one is served the weights current when it answers, not those of when it was asked for."""
-    fleet = stand_in_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir)
-    fleet.start(1)
-    fleet.await_started()
+    fleet = running_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir)
     fleet.sync(weights(1))
     fleet.rescale(2)
     first, new = fleet.workers
@@ -266,9 +268,7 @@ def test_a_worker_scaled_up_during_a_run_joins_once_started_with_the_current_wei
 
 
 def test_a_worker_the_cluster_cannot_place_is_given_up_and_the_run_goes_on(ray_cluster, tiny_model_dir):
-    fleet = stand_in_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
-    fleet.start(1)
-    fleet.await_started()
+    fleet = running_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
     fleet.actor = ray.remote(HeldWeights).options(num_cpus=10_000)  # more than any node of this Ray has
     fleet.rescale(2)
     assert fleet.admit_started(timeout_s=30.0) == []  # not yet past its time
@@ -282,9 +282,7 @@ def test_a_worker_the_cluster_cannot_place_is_given_up_and_the_run_goes_on(ray_c
 
 
 def test_a_worker_that_dies_while_starting_is_given_up(ray_cluster, tiny_model_dir):
-    fleet = stand_in_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
-    fleet.start(1)
-    fleet.await_started()
+    fleet = running_fleet(ray.remote(HeldWeights).options(num_cpus=0), tiny_model_dir)
     fleet.actor = ray.remote(NeverStarts).options(num_cpus=0, max_restarts=0)
     fleet.rescale(2)
     [line] = admit_until(fleet, lambda: len(fleet.workers) == 1)
@@ -294,9 +292,7 @@ def test_a_worker_that_dies_while_starting_is_given_up(ray_cluster, tiny_model_d
 
 
 def test_scaling_down_stops_workers_still_starting_before_it_retires_working_ones(ray_cluster, tiny_model_dir):
-    fleet = stand_in_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir)
-    fleet.start(2)
-    fleet.await_started()
+    fleet = running_fleet(ray.remote(SlowStart).options(num_cpus=0), tiny_model_dir, workers=2)
     fleet.rescale(4)
     assert [w.admitted for w in fleet.workers] == [True, True, False, False]
     fleet.rescale(3)  # one of the two still starting goes; nobody retires
