@@ -375,7 +375,7 @@ def _component_boxes(mask: np.ndarray, *, config: CamoImportConfig, report: Impo
         rows, cols = extents[k]
         box = _stored_box([float(cols.start), float(rows.start), float(cols.stop), float(rows.stop)],
                           source=(mask.shape[1], mask.shape[0]), stored=stored)
-        if box is not None:  # a thin leg may be under a pixel once shrunk
+        if box is not None:  # (a thin leg under a pixel once shrunk is widened to one, not dropped)
             kept.append(k + 1)
             boxes.append(box)
     report.notes["dropped_component"] += count - len(kept)
