@@ -41,8 +41,9 @@ def finished_sft(out_dir: Path, *, steps: int) -> tuple[str, str] | None:
 
 def _refuse_another_sft_stage(out: Path, config, *, finished) -> None:
     """A resumed RL run continues from the model its SFT stage made: refuse, before any stage runs, a resume that
-    adds or removes that stage, or that would train it again (``sft.steps`` changed), rewriting the model the RL
-    checkpoints started from (and with ``kl_coef`` its reference). Nothing to check before RL has started."""
+    adds or removes that stage, or that would train it again to other ``sft.steps``, rewriting the model the RL
+    checkpoints started from (and with ``kl_coef`` its reference). Its other settings are checked by the SFT
+    stage's own record. Nothing to check before RL has started."""
     from deploy.driver import OUTPUT_DIR_SETTING
     from deploy.run_record import RUN_CONFIG_FILE
 
@@ -54,7 +55,7 @@ def _refuse_another_sft_stage(out: Path, config, *, finished) -> None:
         had = "after an SFT stage" if recorded_sft is not None else "without an SFT stage"
         raise ValueError(f"{OUTPUT_DIR_SETTING}: {out} holds an RL run trained {had}; a --resume keeps it so "
                          f"(sft: {'as it was' if recorded_sft is not None else 'null'})")
-    if config.sft is not None and finished is None:
+    if config.sft is not None and finished is None and recorded_sft.get("steps") != config.sft.steps:
         raise ValueError(f"{OUTPUT_DIR_SETTING}: the RL run in {out} started from the model of its SFT stage "
                          f"({recorded_sft.get('steps')} steps); sft.steps={config.sft.steps} would train that stage "
                          "again under the RL checkpoints: keep sft.steps")
