@@ -32,6 +32,9 @@ COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE_FILE = "trainer_state.json"
 STATE_DIR = "state"
 RNG_DIR = "rng"
+# What a checkpoint adds to the model directory it also is: its resumable state. A plain model written from one (an
+# export, a weight average) carries none of it, or it would pass for a resumable checkpoint of the run.
+RESUMABLE_STATE = (COMPLETE_MARKER, TRAINER_STATE_FILE, STATE_DIR, RNG_DIR)
 TMP_SUFFIX = ".tmp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

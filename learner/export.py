@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from actors.weights import packed_offsets
-from learner.checkpoint import COMPLETE_MARKER, TRAINER_STATE_FILE
+from learner.checkpoint import RESUMABLE_STATE
 from models.records import PROVENANCE_FILES
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,6 @@ WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 # Written by save_pretrained from the model itself; the source's copies would be stale duplicates.
 MODEL_WRITTEN_FILES = ("config.json", "generation_config.json")
-# A checkpoint's own records: a model directory exported from a checkpoint (RL or eval starting from
-# <sft>/checkpoints/step_N) is a plain model, not that checkpoint, so they are not copied.
-CHECKPOINT_RECORD_FILES = (COMPLETE_MARKER, TRAINER_STATE_FILE)
 PEFT_PREFIX = "base_model.model."
 
 
@@ -281,7 +278,9 @@ def copy_model_files(source_dir: str | Path, out_dir: str | Path) -> list[str]:
     source, out = Path(source_dir), Path(out_dir)
     copied = []
     for path in sorted(source.iterdir()):
-        if not path.is_file() or path.name in (*WEIGHT_INDEX_FILES, *MODEL_WRITTEN_FILES, *CHECKPOINT_RECORD_FILES,
+        # A model exported from <sft>/checkpoints/step_N (RL or eval starting there) is a plain model, not that
+        # checkpoint, nor the model it was made from.
+        if not path.is_file() or path.name in (*WEIGHT_INDEX_FILES, *MODEL_WRITTEN_FILES, *RESUMABLE_STATE,
                                                *PROVENANCE_FILES):
             continue
         if path.name.endswith(WEIGHT_FILE_SUFFIXES):

@@ -12,12 +12,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from learner.checkpoint import COMPLETE_MARKER, RNG_DIR, STATE_DIR, TRAINER_STATE_FILE
+from learner.checkpoint import RESUMABLE_STATE
 from models.records import AVERAGED_FROM_FILE, PROVENANCE_FILES
 
 WEIGHTS_FILE = "model.safetensors"
-# A learner checkpoint's resumable state: not part of the averaged model (a plain model directory, not a checkpoint).
-CHECKPOINT_ONLY = {COMPLETE_MARKER, TRAINER_STATE_FILE, STATE_DIR, RNG_DIR}
 
 
 def average_checkpoints(model_dirs: Sequence[str | Path], out_dir: str | Path) -> Path:
@@ -59,8 +57,7 @@ def average_checkpoints(model_dirs: Sequence[str | Path], out_dir: str | Path) -
     # The record is written last: an average it lists is complete. One left from an earlier average here goes first.
     (out / AVERAGED_FROM_FILE).unlink(missing_ok=True)
     for item in dirs[-1].iterdir():
-        if (item.is_file() and item.name != WEIGHTS_FILE and item.name not in CHECKPOINT_ONLY
-                and item.name not in PROVENANCE_FILES):
+        if item.is_file() and item.name not in (WEIGHTS_FILE, *RESUMABLE_STATE, *PROVENANCE_FILES):
             shutil.copy2(item, out / item.name)
     save_file({name: t.contiguous() for name, t in averaged.items()}, out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / AVERAGED_FROM_FILE).write_text(json.dumps([str(d) for d in dirs], indent=2))

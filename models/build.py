@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from learner.checkpoint import COMPLETE_MARKER, STATE_DIR, TRAINER_STATE_FILE
+from learner.checkpoint import RESUMABLE_STATE
 from models.records import AVERAGED_FROM_FILE, BUILD_INFO_FILE, WARM_START_FILE
 from models.warmstart import WarmStartConfig
 
@@ -241,7 +241,7 @@ def build_model(
     out = Path(out_dir)
     # A rebuild replaces the directory whole: only one this function wrote (it records how), never the user's. A
     # checkpoint or an average made from a build may still carry its record (copied before models.records): refused.
-    trained = [name for name in (COMPLETE_MARKER, TRAINER_STATE_FILE, STATE_DIR, AVERAGED_FROM_FILE) if (out / name).exists()]
+    trained = [name for name in (*RESUMABLE_STATE, AVERAGED_FROM_FILE) if (out / name).exists()]
     if not replace_any and out.exists() and (trained or (not (out / BUILD_INFO_FILE).is_file()
                                                           and (not out.is_dir() or any(out.iterdir())))):
         what = f"a trained model or checkpoint (it holds {trained[0]})" if trained else \
