@@ -151,8 +151,6 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     from deploy.config import TrainConfig, load_run_config
     from deploy.config_loading import config_chain
 
-    if any(o.partition("=")[0].strip() == "train.run_name" for o in overrides):
-        raise ValueError("train.run_name is the submission id: pass --run-name instead of --set train.run_name")
     if run_name is not None:
         # Checked by train.run_name's own rule, but named as the flag; an empty one (an unset $RUN) is refused
         # too: it used to become a random id, which `refocus scale` would then not find under the name meant.
@@ -170,7 +168,7 @@ def submit(config_path: str | Path, *, address: str, overrides: list[str], run_n
     _check_uploaded(config, root=root)
     sets = job_overrides(run_name=submission_id, overrides=overrides)
     loaded = load_run_config(config, sets)  # exactly what the job will load: a bad field fails here, not on the cluster
-    if loaded.train.run_name != submission_id:  # a mapping override (train={run_name: x}) got past the check above
+    if loaded.train.run_name != submission_id:  # the user's overrides come after the job's own run name
         raise ValueError("train.run_name is the submission id: pass --run-name instead of setting train.run_name")
     for base in config_chain(config)[1:]:  # the files it starts from are read on the cluster too
         _check_uploaded(base, root=root)
