@@ -292,11 +292,11 @@ class Driver:
         self._observe_buffer()
         given_up = self.fleet.admit_started()
         if given_up:
-            running = sum(not w.retiring for w in self.fleet.workers)
+            running = len(self.fleet.active()) + len(self.fleet.starting())
             ray.get(self.control.scale_failed.remote(running, "; ".join(given_up)))
         status = {"step": self.step, "version": self.version, "stage": self.curriculum.current_stage + 1,
                   "rollout_workers": len(self.fleet.active()),
-                  "starting_rollout_workers": sum(not w.admitted for w in self.fleet.workers),
+                  "starting_rollout_workers": len(self.fleet.starting()),
                   "ledger": self.ledger.summary()}
         wanted = ray.get(self.control.poll.remote(status))
         for reason in wanted["advance_stage"]:

@@ -133,7 +133,7 @@ class RolloutFleet:
         import ray
 
         timeout_s = self.config.cluster.worker_start_timeout_s if timeout_s is None else timeout_s
-        starting = [w for w in self.workers if not w.admitted]
+        starting = self.starting()
         if not starting:
             return []
         ready, _ = ray.wait([w.starting for w in starting], num_returns=len(starting), timeout=0)
@@ -178,6 +178,10 @@ class RolloutFleet:
         """The workers that get new work (admitted, not retiring)."""
         return [w for w in self.workers if w.admitted and not w.retiring]
 
+    def starting(self) -> list[FleetWorker]:
+        """The workers whose engines are still starting (scaled up, not yet admitted)."""
+        return [w for w in self.workers if not w.admitted]
+
     def _admitted(self) -> list[FleetWorker]:
         return [w for w in self.workers if w.admitted]
 
@@ -187,7 +191,7 @@ class RolloutFleet:
         calls first."""
         import ray
 
-        starting = [w for w in self.workers if not w.admitted]
+        starting = self.starting()
         active = self.active()
         missing = desired - len(active) - len(starting)
         if missing > 0:
@@ -214,7 +218,7 @@ class RolloutFleet:
 
     def _set_gauges(self) -> None:
         self.metrics.rollout_workers.set(len(self.active()))
-        self.metrics.rollout_workers_starting.set(sum(not w.admitted for w in self.workers))
+        self.metrics.rollout_workers_starting.set(len(self.starting()))
 
     def kill(self) -> None:
         import ray
